@@ -1,0 +1,146 @@
+"""The real Atari game under the Atari-100k protocol of DreamerV3 and DIAMOND (DESIGN.md §2).
+
+ale-py's native C++ vector env (``AtariVectorEnv``) with: frameskip 4, max-pool over the last two frames,
+sticky actions off (``repeat_action_probability=0``), up to 30 no-ops at reset, minimal action set, raw
+(unclipped) rewards, no fire-reset, no episodic life, 64×64 RGB. Observations are uint8 channel-first
+``(N, 3, 64, 64)``, the format of the imagination env, so a policy moves between them unchanged.
+"""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.vector import AutoresetMode, VectorWrapper
+
+IMAGE_SIZE = 64
+
+#: The protocol's fixed settings, passed explicitly: ale-py's and ``gym.make_vec("ALE/...")``'s defaults differ.
+PROTOCOL: dict[str, Any] = dict(
+    frameskip=4,
+    maxpool=True,
+    repeat_action_probability=0.0,
+    noop_max=30,
+    full_action_space=False,
+    reward_clipping=False,
+    use_fire_reset=False,
+    episodic_life=False,
+    grayscale=False,
+    stack_num=1,
+    img_height=IMAGE_SIZE,
+    img_width=IMAGE_SIZE,
+    max_num_frames_per_episode=108_000,
+)
+
+
+def rom_id(game: str) -> str:
+    """``"Pong"`` / ``"MsPacman"`` / ``"ms_pacman"`` → ale-py ROM id (``"pong"``, ``"ms_pacman"``).
+
+    Raises:
+        ValueError: ``game`` names no ROM shipped with ale-py (the message lists a few valid names).
+    """
+    import ale_py.roms as roms
+
+    if not isinstance(game, str) or not game:
+        raise ValueError(f"game: expected an Atari game name such as 'Pong', got {game!r}")
+    rid = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", game).lower()
+    known = roms.get_all_rom_ids()
+    if rid not in known:
+        raise ValueError(f"game: expected one of ale-py's {len(known)} games (e.g. Pong, Breakout, MsPacman), "
+                         f"got {game!r}")
+    return rid
+
+
+@lru_cache(maxsize=None)
+def action_meanings(game: str) -> tuple[str, ...]:
+    """Names of the game's minimal action set, in action-index order (Pong: NOOP, FIRE, RIGHT, LEFT, ...)."""
+    from ale_py import ALEInterface, LoggerMode, roms
+
+    ALEInterface.setLoggerMode(LoggerMode.Error)
+    ale = ALEInterface()
+    ale.loadROM(roms.get_rom_path(rom_id(game)))
+    return tuple(a.name for a in ale.getMinimalActionSet())
+
+
+class RealAtariVectorEnv(VectorWrapper):
+    """Channel-first view of ale-py's ``AtariVectorEnv`` under the fixed protocol.
+
+    Observations: uint8 ``(N, 3, 64, 64)``. Actions: int ``(N,)`` in ``[0, len(action_meanings))``.
+    Autoreset: SAME_STEP; on the step where env ``i`` ends, ``obs[i]`` is the first frame of its next
+    episode, ``info["final_obs"][i]`` the last frame of the ended one and ``info["_final_obs"][i]`` is True.
+    Attributes ``game`` and ``action_meanings`` describe the game.
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
+
+    def __init__(self, env: gym.vector.VectorEnv, game: str) -> None:
+        super().__init__(env)
+        self.game = game
+        self.action_meanings = action_meanings(game)
+        n = env.num_envs
+        self.single_observation_space = gym.spaces.Box(0, 255, (3, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+        self.observation_space = gym.spaces.Box(0, 255, (n, 3, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+        self.single_action_space = gym.spaces.Discrete(len(self.action_meanings))
+        self.action_space = gym.spaces.MultiDiscrete(np.full(n, len(self.action_meanings)))
+
+    @staticmethod
+    def _chw(obs: np.ndarray) -> np.ndarray:
+        # ale-py gives (N, stack=1, H, W, 3); we serve (N, 3, H, W).
+        return np.ascontiguousarray(obs[:, 0].transpose(0, 3, 1, 2))
+
+    def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        return self._chw(obs), info
+
+    def step(self, actions):
+        actions = np.asarray(actions)
+        if actions.shape != (self.num_envs,):
+            raise ValueError(f"actions: expected shape ({self.num_envs},), got {actions.shape}")
+        if not np.issubdtype(actions.dtype, np.integer):
+            raise TypeError(f"actions: expected an integer dtype, got {actions.dtype}")
+        n_act = len(self.action_meanings)
+        if actions.min() < 0 or actions.max() >= n_act:
+            raise ValueError(f"actions: expected values in [0, {n_act}), got min {actions.min()} max {actions.max()}")
+        obs, reward, terminated, truncated, info = self.env.step(actions.astype(np.int64))
+        done = terminated | truncated
+        if "final_obs" in info:
+            info["final_obs"] = self._chw(info["final_obs"])
+            info["_final_obs"] = done
+        return self._chw(obs), reward.astype(np.float32), terminated, truncated, info
+
+
+def make_real_env(game: str = "Pong", num_envs: int = 1, seed: int | None = None, *,
+                  num_threads: int = 0, **overrides: Any) -> RealAtariVectorEnv:
+    """Make the real game as a natively batched vector env under the Atari-100k protocol (DESIGN.md §2).
+
+    Args:
+        game: Atari game name as in ``ALE/<Game>-v5`` (``"Pong"``); see :func:`rom_id`.
+        num_envs: number of parallel games (>= 1).
+        seed: if given, the env is reset once with it so the first ``reset()`` without seed is reproducible.
+        num_threads: ale-py worker threads (0 = one per env, capped by ale-py).
+        overrides: protocol settings to change (keys of :data:`PROTOCOL`), e.g. ``max_num_frames_per_episode``
+            for short test episodes. Changing ``img_height``/``img_width``/``grayscale``/``stack_num`` is refused.
+    Returns:
+        :class:`RealAtariVectorEnv` with uint8 observations ``(num_envs, 3, 64, 64)``.
+    Raises:
+        ValueError: unknown ``game``, ``num_envs`` < 1, or an unknown / fixed protocol override.
+    """
+    from ale_py.vector_env import AtariVectorEnv
+
+    rid = rom_id(game)
+    if not isinstance(num_envs, (int, np.integer)) or isinstance(num_envs, bool) or num_envs < 1:
+        raise ValueError(f"num_envs: expected an integer >= 1, got {num_envs!r}")
+    fixed = {"img_height", "img_width", "grayscale", "stack_num"}
+    for k in overrides:
+        if k not in PROTOCOL:
+            raise ValueError(f"{k}: expected one of the protocol settings {sorted(PROTOCOL)}, got unknown key {k!r}")
+        if k in fixed:
+            raise ValueError(f"{k}: fixed by the observation format at {PROTOCOL[k]!r}, got {overrides[k]!r}")
+    env = AtariVectorEnv(rid, int(num_envs), num_threads=num_threads, autoreset_mode="SameStep",
+                         **{**PROTOCOL, **overrides})
+    wrapped = RealAtariVectorEnv(env, game)
+    if seed is not None:
+        wrapped.reset(seed=seed)
+    return wrapped

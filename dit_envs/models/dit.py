@@ -1,0 +1,268 @@
+"""Causal Diffusion Transformer over latent time steps (DiT, Peebles & Xie 2023; diffusion forcing, Chen et al. 2024).
+
+Each time step ``i`` is ONE token: ``Linear(concat(embed_z(x_i), embed_a(prev_action_i))) + pos_i``, where
+``prev_action_i`` is the action that led to latent ``i`` (index ``num_actions`` = null action, used for the first
+frame of an episode and for action dropout). Every token carries its own noise level ``t_i ∈ [0, 1]``, which
+enters each block through adaLN-Zero: the conditioning ``c_i = timestep_emb(t_i) [+ action_emb(prev_action_i)]``
+(like DiT's ``t + y`` and DIAMOND's noise + action conditioning) is mapped to shift/scale/gate vectors for the
+attention and MLP branches. Self-attention is causal, so one forward pass with independent per-token noise
+levels trains every position (diffusion forcing), and at inference ``K`` clean context tokens (``t = 0``) plus one
+noisy token predict the velocity of the next latent. Because the context does not attend to the noisy token,
+its per-layer keys/values can be computed once per env step (:meth:`DiT.context_cache`) and reused by every
+sampling step (:meth:`DiT.predict_next`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+"""Per-layer ``(keys, values)``, each float ``(N, heads, L, width/heads)`` for ``L`` context tokens."""
+
+
+@dataclass
+class DiTConfig:
+    """Sizes of :class:`DiT` (saved inside every bundle as plain JSON).
+
+    Attributes:
+        latent_dim: ``d_z``, size of one latent.
+        num_actions: size of the action set; the embedding tables have ``num_actions + 1`` rows (null action).
+        context_len: ``K`` clean context tokens; the model handles sequences of up to ``K + 1`` tokens.
+        width: ``D``, token width.
+        depth: number of transformer blocks.
+        heads: attention heads (``width`` must be divisible by it).
+        mlp_ratio: MLP hidden width / ``D``.
+        freq_dim: size of the sinusoidal noise-level features.
+        action_cond: also add an action embedding to the adaLN conditioning (besides the token input).
+    Raises:
+        ValueError: a non-positive size or ``width`` not divisible by ``heads``.
+    """
+
+    latent_dim: int
+    num_actions: int
+    context_len: int = 4
+    width: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    freq_dim: int = 256
+    action_cond: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("latent_dim", "num_actions", "context_len", "width", "depth", "heads", "freq_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.width % self.heads:
+            raise ValueError(f"heads: expected a divisor of width={self.width}, got {self.heads}")
+
+    @property
+    def seq_len(self) -> int:
+        """Longest sequence the model takes: ``context_len + 1``."""
+        return self.context_len + 1
+
+    @classmethod
+    def from_preset(
+        cls, name: str, *, latent_dim: int, num_actions: int, context_len: int = 4, **overrides
+    ) -> "DiTConfig":
+        """Config of preset ``name`` (a key of :data:`DIT_PRESETS`) for a given latent/action space.
+
+        Raises:
+            KeyError: unknown preset (message lists the known ones).
+        """
+        if name not in DIT_PRESETS:
+            raise KeyError(f"preset: expected one of {sorted(DIT_PRESETS)}, got {name!r}")
+        kw = {**DIT_PRESETS[name], **overrides}
+        return cls(latent_dim=latent_dim, num_actions=num_actions, context_len=context_len, **kw)
+
+
+DIT_PRESETS: dict[str, dict] = {
+    "tiny": dict(width=32, depth=2, heads=2, freq_dim=32),  # tests
+    "S": dict(width=256, depth=4, heads=4),  # default: Pong on CPU
+    "B": dict(width=384, depth=8, heads=6),
+    "L": dict(width=512, depth=12, heads=8),
+}
+
+
+def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of noise levels (DiT's ``TimestepEmbedder`` on ``1000·t``).
+
+    Args:
+        t: float ``(...)`` in ``[0, 1]``.
+        dim: feature size.
+    Returns:
+        float32 ``(..., dim)``.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (1000.0 * t.float())[..., None] * freqs  # (..., half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation ``x·(1 + scale) + shift`` (all ``(B, T, D)``: per-token, not per-sequence)."""
+    return x * (1.0 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    """Pre-LN transformer block with adaLN-Zero conditioning and causal self-attention (Peebles & Xie 2023)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Tokens ``x`` and conditioning ``c``, both ``(B, T, D)``; ``past`` = cached ``(k, v)`` of earlier tokens.
+
+        Returns ``(x_out (B, T, D), (k, v))`` with ``k, v`` ``(B, heads, T, D/heads)`` of these ``T`` tokens.
+        """
+        B, T, D = x.shape
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, T, D)
+        q, k, v = self.qkv(h).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, T, D/H)
+        if past is None:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D/H)
+        else:
+            P = past[0].shape[2]
+            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)  # token i sees <= P+i
+            k_all, v_all = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P+T, D/H)
+            a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, H, T, D/H)
+        x = x + gate_msa * self.proj(a.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, T, D)
+        return x, (k, v)
+
+
+class DiT(nn.Module):
+    """Causal DiT predicting the rectified-flow velocity of every latent token (see module docstring).
+
+    Args:
+        config: :class:`DiTConfig`.
+    """
+
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        self.config = config
+        D, A = config.width, config.num_actions
+        self.z_embed = nn.Linear(config.latent_dim, D)
+        self.a_embed = nn.Embedding(A + 1, D)
+        self.in_proj = nn.Linear(2 * D, D)
+        self.pos_embed = nn.Parameter(torch.zeros(config.seq_len, D))
+        self.t_embed = nn.Sequential(nn.Linear(config.freq_dim, D), nn.SiLU(), nn.Linear(D, D))
+        self.a_cond = nn.Embedding(A + 1, D) if config.action_cond else None
+        self.blocks = nn.ModuleList(DiTBlock(D, config.heads, config.mlp_ratio) for _ in range(config.depth))
+        self.norm_final = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+        self.final_linear = nn.Linear(D, config.latent_dim)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT initialisation: Xavier linears, N(0, 0.02) embeddings, and adaLN-Zero — every modulation layer
+        and the output layer zero, so a freshly initialised model outputs exactly zero."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for emb in (self.a_embed, self.a_cond):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.t_embed[0].weight, std=0.02)
+        nn.init.normal_(self.t_embed[2].weight, std=0.02)
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_modulation[-1], self.final_linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def _embed(
+        self, x: torch.Tensor, noise_level: torch.Tensor, prev_action: torch.Tensor, offset: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token and conditioning embeddings, each ``(B, T, D)``, for positions ``offset .. offset+T-1``."""
+        T, dtype = x.shape[1], self.pos_embed.dtype
+        if offset + T > self.config.seq_len:
+            raise ValueError(f"x: expected at most {self.config.seq_len} time steps, got {offset + T}")
+        tok = torch.cat([self.z_embed(x.to(dtype)), self.a_embed(prev_action)], dim=-1)  # (B, T, 2D)
+        tok = self.in_proj(tok) + self.pos_embed[offset : offset + T]  # (B, T, D)
+        c = self.t_embed(timestep_features(noise_level, self.config.freq_dim).to(dtype))  # (B, T, D)
+        if self.a_cond is not None:
+            c = c + self.a_cond(prev_action)  # (B, T, D)
+        return tok, c
+
+    def _output(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.final_modulation(c).chunk(2, dim=-1)  # (B, T, D) each
+        return self.final_linear(modulate(self.norm_final(h), shift, scale))  # (B, T, d_z)
+
+    def forward(self, x: torch.Tensor, noise_level: torch.Tensor, prev_action: torch.Tensor) -> torch.Tensor:
+        """Velocity of every token under causal attention.
+
+        Args:
+            x: float ``(B, T, d_z)`` noisy (normalised) latents, ``T <= context_len + 1``.
+            noise_level: float ``(B, T)`` in ``[0, 1]``, the flow time of each token (0 = clean).
+            prev_action: int64 ``(B, T)`` in ``[0, num_actions]``, action preceding each latent.
+        Returns:
+            float ``(B, T, d_z)`` predicted velocity ``ε − x0`` (model dtype).
+        Raises:
+            ValueError: shapes that disagree or ``T`` too long.
+        """
+        if x.ndim != 3 or x.shape[2] != self.config.latent_dim:
+            raise ValueError(f"x: expected (B, T, {self.config.latent_dim}), got {tuple(x.shape)}")
+        if noise_level.shape != x.shape[:2] or prev_action.shape != x.shape[:2]:
+            raise ValueError(
+                f"noise_level/prev_action: expected shape {tuple(x.shape[:2])}, "
+                f"got {tuple(noise_level.shape)} and {tuple(prev_action.shape)}"
+            )
+        h, c = self._embed(x, noise_level, prev_action, offset=0)  # (B, T, D)
+        for block in self.blocks:
+            h, _ = block(h, c)  # (B, T, D)
+        return self._output(h, c)  # (B, T, d_z)
+
+    def context_cache(self, z: torch.Tensor, prev_action: torch.Tensor) -> KVCache:
+        """Per-layer keys/values of ``L`` clean context tokens (noise level 0), computed once per env step.
+
+        Args:
+            z: float ``(N, L, d_z)`` clean normalised latents, ``1 <= L <= context_len``.
+            prev_action: int64 ``(N, L)``.
+        Returns:
+            :data:`KVCache` with one ``(k, v)`` pair per block.
+        """
+        N, L = prev_action.shape
+        if L > self.config.context_len:
+            raise ValueError(f"z: expected at most {self.config.context_len} context steps, got {L}")
+        t0 = torch.zeros(N, L, device=z.device, dtype=torch.float32)
+        h, c = self._embed(z, t0, prev_action, offset=0)  # (N, L, D)
+        cache: KVCache = []
+        for block in self.blocks:
+            h, kv = block(h, c)  # (N, L, D)
+            cache.append(kv)
+        return cache
+
+    def predict_next(
+        self, x: torch.Tensor, noise_level: torch.Tensor, prev_action: torch.Tensor, cache: KVCache
+    ) -> torch.Tensor:
+        """Velocity of one noisy token placed right after a cached context; equals the last position of
+        :meth:`forward` on ``concat(context, x)`` with context noise 0.
+
+        Args:
+            x: float ``(N, d_z)`` noisy normalised latent of the next step.
+            noise_level: float ``(N,)`` flow time of ``x``.
+            prev_action: int64 ``(N,)`` action taken at the newest context frame.
+            cache: from :meth:`context_cache` on the same ``N`` envs.
+        Returns:
+            float ``(N, d_z)`` velocity (model dtype).
+        """
+        L = cache[0][0].shape[2]
+        h, c = self._embed(x[:, None], noise_level[:, None], prev_action[:, None], offset=L)  # (N, 1, D)
+        for block, past in zip(self.blocks, cache):
+            h, _ = block(h, c, past=past)  # (N, 1, D)
+        return self._output(h, c)[:, 0]  # (N, d_z)

@@ -1,0 +1,31 @@
+"""The ``ditwm`` console script: one subcommand per stage, each also ``python -m trainers.<stage>``."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+#: subcommand → module with a ``cli(argv) -> int`` function (imported lazily so ``ditwm --help`` is instant).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "collect": ("trainers.collect", "fill an episode store from the real game"),
+    "push": ("trainers.push", "upload a checkpoint bundle to the Hugging Face Hub"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: ditwm <command> [args]\n\ncommands:")
+        for name, (_, help_) in COMMANDS.items():
+            print(f"  {name:<12} {help_}")
+        print("\n'ditwm <command> --help' shows a command's arguments.")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"ditwm: error: command: expected one of {', '.join(COMMANDS)}, got {name!r}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.cli(rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

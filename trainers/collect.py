@@ -1,0 +1,136 @@
+"""``ditwm collect``: fill an episode store from the real game (DESIGN.md §2 protocol).
+
+``--agent random`` plays uniformly random actions from the minimal action set; ``--agent rssm`` (stage 1)
+trains the DreamerV3-style agent online while it collects. Every transition goes to the store
+(:mod:`trainers.data`). SIGINT/SIGTERM flush what is buffered and exit (143 for SIGTERM); ``--resume`` continues
+an interrupted store with new episodes until ``--steps`` transitions are stored.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from dit_envs.envs.real import PROTOCOL, make_real_env, rom_id
+from trainers.common import ArgError, arg, check_out_dir, run_cli
+from trainers.data import EpisodeStore
+
+AGENTS = ("random",)
+
+
+@dataclass(kw_only=True)
+class Args:
+    game: str = arg("Pong", "Atari game name, as in ALE/<Game>-v5")
+    agent: str = arg("random", "who plays: 'random' (uniform over the minimal action set)", choices=AGENTS)
+    steps: int = arg(help="number of real env transitions to store in total (all envs together)")
+    out: str = arg(help="episode store directory (new or empty unless --resume)")
+    num_envs: int = arg(8, "parallel real games")
+    seed: int = arg(0, "seed of the games and the agent")
+    resume: bool = arg(False, "continue an existing store in --out")
+    chunk_rows: int = arg(4096, "rows per chunk file (a crash loses at most one chunk)")
+
+
+def validate(args: Args) -> None:
+    """Raise :class:`ArgError` for any bad argument; writes nothing."""
+    try:
+        rom_id(args.game)
+    except ValueError as e:
+        raise ArgError("game", str(e).removeprefix("game: ")) from None
+    if args.agent not in AGENTS:
+        raise ArgError("agent", f"expected one of {AGENTS}, got {args.agent!r}")
+    for name in ("steps", "num_envs", "chunk_rows"):
+        if getattr(args, name) <= 0:
+            raise ArgError(name, f"expected an integer > 0, got {getattr(args, name)}")
+    out = check_out_dir(args.out, args.resume)
+    if args.resume and out.exists() and any(out.iterdir()):
+        try:
+            meta = EpisodeStore(out).read_meta()
+        except (FileNotFoundError, ValueError) as e:
+            raise ArgError("out", f"expected an episode store to resume, got {e}") from None
+        if meta.get("game") != args.game:
+            raise ArgError("game", f"expected {meta.get('game')!r} (the game of the store being resumed), "
+                                   f"got {args.game!r}")
+
+
+def _existing(store: EpisodeStore) -> tuple[int, int]:
+    """(stored transitions, next free episode id) of a store being resumed."""
+    data = store.load()
+    if len(data["step"]) == 0:
+        return 0, 0
+    return int((data["action"] >= 0).sum()), int(data["episode"].max()) + 1
+
+
+def main(args: Args) -> int:
+    """Collect ``args.steps`` transitions into ``args.out``; returns the exit code (0, or 143 after SIGTERM)."""
+    validate(args)
+    out = Path(args.out)
+    store = EpisodeStore(out, chunk_rows=args.chunk_rows)
+    env = make_real_env(args.game, args.num_envs)
+    done_steps, next_ep = _existing(store) if args.resume and (out / "meta.json").exists() else (0, 0)
+    store.write_meta(game=args.game, action_meanings=list(env.action_meanings), protocol=PROTOCOL,
+                     collector={k: v for k, v in asdict(args).items() if k != "out"})
+    n = args.num_envs
+    rng = np.random.default_rng([args.seed, next_ep])  # a resumed run draws fresh actions
+    obs, _ = env.reset(seed=args.seed + next_ep)
+    episode = np.arange(next_ep, next_ep + n, dtype=np.int64)
+    next_ep += n
+    step = np.zeros(n, np.int64)
+    zeros_f, zeros_b = np.zeros(n, np.float32), np.zeros(n, bool)
+    store.add(obs=obs, action=np.full(n, -1), reward=zeros_f, terminated=zeros_b, truncated=zeros_b,
+              episode=episode, step=step)
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    t0, start_steps = time.perf_counter(), done_steps
+    bar = tqdm(total=args.steps, initial=done_steps, unit="step", desc=f"collect {args.game}",
+               disable=not sys.stderr.isatty())
+    try:
+        while done_steps < args.steps and stop["signal"] is None:
+            action = rng.integers(0, len(env.action_meanings), size=n)
+            nxt, reward, term, trunc, info = env.step(action)
+            done = term | trunc
+            last_iter = done_steps + n >= args.steps
+            frame = np.where(done[:, None, None, None], info["final_obs"], nxt) if done.any() else nxt
+            store.add(obs=frame, action=action, reward=reward, terminated=term,
+                      truncated=trunc | (last_iter & ~done), episode=episode, step=step + 1)
+            step += 1
+            if done.any():
+                k = int(done.sum())
+                episode[done] = np.arange(next_ep, next_ep + k)
+                next_ep += k
+                step[done] = 0
+                store.add(obs=nxt[done], action=np.full(k, -1), reward=np.zeros(k, np.float32),
+                          terminated=np.zeros(k, bool), truncated=np.zeros(k, bool),
+                          episode=episode[done], step=step[done])
+            done_steps += n
+            bar.update(n)
+    finally:
+        store.flush()
+        bar.close()
+        env.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+    dt = time.perf_counter() - t0
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"collected {done_steps - start_steps} steps in {dt:.1f} s: {(done_steps - start_steps) / dt:.0f} steps/s; "
+          f"store {out} holds {done_steps} steps, {size / 2**20:.1f} MiB on disk")
+    if stop["signal"] == signal.SIGTERM:
+        return 143
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(Args, main, "ditwm collect", argv, description=__doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

@@ -1,0 +1,166 @@
+"""Shared plumbing of the stage CLIs: dataclass arguments → argparse, argument errors, JSONL metrics, seeding.
+
+Every stage module defines ``@dataclass(kw_only=True) class Args`` (fields made with :func:`arg`, one-line help each), a
+``main(args) -> int`` that tests call in-process, and ``cli(argv=None)`` built with :func:`run_cli`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+import torch
+
+A = TypeVar("A")
+_REQUIRED = object()
+
+
+class ArgError(ValueError):
+    """A bad command-line argument. ``field`` is the dataclass field; the CLI prints ``--field: message``.
+
+    Raised before anything is written, so a rejected command leaves no file behind.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"--{field.replace('_', '-')}: {message}")
+        self.field = field
+
+
+def arg(default: Any = _REQUIRED, help: str = "", **kw: Any) -> Any:
+    """A dataclass field with a one-line ``help``; without ``default`` the flag is required."""
+    md = {"help": help, **kw}
+    if default is _REQUIRED:
+        return dataclasses.field(metadata={**md, "required": True})
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=md)
+    return dataclasses.field(default=default, metadata=md)
+
+
+def _base_type(tp: Any) -> Any:
+    """``int | None`` → ``int``; plain types unchanged."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return tp
+
+
+def build_parser(cls: type, prog: str, description: str = "") -> argparse.ArgumentParser:
+    """An ``argparse`` parser with one ``--flag`` per field of the dataclass ``cls``."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp = _base_type(hints[f.name])
+        help_ = f.metadata.get("help", "")
+        required = f.metadata.get("required", False)
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        if tp is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        elif typing.get_origin(tp) is list:
+            (inner,) = typing.get_args(tp)
+            p.add_argument(flag, type=inner, nargs="+", default=default, required=required, help=help_)
+        else:
+            choices = f.metadata.get("choices")
+            p.add_argument(flag, type=tp, default=default, required=required, choices=choices,
+                           help=f"{help_} (default: {default})" if not required else help_)
+    return p
+
+
+def run_cli(cls: type[A], main: Callable[[A], int], prog: str, argv: list[str] | None = None,
+            description: str = "") -> int:
+    """Parse ``argv`` into ``cls`` and call ``main``. An :class:`ArgError` becomes a one-line error and exit 2."""
+    ns = build_parser(cls, prog, description).parse_args(argv)
+    try:
+        args = cls(**vars(ns))
+        return main(args)
+    except ArgError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def check_out_dir(path: str | os.PathLike, resume: bool, field: str = "out") -> Path:
+    """Validate an output directory without creating it.
+
+    Accepts: a missing path whose nearest existing parent is a writable directory; an empty directory; a
+    non-empty directory when ``resume``. Raises :class:`ArgError` otherwise (nothing is created).
+    """
+    p = Path(path)
+    if p.exists():
+        if not p.is_dir():
+            raise ArgError(field, f"expected a directory, got a file: {p}")
+        if not os.access(p, os.W_OK):
+            raise ArgError(field, f"expected a writable directory, got a read-only one: {p}")
+        if any(p.iterdir()) and not resume:
+            raise ArgError(field, f"expected an empty or new directory (or pass --resume), got a non-empty one: {p}")
+        return p
+    parent = p.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ArgError(field, f"expected a writable location, cannot create {p} under {parent}")
+    return p
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    """``"auto"`` → CUDA when available else CPU; otherwise ``torch.device(name)``.
+
+    Raises:
+        ArgError: ``device`` names CUDA but none is available, or is not a device string.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ArgError("device", f"expected auto, cpu or cuda[:i], got {name!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ArgError("device", f"expected an available device, got {name!r} but CUDA is not available")
+    return dev
+
+
+class JsonlLogger:
+    """Append metrics as one JSON object per line (``{"step": ..., "time": ..., **metrics}``), flushed each call.
+
+    Opened in append mode so a resumed run continues the same file; TensorBoard is mirrored when installed.
+    """
+
+    def __init__(self, path: str | os.PathLike, tensorboard: bool = True) -> None:
+        self.path = Path(path)
+        self._f = open(self.path, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # optional dependency
+
+                self._tb = SummaryWriter(str(self.path.parent / "tb"))
+            except Exception:
+                self._tb = None
+
+    def log(self, step: int, **metrics: float) -> None:
+        rec = {"step": int(step), "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
+        self._f.write(json.dumps(rec) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, float(v), step)
+
+    def close(self) -> None:
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,61 @@
+"""Colour-based locator of Pong's ball and paddles in 64×64 protocol frames (DESIGN.md §4 fidelity metrics).
+
+Pong's play field spans rows 10–58 of the 64×64 frame (white walls at rows 8–9 and 59–63; the score sits above
+row 8 in the paddles' colours, so it is excluded). The agent's paddle is green (92, 186, 92) near column 56, the
+opponent's orange (213, 130, 74) near column 7, the ball white (236, 236, 236). Resizing blends edges with the
+brown background (144, 72, 17), so each object is a soft mask and its position the mask's centroid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FIELD_TOP, FIELD_BOTTOM = 10, 59  # rows [10, 59): inside the walls
+
+
+@dataclass
+class PongObjects:
+    """Object positions for ``N`` frames, in pixels of the 64×64 frame (row, col); NaN where not visible.
+
+    Attributes:
+        ball: float64 ``(N, 2)`` (row, col) centroid of the ball.
+        agent_y: float64 ``(N,)`` row of the agent's (right, green) paddle centre.
+        opponent_y: float64 ``(N,)`` row of the opponent's (left, orange) paddle centre.
+    """
+
+    ball: np.ndarray
+    agent_y: np.ndarray
+    opponent_y: np.ndarray
+
+
+def _centroid_rows(mask: np.ndarray) -> np.ndarray:
+    """mask ``(N, H, W)`` bool → mean row of True pixels ``(N,)`` (NaN where empty)."""
+    rows = np.arange(mask.shape[1], dtype=np.float64)[None, :, None]
+    count = mask.sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, (mask * rows).sum(axis=(1, 2)) / np.maximum(count, 1), np.nan)
+
+
+def locate_pong_objects(frames: np.ndarray) -> PongObjects:
+    """Locate ball and paddles in uint8 frames ``(N, 3, 64, 64)`` (or one frame ``(3, 64, 64)``).
+
+    Raises:
+        ValueError: ``frames`` not of shape ``(N, 3, 64, 64)`` / ``(3, 64, 64)`` or not uint8.
+    """
+    frames = np.asarray(frames)
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.ndim != 4 or frames.shape[1:] != (3, 64, 64) or frames.dtype != np.uint8:
+        raise ValueError(f"frames: expected uint8 (N, 3, 64, 64), got {frames.dtype} {frames.shape}")
+    f = frames[:, :, FIELD_TOP:FIELD_BOTTOM].astype(np.int16)  # (N, 3, 49, 64)
+    r, g, b = f[:, 0], f[:, 1], f[:, 2]
+    cols = np.arange(64)[None, None, :]
+    green = (g - r > 40) & (cols >= 48)
+    orange = (r > 170) & (g > 95) & (g < 160) & (b < 110) & (cols <= 16)
+    ball = (b > 100) & ~(g - r > 40) & ~orange
+    agent_y = _centroid_rows(green) + FIELD_TOP
+    opponent_y = _centroid_rows(orange) + FIELD_TOP
+    ball_row = _centroid_rows(ball) + FIELD_TOP
+    ball_col = _centroid_rows(ball.transpose(0, 2, 1))
+    return PongObjects(ball=np.stack([ball_row, ball_col], axis=1), agent_y=agent_y, opponent_y=opponent_y)
