@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from . import hub
 
@@ -35,7 +35,8 @@ class CatalogEntry:
         env_id: ``"Namespace/Name-v<int>"``, e.g. ``"DiTWM/Pong-v0"``.
         game: the real game the model imitates, e.g. ``"Pong"``.
         source: ``bundled:<name>``, ``hf://org/repo[/subfolder]@<commit>`` or a local directory path.
-        sha256: pins ``{relative filename: hex sha256}`` checked on every resolve, or ``None``.
+        sha256: pins ``{filename relative to the resolved directory: hex sha256}`` checked on every resolve, or
+            ``None``.
         max_episode_steps: imagination horizon (truncation) for the env.
         description: one line for listings.
     """
@@ -49,6 +50,21 @@ class CatalogEntry:
 
 
 _CATALOG: dict[str, CatalogEntry] = {}
+_LISTENERS: list[tuple[Callable[[CatalogEntry], None] | None, Callable[[str], None] | None]] = []
+
+
+def add_listener(*, on_register: Callable[[CatalogEntry], None] | None = None,
+                 on_unregister: Callable[[str], None] | None = None) -> Callable[[], None]:
+    """Call ``on_register(entry)`` after every :func:`register` and ``on_unregister(env_id)`` after every
+    :func:`unregister` from now on (existing entries are not replayed). ``dit_envs`` uses this to keep
+    Gymnasium's registry in step with the catalog.
+
+    Returns:
+        A function that removes this listener.
+    """
+    pair = (on_register, on_unregister)
+    _LISTENERS.append(pair)
+    return lambda: _LISTENERS.remove(pair) if pair in _LISTENERS else None
 
 
 def check_env_id(env_id: str) -> str:
@@ -103,6 +119,8 @@ def register(env_id: str, source: str | os.PathLike, *, game: str, sha256: Mappi
         description: one line for listings.
         overwrite: replace an existing entry with the same id.
 
+    Listeners added with :func:`add_listener` are called with the new entry.
+
     Returns:
         The new :class:`CatalogEntry`.
 
@@ -122,17 +140,23 @@ def register(env_id: str, source: str | os.PathLike, *, game: str, sha256: Mappi
                          f"pass overwrite=True to replace it")
     entry = CatalogEntry(env_id, game, src, pins, max_episode_steps, description)
     _CATALOG[env_id] = entry
+    for on_register, _ in list(_LISTENERS):
+        if on_register is not None:
+            on_register(entry)
     return entry
 
 
 def unregister(env_id: str) -> CatalogEntry:
-    """Remove ``env_id`` from the catalog and return its entry.
+    """Remove ``env_id`` from the catalog (listeners are told) and return its entry.
 
     Raises:
         KeyError: ``env_id`` is not registered (lists the known ids).
     """
     entry = get(env_id)
     del _CATALOG[env_id]
+    for _, on_unregister in list(_LISTENERS):
+        if on_unregister is not None:
+            on_unregister(env_id)
     return entry
 
 

@@ -32,8 +32,8 @@ class IntegrityError(ValueError):
         where = f" in {directory}" if directory else ""
         super().__init__(
             f"sha256 of {filename!r}{where}: expected {expected}, got {actual}. The file is corrupted or was "
-            f"changed, or the pin is wrong; for a Hub source delete the cached copy "
-            f"(`hf cache delete`) and resolve again."
+            f"changed, or the pin is wrong; for a Hub source remove the cached revision "
+            f"(`hf cache rm <commit>`) and resolve again."
         )
         self.filename, self.expected, self.actual = filename, expected, actual
 
@@ -88,7 +88,7 @@ def parse_hf_source(source: str) -> HubSource:
     if at and not revision.strip():
         raise ValueError(f"source: revision: expected text after '@' (a 40-hex commit), got an empty one "
                          f"in {source!r}")
-    parts = path.strip("/").split("/")
+    parts = path.rstrip("/").split("/")
     if len(parts) < 2:
         raise ValueError(f"source: expected 'hf://org/name[/subfolder]@<commit>', got {source!r}")
     repo_id = check_repo_id("/".join(parts[:2]), field="source")
@@ -213,17 +213,25 @@ def download(source: str | HubSource, *, allow_unpinned: bool = False,
     """
     src = parse_hf_source(source) if isinstance(source, str) else source
     require_pinned(src, allow_unpinned)
-    from huggingface_hub import snapshot_download  # deferred: keeps `import registry` cheap
+    from huggingface_hub import constants as hf_constants, snapshot_download  # deferred: cheap `import registry`
 
     try:
-        snap = snapshot_download(
-            src.repo_id, repo_type="model", revision=src.revision, cache_dir=cache_dir, token=token,
-            allow_patterns=[f"{src.subfolder}/*"] if src.subfolder else None,
-        )
-    except FileNotFoundError as e:  # huggingface_hub's LocalEntryNotFoundError / IncompleteSnapshotError
+        from huggingface_hub.errors import IncompleteSnapshotError as incomplete  # huggingface_hub >= 2
+    except ImportError:
+        incomplete = ()
+    kw = dict(repo_type="model", revision=src.revision, cache_dir=cache_dir, token=token,
+              allow_patterns=[f"{src.subfolder}/*"] if src.subfolder else None)
+    try:
+        snap = snapshot_download(src.repo_id, **kw)
+    except FileNotFoundError as e:  # huggingface_hub's LocalEntryNotFoundError and subclasses
+        detail: Exception = e
+        try:  # a cache-only look names the missing files when the commit's tree listing is cached
+            snapshot_download(src.repo_id, local_files_only=True, **kw)
+        except FileNotFoundError as e2:
+            detail = e2 if isinstance(e2, incomplete) else e
         raise FileNotFoundError(
             f"{src}: expected it in the Hugging Face cache or on the Hub, but it could not be fetched "
-            f"(offline: HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}): {e}"
+            f"(offline mode: {hf_constants.HF_HUB_OFFLINE}): {detail}"
         ) from e
     out = Path(snap) / src.subfolder if src.subfolder else Path(snap)
     if not out.is_dir():

@@ -1,9 +1,5 @@
-"""Tests of the `registry` package: catalog, sources, sha256 pins, offline Hub download, and `ditwm push`.
-
-Hub tests run the real `huggingface_hub.snapshot_download` against a cache directory laid out exactly as
-huggingface_hub writes it (models--org--name/{blobs,snapshots/<commit>,refs/main,trees/<commit>.json}), with
-HF_HUB_OFFLINE=1 and sockets blocked: nothing here touches the network.
-"""
+"""`registry`: catalog, sources, sha256 pins, offline Hub download, `ditwm push`. Hub tests run the real
+`huggingface_hub.snapshot_download` on a cache laid out as huggingface_hub writes it, offline, sockets blocked."""
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 import registry
-from registry import catalog, hub
+from registry import catalog
 
 REPO = "ditwm-test/tiny-pong"
 COMMIT = "3f2a9c1e5b7d4f6a8c0e2b4d6f8a1c3e5b7d9f0a"
@@ -53,11 +49,11 @@ def git_blob_sha1(data: bytes) -> str:
 
 
 def add_to_hub_cache(cache: Path, repo_id: str, commit: str, files: dict[str, bytes], *,
-                     refs: tuple[str, ...] = ("main",), tree_cache: bool = True) -> Path:
+                     tree_cache: bool = True) -> Path:
     """Lay `files` out as huggingface_hub's cache does; return the snapshot directory.
 
     Blobs are named by their etag (sha256 for LFS files such as *.safetensors, the git blob sha1 otherwise);
-    snapshot entries are relative symlinks to the blobs; refs/<branch> holds the commit (no newline); the tree
+    snapshot entries are relative symlinks to the blobs; refs/main holds the commit (no newline); the tree
     listing of the commit is cached in trees/<commit>.json as huggingface_hub 2.x writes it.
     """
     storage = cache / ("models--" + repo_id.replace("/", "--"))
@@ -78,9 +74,8 @@ def add_to_hub_cache(cache: Path, repo_id: str, commit: str, files: dict[str, by
                          "lfs_size": len(data)}
         else:
             tree[rel] = {"size": len(data), "blob_id": etag}
-    for ref in refs:
-        (storage / "refs").mkdir(parents=True, exist_ok=True)
-        (storage / "refs" / ref).write_text(commit)
+    (storage / "refs").mkdir(exist_ok=True)
+    (storage / "refs" / "main").write_text(commit)
     if tree_cache:
         (storage / "trees").mkdir(exist_ok=True)
         (storage / "trees" / f"{commit}.json").write_text(
@@ -88,16 +83,13 @@ def add_to_hub_cache(cache: Path, repo_id: str, commit: str, files: dict[str, by
     return snapshot
 
 
-def blob_of(snapshot: Path, rel: str) -> Path:
-    return (snapshot / rel).resolve()
-
-
 @pytest.fixture
 def clean_catalog():
     saved = dict(catalog._CATALOG)
     yield
-    catalog._CATALOG.clear()
-    catalog._CATALOG.update(saved)
+    for env_id in set(catalog._CATALOG) - set(saved):
+        registry.unregister(env_id)  # through the API, so listeners (dit_envs' Gymnasium ids) follow
+    assert catalog._CATALOG == saved
 
 
 @pytest.fixture
@@ -135,17 +127,13 @@ def test_import_is_one_way_and_cheap():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_builtin_pong_entry():
+def test_builtin_pong_entry_is_not_shipped_yet_and_says_how_to_pass_checkpoint():
     e = registry.get("DiTWM/Pong-v0")
     assert (e.env_id, e.game, e.source, e.max_episode_steps, e.sha256) == (
         "DiTWM/Pong-v0", "Pong", "bundled:pong-v0", 1000, None)
-    assert e in registry.entries()
-    assert (catalog.bundled_root() / "README.md").is_file()
-
-
-def test_builtin_pong_not_shipped_yet_says_how_to_pass_checkpoint():
+    assert e in registry.entries() and (catalog.bundled_root() / "README.md").is_file()
     with pytest.raises(FileNotFoundError) as ei:
-        registry.resolve(registry.get("DiTWM/Pong-v0"))
+        registry.resolve(e)
     msg = str(ei.value)
     assert "no bundled checkpoint 'pong-v0'" in msg and "checkpoint=" in msg and "DiTWM/Pong-v0" in msg
     with pytest.raises(FileNotFoundError, match="checkpoint="):
@@ -158,27 +146,24 @@ def test_bundled_source_resolves_to_package_data_dir(tmp_path, monkeypatch):
     assert registry.resolve("bundled:pong-v0", sha256=PINS) == tmp_path / "pong-v0"
 
 
-def test_register_get_entries(clean_catalog, tmp_path):
-    e = registry.register("Test/Tiny-v3", tmp_path, game="Tiny", max_episode_steps=50, sha256=PINS,
-                          description="d")
-    assert registry.get("Test/Tiny-v3") is e
-    assert e.source == str(tmp_path) and e.sha256 == PINS and e.max_episode_steps == 50
-    assert [x.env_id for x in registry.entries()] == sorted(x.env_id for x in registry.entries())
-    assert "Test/Tiny-v3" in [x.env_id for x in registry.entries()]
-    with pytest.raises(ValueError, match="Test/Tiny-v3") as ei:
+def test_register_get_entries_and_listeners(clean_catalog, tmp_path):
+    seen = []
+    remove = registry.add_listener(on_register=lambda e: seen.append(("+", e.env_id)),
+                                   on_unregister=lambda i: seen.append(("-", i)))
+    e = registry.register("Test/Tiny-v3", tmp_path, game="Tiny", max_episode_steps=50, sha256=PINS)
+    assert registry.get("Test/Tiny-v3") is e and (e.source, e.sha256, e.max_episode_steps) == (str(tmp_path), PINS, 50)
+    ids = [x.env_id for x in registry.entries()]
+    assert ids == sorted(ids) and "Test/Tiny-v3" in ids and "DiTWM/Pong-v0" in ids
+    with pytest.raises(ValueError, match="'Test/Tiny-v3' is already registered.*overwrite=True"):
         registry.register("Test/Tiny-v3", "bundled:other", game="Tiny")
-    assert "overwrite=True" in str(ei.value)
     e2 = registry.register("Test/Tiny-v3", "bundled:other", game="Tiny", overwrite=True)
-    assert registry.get("Test/Tiny-v3") is e2
-    assert registry.unregister("Test/Tiny-v3") is e2
-    with pytest.raises(KeyError) as ei:
+    assert registry.get("Test/Tiny-v3") is e2 and registry.unregister("Test/Tiny-v3") is e2
+    assert seen == [("+", "Test/Tiny-v3"), ("+", "Test/Tiny-v3"), ("-", "Test/Tiny-v3")]
+    remove()
+    registry.unregister(registry.register("Test/Tiny-v3", "bundled:x", game="Tiny").env_id)
+    assert len(seen) == 3
+    with pytest.raises(KeyError, match=r"expected a registered id \(.*DiTWM/Pong-v0.*\), got 'Test/Tiny-v3'"):
         registry.get("Test/Tiny-v3")
-    assert "Test/Tiny-v3" in str(ei.value) and "DiTWM/Pong-v0" in str(ei.value)
-
-
-def test_unknown_id_lists_known_ids():
-    with pytest.raises(KeyError, match=r"DiTWM/Pong-v0.*got 'DiTWM/Nope-v0'"):
-        registry.get("DiTWM/Nope-v0")
 
 
 @pytest.mark.parametrize("env_id", ["Pong-v0", "DiTWM/Pong", "DiTWM/Pong-vx", "/Pong-v0", "A/B/C-v0", "", 3])
@@ -188,7 +173,7 @@ def test_register_rejects_bad_env_id(clean_catalog, env_id):
 
 
 @pytest.mark.parametrize("source", ["", "hf://onlyorg", "hf://org/name@", "hf://org/../x@" + COMMIT,
-                                    "hf://org/name//sub@" + COMMIT, "hf:org/name", "s3://bucket/x",
+                                    "hf://org/name//sub@" + COMMIT, "hf:org/name", "s3://bucket/x", "hf:///org/name",
                                     "bundled:", "bundled:../escape", "hf://-bad/name"])
 def test_register_rejects_bad_source_syntax(clean_catalog, source):
     with pytest.raises(ValueError, match="source"):
@@ -214,7 +199,6 @@ def test_hf_source_parsing():
     assert (s.repo_id, s.subfolder, s.revision, s.pinned) == ("org/name", "sub/dir", COMMIT, True)
     assert str(s) == f"hf://org/name/sub/dir@{COMMIT}"
     assert registry.parse_hf_source("hf://org/name").revision is None
-    assert not registry.parse_hf_source("hf://org/name@main").pinned
     assert not registry.parse_hf_source("hf://org/name@" + COMMIT.upper()).pinned  # HF commits are lowercase
 
 
@@ -234,8 +218,7 @@ def test_local_dir_source(tmp_path, monkeypatch):
 def test_sha256_dir_matches_hashlib_and_skips_hidden(tmp_path):
     d = write_bundle(tmp_path / "b", {**FILES, "sub/extra.bin": b"x", ".gitattributes": b"*", ".cache/y": b"y"})
     pins = registry.sha256_dir(d)
-    assert pins == {**PINS, "sub/extra.bin": sha(b"x")}
-    assert list(pins) == sorted(pins)
+    assert pins == {**PINS, "sub/extra.bin": sha(b"x")} and list(pins) == sorted(pins)
     assert registry.sha256_file(d / "config.json", chunk_size=3) == PINS["config.json"]
 
 
@@ -250,13 +233,9 @@ def test_flipped_byte_raises_integrity_error(tmp_path):
     assert isinstance(e, ValueError)
     assert (e.filename, e.expected, e.actual) == ("dynamics.safetensors", PINS["dynamics.safetensors"], sha(data))
     assert "dynamics.safetensors" in str(e) and e.expected in str(e) and e.actual in str(e)
-
-
-def test_missing_pinned_file_raises(tmp_path):
-    d = write_bundle(tmp_path / "b")
-    (d / "heads.safetensors").unlink()
+    (d / "heads.safetensors").unlink()  # a pinned file missing
     with pytest.raises(FileNotFoundError, match="heads.safetensors"):
-        registry.resolve(d, sha256=PINS)
+        registry.resolve(d, sha256={"heads.safetensors": PINS["heads.safetensors"]})
 
 
 def test_entry_pins_and_caller_pins_both_checked(clean_catalog, tmp_path):
@@ -268,7 +247,7 @@ def test_entry_pins_and_caller_pins_both_checked(clean_catalog, tmp_path):
         registry.resolve(e)
     e2 = registry.register("Test/Pinned-v0", d, game="Pong", sha256={"config.json": PINS["config.json"]},
                            overwrite=True)
-    registry.resolve(e2)
+    registry.resolve(e2)  # the caller's pins are checked on top of the entry's:
     with pytest.raises(registry.IntegrityError, match="README.md"):
         registry.resolve(e2, sha256={"README.md": PINS["README.md"]})
 
@@ -277,7 +256,7 @@ def test_entry_pins_and_caller_pins_both_checked(clean_catalog, tmp_path):
 def test_fixture_layout_is_the_hubs_own(hub_snapshot, offline_hub):
     from huggingface_hub import scan_cache_dir, try_to_load_from_cache
 
-    info = scan_cache_dir()  # uses HF_HUB_CACHE (patched); strict about the layout
+    info = scan_cache_dir(offline_hub)  # strict about the layout (its default dir is bound at import: pass it)
     assert not info.warnings
     (repo,) = info.repos
     assert repo.repo_id == REPO and [r.commit_hash for r in repo.revisions] == [COMMIT]
@@ -285,20 +264,19 @@ def test_fixture_layout_is_the_hubs_own(hub_snapshot, offline_hub):
     assert try_to_load_from_cache(REPO, "config.json", revision=COMMIT) == str(hub_snapshot / "config.json")
 
 
-def test_hf_pinned_commit_resolves_offline(hub_snapshot):
+def test_hf_pinned_commit_resolves_offline(clean_catalog, hub_snapshot, tmp_path):
     path = registry.resolve(f"hf://{REPO}@{COMMIT}")
     assert path == hub_snapshot and path.name == COMMIT and path.parent.name == "snapshots"
     assert {p.name: p.read_bytes() for p in path.iterdir()} == FILES
     assert registry.resolve(f"hf://{REPO}@{COMMIT}", sha256=PINS) == hub_snapshot
-
-
-def test_hf_catalog_entry_resolves_with_pins(clean_catalog, hub_snapshot):
-    e = registry.register("Test/HubPong-v1", f"hf://{REPO}@{COMMIT}", game="Pong", sha256=PINS)
+    registry.register("Test/HubPong-v1", f"hf://{REPO}@{COMMIT}", game="Pong", sha256=PINS)
     assert registry.resolve(registry.get("Test/HubPong-v1")) == hub_snapshot
+    snap = add_to_hub_cache(tmp_path / "elsewhere", REPO, OTHER_COMMIT, FILES)  # an explicit cache_dir
+    assert registry.resolve(f"hf://{REPO}@{OTHER_COMMIT}", cache_dir=tmp_path / "elsewhere", sha256=PINS) == snap
 
 
 def test_hf_flipped_byte_in_blob_raises_integrity_error(hub_snapshot):
-    blob = blob_of(hub_snapshot, "autoencoder.safetensors")
+    blob = (hub_snapshot / "autoencoder.safetensors").resolve()
     data = bytearray(blob.read_bytes())
     data[0] ^= 0xFF
     blob.write_bytes(bytes(data))
@@ -345,30 +323,19 @@ def test_hf_subfolder_source(offline_hub):
         registry.resolve(f"hf://{REPO}/absent@{COMMIT}")
 
 
-def test_hf_explicit_cache_dir(offline_hub, tmp_path):
-    other = tmp_path / "elsewhere"
-    snap = add_to_hub_cache(other, REPO, OTHER_COMMIT, FILES)
-    assert registry.resolve(f"hf://{REPO}@{OTHER_COMMIT}", cache_dir=other, sha256=PINS) == snap
-
-
 # ------------------------------------------------------------------------------------------------ push
 class FakeApi:
-    """Stands in for huggingface_hub.HfApi: records calls, returns a commit."""
+    """Stands in for huggingface_hub.HfApi: records (method, args, kwargs), upload_folder returns a commit."""
 
     def __init__(self, oid: str = COMMIT) -> None:
         self.calls: list[tuple[str, tuple, dict]] = []
         self.oid = oid
 
-    def create_repo(self, *args, **kwargs):
-        self.calls.append(("create_repo", args, kwargs))
-        return f"https://huggingface.co/{args[0]}"
-
-    def create_branch(self, *args, **kwargs):
-        self.calls.append(("create_branch", args, kwargs))
-
-    def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", (), kwargs))
-        return SimpleNamespace(oid=self.oid, commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/x")
+    def __getattr__(self, name):  # create_repo, create_branch, upload_folder
+        def call(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            return SimpleNamespace(oid=self.oid) if name == "upload_folder" else None
+        return call
 
 
 def test_push_builds_the_right_calls(tmp_path):
@@ -376,8 +343,7 @@ def test_push_builds_the_right_calls(tmp_path):
     api = FakeApi()
     commit, line = registry.push(d, "my-org/ditwm-pong", private=True, token="tok", api=api)
     assert commit == COMMIT
-    names = [c[0] for c in api.calls]
-    assert names == ["create_repo", "upload_folder"]
+    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
     _, args, kw = api.calls[0]
     assert args == ("my-org/ditwm-pong",) and kw["exist_ok"] is True and kw["private"] is True
     assert kw["token"] == "tok" and kw["repo_type"] == "model"
@@ -385,14 +351,9 @@ def test_push_builds_the_right_calls(tmp_path):
     assert kw["repo_id"] == "my-org/ditwm-pong" and Path(kw["folder_path"]) == d and kw["revision"] == "main"
     assert kw["repo_type"] == "model" and kw["commit_message"]
     assert f'"hf://my-org/ditwm-pong@{COMMIT}"' in line
-    pins = json.loads(line.split("sha256=", 1)[1].rstrip(")"))
-    assert pins == PINS
-    assert registry.parse_hf_source(f"hf://my-org/ditwm-pong@{commit}").pinned
-
-
-def test_push_to_branch_creates_it(tmp_path):
-    api = FakeApi()
-    registry.push(write_bundle(tmp_path / "b"), "org/name", revision="exp", api=api)
+    assert json.loads(line.split("sha256=", 1)[1].rstrip(")")) == PINS
+    api = FakeApi()  # committing to another branch creates it first
+    registry.push(d, "org/name", revision="exp", api=api)
     assert [c[0] for c in api.calls] == ["create_repo", "create_branch", "upload_folder"]
     assert api.calls[1][2]["branch"] == "exp" and api.calls[2][2]["revision"] == "exp"
 

@@ -99,7 +99,9 @@ def main(args: Args) -> int:
             nxt, reward, term, trunc, info = env.step(action)
             done = term | trunc
             last_iter = done_steps + n >= args.steps
-            frame = np.where(done[:, None, None, None], info["final_obs"], nxt) if done.any() else nxt
+            frame = nxt.copy()
+            for i in np.flatnonzero(done):
+                frame[i] = info["final_obs"][i]
             store.add(obs=frame, action=action, reward=reward, terminated=term,
                       truncated=trunc | (last_iter & ~done), episode=episode, step=step + 1)
             step += 1

@@ -17,6 +17,8 @@ from trainers.common import ArgError, arg, run_cli
 
 @dataclass
 class Args:
+    """Arguments of ``ditwm push`` (one flag per field)."""
+
     checkpoint: str = arg(help="checkpoint bundle directory to upload (must contain config.json)")
     repo: str = arg(help="Hub model repo id 'org/name' (created if missing)")
     private: bool = arg(False, help="create the repo as private (no effect on an existing repo)")

@@ -69,7 +69,8 @@ class RealAtariVectorEnv(VectorWrapper):
 
     Observations: uint8 ``(N, 3, 64, 64)``. Actions: int ``(N,)`` in ``[0, len(action_meanings))``.
     Autoreset: SAME_STEP; on the step where env ``i`` ends, ``obs[i]`` is the first frame of its next
-    episode, ``info["final_obs"][i]`` the last frame of the ended one and ``info["_final_obs"][i]`` is True.
+    episode, ``info["final_obs"][i]`` (an object array, Gymnasium's convention) the last frame of the ended one
+    and ``info["_final_obs"][i]`` is True.
     Attributes ``game`` and ``action_meanings`` describe the game.
     """
 
@@ -103,11 +104,16 @@ class RealAtariVectorEnv(VectorWrapper):
         n_act = len(self.action_meanings)
         if actions.min() < 0 or actions.max() >= n_act:
             raise ValueError(f"actions: expected values in [0, {n_act}), got min {actions.min()} max {actions.max()}")
-        obs, reward, terminated, truncated, info = self.env.step(actions.astype(np.int64))
+        obs, reward, terminated, truncated, raw_info = self.env.step(actions.astype(np.int64))
+        info = dict(raw_info)
         done = terminated | truncated
-        if "final_obs" in info:
-            info["final_obs"] = self._chw(info["final_obs"])
-            info["_final_obs"] = done
+        info.pop("final_obs", None)
+        if done.any() and "final_obs" in raw_info:
+            # Gymnasium's convention: an object array holding the last observation of each ended env.
+            final = self._chw(raw_info["final_obs"])
+            info["final_obs"] = np.full(self.num_envs, None, dtype=object)
+            info["final_obs"][np.flatnonzero(done)] = list(final[done])
+            info["_final_obs"] = done.copy()
         return self._chw(obs), reward.astype(np.float32), terminated, truncated, info
 
 
