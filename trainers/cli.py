@@ -7,6 +7,7 @@ import sys
 #: subcommand → module with a ``cli(argv) -> int`` function (imported lazily so ``ditwm --help`` is instant).
 COMMANDS: dict[str, tuple[str, str]] = {
     "collect": ("trainers.collect", "fill an episode store from the real game"),
+    "evaluate": ("trainers.evaluate", "measure a world model or agent (throughput, ...)"),
     "push": ("trainers.push", "upload a checkpoint bundle to the Hugging Face Hub"),
 }
 

@@ -34,7 +34,8 @@ class AutoencoderConfig:
         max_channels: cap on the conv width.
         latent_channels: channels of the latent grid.
         latent_size: spatial side of the latent grid; ``image_size / latent_size`` must be a power of two ≥ 2.
-        res_blocks: residual blocks per resolution level.
+        res_blocks: residual blocks per resolution level below full resolution (none at full resolution, to
+            keep decoding 256 frames per env step cheap on CPU).
         foreground_weight: loss weight of non-background pixels (background pixels weigh 1).
         pre_tanh_penalty: weight of the mean squared pre-``tanh`` activation in the loss.
     Raises:
@@ -130,9 +131,10 @@ class FrameAutoencoder(nn.Module):
         self.latent_dim = config.latent_dim
         ch = config.channels()
         r = config.res_blocks
+        # Residual blocks only below full resolution: a block at 64×64 costs as much as all others together.
         enc: list[nn.Module] = [nn.Conv2d(config.in_channels, ch[0], 3, padding=1)]
         for i in range(config.num_down):
-            enc += [_ResBlock(ch[i]) for _ in range(r)]
+            enc += [_ResBlock(ch[i]) for _ in range(r if i > 0 else 0)]
             enc.append(nn.Conv2d(ch[i], ch[i + 1], 4, stride=2, padding=1))
         enc += [_ResBlock(ch[-1]) for _ in range(r)]
         enc += [_norm(ch[-1]), nn.SiLU(), nn.Conv2d(ch[-1], config.latent_channels, 1)]
@@ -140,9 +142,9 @@ class FrameAutoencoder(nn.Module):
 
         dec: list[nn.Module] = [nn.Conv2d(config.latent_channels, ch[-1], 3, padding=1)]
         dec += [_ResBlock(ch[-1]) for _ in range(r)]
-        for i in reversed(range(config.num_down)):
-            dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch[i + 1], ch[i], 3, padding=1)]
-            dec += [_ResBlock(ch[i]) for _ in range(r)]
+        for i in reversed(range(config.num_down)):  # transposed conv: 2.5× faster than upsample + conv on CPU
+            dec.append(nn.ConvTranspose2d(ch[i + 1], ch[i], 4, stride=2, padding=1))
+            dec += [_ResBlock(ch[i]) for _ in range(r if i > 0 else 0)]
         dec += [_norm(ch[0]), nn.SiLU(), nn.Conv2d(ch[0], config.in_channels, 3, padding=1)]
         self.decoder = nn.Sequential(*dec)
 

@@ -117,7 +117,8 @@ def sample_onehot(logits: torch.Tensor, generator: torch.Generator | None = None
     flat = probs.reshape(-1, probs.shape[-1])
     idx = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
     onehot = F.one_hot(idx, probs.shape[-1]).to(probs.dtype)
-    return onehot + probs - probs.detach() if straight_through else onehot
+    # Parenthesised so the forward value is exactly one-hot: (p − sg(p)) is exactly 0 in floating point.
+    return onehot + (probs - probs.detach()) if straight_through else onehot
 
 
 def mode_onehot(logits: torch.Tensor) -> torch.Tensor:

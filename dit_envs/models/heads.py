@@ -6,6 +6,7 @@ reaches 21 points — both are visible in the transition between the two frames.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,8 +54,9 @@ class RewardTermHead(nn.Module):
     """MLP on ``concat(z_t, onehot(a_t), z_{t+1})`` → reward logits over two-hot symlog bins + termination logit.
 
     Latents are the raw frozen-autoencoder latents (not the world model's normalised ones). Inputs may have any
-    leading dims ``(...)``, e.g. ``(N,)`` or ``(B, T)``. The output layer starts at zero (DreamerV3), so a fresh
-    head predicts reward 0 and never terminates.
+    leading dims ``(...)``, e.g. ``(N,)`` or ``(B, T)``. The output weights start at zero (DreamerV3) with a bias
+    that gives the zero-reward bin probability just above 1/2, so a fresh head predicts reward 0 and never
+    terminates.
 
     Args:
         config: :class:`HeadsConfig`.
@@ -74,6 +76,8 @@ class RewardTermHead(nn.Module):
         self.out = nn.Linear(width, config.num_bins + 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        with torch.no_grad():  # prior P(reward = 0) slightly above 1/2: sparse rewards, "event" decode gives 0
+            self.out.bias[self.zero_bin] = math.log(config.num_bins)
 
     def forward(
         self, z: torch.Tensor, action: torch.Tensor, z_next: torch.Tensor
@@ -155,10 +159,11 @@ class RewardTermHead(nn.Module):
         """
         r_logits, t_logit = self(z, action, z_next)
         p = r_logits.float().softmax(-1)  # (..., num_bins)
-        y = (p * self.twohot.bins).sum(-1)  # (...) expected symlog reward; the zero bin adds nothing
+        y = (p * self.twohot.bins.float()).sum(-1)  # (...) expected symlog reward
         if reward_decode == "event":
             p0 = p[..., self.zero_bin]
-            reward = torch.where(p0 < 0.5, symexp(y / (1.0 - p0).clamp(min=1e-6)), torch.zeros_like(y))
+            y_nz = y - p0 * self.twohot.bins[self.zero_bin].float()  # linspace puts the middle bin at ~1e-7
+            reward = torch.where(p0 < 0.5, symexp(y_nz / (1.0 - p0).clamp(min=1e-6)), torch.zeros_like(y))
         elif reward_decode == "mean":
             reward = symexp(y)
         else:

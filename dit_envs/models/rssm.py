@@ -145,11 +145,16 @@ class RSSM(nn.Module):
         if bool(bad.any()):
             raise ValueError(f"{name}: expected values in [0, {high}], got {action[bad][0].item()}")
 
-    def _img_step(self, prev: State, action: torch.Tensor, generator: torch.Generator | None) -> State:
+    @staticmethod
+    def _draw(logits: torch.Tensor, generator: torch.Generator | None, sample: bool) -> torch.Tensor:
+        return sample_onehot(logits, generator) if sample else mode_onehot(logits)
+
+    def _img_step(self, prev: State, action: torch.Tensor, generator: torch.Generator | None,
+                  sample: bool = True) -> State:
         x = torch.cat([prev["stoch"].flatten(-2), self._action_onehot(action)], -1)  # (B, S*C + A)
         deter = self.gru(self.img_in(x), prev["deter"])  # (B, deter)
         logits = self._prior_logits(deter)  # (B, S, C)
-        return {"deter": deter, "stoch": sample_onehot(logits, generator), "logits": logits}
+        return {"deter": deter, "stoch": self._draw(logits, generator, sample), "logits": logits}
 
     def img_step(self, prev_state: State, prev_action: torch.Tensor,
                  generator: torch.Generator | None = None) -> State:
@@ -172,17 +177,17 @@ class RSSM(nn.Module):
         return self._img_step(prev_state, prev_action, generator)
 
     def _obs_step(self, prev: State, action: torch.Tensor, embed: torch.Tensor, is_first: torch.Tensor,
-                  generator: torch.Generator | None) -> tuple[State, State]:
+                  generator: torch.Generator | None, sample: bool = True) -> tuple[State, State]:
         # Episode starts: replace the carried state by the learned initial state and the action by the null one.
         keep = (~is_first).float()[:, None]  # (B, 1)
         init = self.initial(embed.shape[0], embed.device)
         prev = {"deter": keep * prev["deter"] + (1 - keep) * init["deter"],
                 "stoch": keep[..., None] * prev["stoch"] + (1 - keep[..., None]) * init["stoch"]}
         action = torch.where(is_first, torch.full_like(action, self.num_actions), action)
-        prior = self._img_step(prev, action, generator)
+        prior = self._img_step(prev, action, generator, sample)
         x = torch.cat([prior["deter"], embed], -1)  # (B, deter + E)
         logits = unimix_logits(self.post_net(x).unflatten(-1, (self.stoch, self.classes)), self.unimix)
-        post = {"deter": prior["deter"], "stoch": sample_onehot(logits, generator), "logits": logits}
+        post = {"deter": prior["deter"], "stoch": self._draw(logits, generator, sample), "logits": logits}
         return post, prior
 
     def obs_step(self, prev_state: State, prev_action: torch.Tensor, embed: torch.Tensor, is_first: torch.Tensor,
@@ -209,12 +214,14 @@ class RSSM(nn.Module):
         return self._obs_step(prev_state, prev_action, embed, is_first, generator)
 
     def observe(self, embeds: torch.Tensor, actions: torch.Tensor, is_first: torch.Tensor,
-                state: State | None = None, generator: torch.Generator | None = None) -> tuple[State, State]:
+                state: State | None = None, generator: torch.Generator | None = None, sample: bool = True
+                ) -> tuple[State, State]:
         """Filter a batch of sequences with :meth:`obs_step`.
 
         Args:
             embeds: float ``(B, T, E)``; actions: int64 ``(B, T)`` (preceding actions, null allowed);
             is_first: bool ``(B, T)``; state: start state ``(B, ...)`` (default: :meth:`initial`).
+            sample: draw ``stoch`` from ``generator``; ``False`` takes the modes (deterministic filtering).
         Returns:
             ``(posts, priors)``: state dicts with tensors ``(B, T, ...)``.
         Raises:
@@ -228,7 +235,7 @@ class RSSM(nn.Module):
         state = self.initial(b, embeds.device) if state is None else state
         posts, priors = [], []
         for i in range(t):
-            state, prior = self._obs_step(state, actions[:, i], embeds[:, i], is_first[:, i], generator)
+            state, prior = self._obs_step(state, actions[:, i], embeds[:, i], is_first[:, i], generator, sample)
             posts.append(state)
             priors.append(prior)
         stack = lambda seq: {k: torch.stack([s[k] for s in seq], 1) for k in seq[0]}  # noqa: E731

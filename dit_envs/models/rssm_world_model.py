@@ -9,20 +9,10 @@ State dict of this adapter (every tensor has leading dimension ``N``, valid unde
 """
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 from torch import nn
 
 from .rssm import RSSM, State
-from .dreamer_layers import mode_onehot
-
-
-class FrameCodec(Protocol):
-    """What the adapter needs from the frozen autoencoder (``dit_envs.models.autoencoder.FrameAutoencoder``)."""
-
-    def encode(self, frames: torch.Tensor) -> torch.Tensor: ...
-    def decode_uint8(self, z: torch.Tensor) -> torch.Tensor: ...
 
 
 def stack_latents(z: torch.Tensor, is_first: torch.Tensor, k: int) -> torch.Tensor:
@@ -57,7 +47,9 @@ class RSSMWorldModel(nn.Module):
 
     Args:
         rssm: a (trained) :class:`RSSM`; its ``latent_dim`` must equal the autoencoder's.
-        autoencoder: the frozen frame autoencoder (``encode``, ``decode_uint8``; ``latent_dim`` checked if present).
+        autoencoder: the frozen frame autoencoder (``dit_envs.models.autoencoder.FrameAutoencoder`` or any module
+            with ``encode(uint8 (N,3,64,64)) -> (N, d_z)`` and ``decode_uint8``; ``latent_dim`` checked if
+            present). It becomes a submodule (moves with ``.to``); optimise ``rssm.parameters()`` only.
         context_len: ``K``, latents kept in the state (the policy's observation stack).
     Raises:
         ValueError: ``context_len`` < 1, or the autoencoder's ``latent_dim`` differs from the RSSM's.
@@ -82,8 +74,8 @@ class RSSMWorldModel(nn.Module):
         """Filter the real context with the RSSM posterior and keep it as the latent history.
 
         ``context_a[:, j]`` preceded ``context_z[:, j]``; the first step and every null action
-        (``num_actions``) are treated as episode starts. With ``generator=None`` the final stochastic state is
-        the posterior mode (deterministic); with a generator the posteriors are sampled from it.
+        (``num_actions``) are treated as episode starts. With ``generator=None`` the filter takes posterior modes
+        (deterministic, so a protocol-only caller gets reproducible states); with a generator it samples them.
 
         Args:
             context_z: float ``(N, K, d_z)``, oldest first. context_a: int64 ``(N, K)`` in ``[0, num_actions]``.
@@ -103,10 +95,10 @@ class RSSMWorldModel(nn.Module):
         z = context_z.float()
         is_first = context_a == self.num_actions
         is_first[:, 0] = True
-        posts, _ = self.rssm.observe(self.rssm.encoder(z), context_a, is_first, generator=generator)
-        last = posts["logits"][:, -1]
-        stoch = posts["stoch"][:, -1] if generator is not None else mode_onehot(last)
-        return {"deter": posts["deter"][:, -1].float().contiguous(), "stoch": stoch.float().contiguous(),
+        posts, _ = self.rssm.observe(self.rssm.encoder(z), context_a, is_first, generator=generator,
+                                     sample=generator is not None)
+        return {"deter": posts["deter"][:, -1].float().contiguous(),
+                "stoch": posts["stoch"][:, -1].float().contiguous(),
                 "history": z.clone()}
 
     @torch.no_grad()
@@ -128,7 +120,11 @@ class RSSMWorldModel(nn.Module):
         if action.shape != (n,):
             raise ValueError(f"action: expected shape ({n},), got {tuple(action.shape)}")
         self.rssm._check_actions("action", action, allow_null=False)
-        prior = self.rssm.img_step({"deter": state["deter"], "stoch": state["stoch"]}, action, generator)
+        for key, shape in (("deter", (n, self.rssm.deter)), ("stoch", (n, self.rssm.stoch, self.rssm.classes))):
+            if key not in state or tuple(state[key].shape) != shape:
+                got = tuple(state[key].shape) if key in state else "missing"
+                raise ValueError(f"state[{key!r}]: expected shape {shape}, got {got}")
+        prior = self.rssm._img_step({"deter": state["deter"], "stoch": state["stoch"]}, action, generator)
         z_next, reward_logits, cont_logit = self.rssm.heads(prior)
         z_next = z_next.float()
         history = torch.cat([state["history"][:, 1:], z_next.unsqueeze(1)], 1)  # (N, K, d_z)

@@ -1,0 +1,245 @@
+"""Imagination environments: a world-model bundle served as a natively batched Gymnasium ``VectorEnv``.
+
+Modelled on Gymnasium's ``CartPoleVectorEnv`` (own ``metadata`` with ``autoreset_mode``, batched spaces) and on
+DIAMOND's ``WorldModelEnv`` (rolling context, start states from real data, horizon truncation, no grad).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.error import ResetNeeded
+from gymnasium.vector import AutoresetMode
+from gymnasium.vector.utils import batch_space
+
+from dit_envs.envs.loading import load_for_env
+
+OBS_TYPES = ("pixels", "latent")
+
+
+class ImaginationCore:
+    """Batched world-model state shared by the vector env and the single env (no Gymnasium API here).
+
+    Args:
+        bundle: a loaded :class:`dit_envs.bundle.Bundle` (model + real start contexts ``start_z (M, K, d_z)``,
+            ``start_a (M, K)``).
+        num_envs: ``N`` >= 1.
+        obs_type: ``"pixels"`` (uint8 ``(3, 64, 64)``, the decoded newest latent) or ``"latent"`` (float32
+            ``(K, d_z)``, the last ``K`` latents, oldest first).
+        max_episode_steps: truncation horizon (>= 1).
+    Raises:
+        ValueError: ``num_envs`` < 1, unknown ``obs_type``, ``max_episode_steps`` < 1.
+    """
+
+    def __init__(self, bundle: Any, num_envs: int, obs_type: str, max_episode_steps: int) -> None:
+        if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+            raise ValueError(f"num_envs: expected an integer >= 1, got {num_envs!r}")
+        if obs_type not in OBS_TYPES:
+            raise ValueError(f"obs_type: expected one of {OBS_TYPES}, got {obs_type!r}")
+        if isinstance(max_episode_steps, bool) or not isinstance(max_episode_steps, (int, np.integer)) \
+                or max_episode_steps < 1:
+            raise ValueError(f"max_episode_steps: expected an integer >= 1, got {max_episode_steps!r}")
+        self.bundle, self.model = bundle, bundle.model
+        self.num_envs, self.obs_type, self.max_episode_steps = int(num_envs), obs_type, int(max_episode_steps)
+        self.device = bundle.start_z.device
+        self.num_actions = int(self.model.num_actions)
+        K, d_z = self.model.context_len, self.model.latent_dim
+        if obs_type == "pixels":
+            self.single_observation_space = gym.spaces.Box(0, 255, (3, 64, 64), np.uint8)
+        else:
+            # The frozen encoder ends in tanh, so every latent lies in [-1, 1].
+            self.single_observation_space = gym.spaces.Box(-1.0, 1.0, (K, d_z), np.float32)
+        self.single_action_space = gym.spaces.Discrete(self.num_actions)
+        self.generator = torch.Generator(device=self.device)
+        self.rng = np.random.default_rng()
+        self.state: dict[str, torch.Tensor] | None = None
+        self.elapsed = np.zeros(self.num_envs, np.int64)
+        self._last_z: torch.Tensor | None = None  # (N, d_z) newest latent, for pixels and render
+
+    def seed(self, seed: int | None) -> None:
+        """Seed start-context choice (numpy) and all sampling (``torch.Generator``); None draws fresh entropy."""
+        if seed is None:
+            seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> np.uint64(1))
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed: expected a non-negative integer or None, got {seed!r}")
+        self.rng = np.random.default_rng(int(seed))
+        self.generator.manual_seed(int(seed))
+
+    @torch.no_grad()
+    def reset_envs(self, mask: np.ndarray | None = None) -> None:
+        """Start new episodes from random real start contexts in the envs where ``mask`` (bool ``(N,)``) is True."""
+        n_start = self.bundle.start_z.shape[0]
+        if self.state is None or mask is None:
+            idx = torch.as_tensor(self.rng.integers(0, n_start, self.num_envs), device=self.device)
+            self.state = self.model.initial_state(self.bundle.start_z[idx], self.bundle.start_a[idx])
+            self.elapsed[:] = 0
+        else:
+            if not mask.any():
+                return
+            idx = torch.as_tensor(self.rng.integers(0, n_start, int(mask.sum())), device=self.device)
+            fresh = self.model.initial_state(self.bundle.start_z[idx], self.bundle.start_a[idx])
+            m = torch.as_tensor(mask, device=self.device)
+            for k, v in fresh.items():
+                self.state[k][m] = v
+            self.elapsed[mask] = 0
+        self._last_z = self.model.latent_history(self.state)[:, -1]
+
+    def check_actions(self, actions: Any) -> torch.Tensor:
+        """Validate a batch of actions → int64 tensor ``(N,)``. Raises TypeError/ValueError naming ``actions``."""
+        a = np.asarray(actions)
+        if a.shape != (self.num_envs,):
+            raise ValueError(f"actions: expected shape ({self.num_envs},), got {a.shape}")
+        if not np.issubdtype(a.dtype, np.integer):
+            raise TypeError(f"actions: expected an integer dtype, got {a.dtype}")
+        if a.min() < 0 or a.max() >= self.num_actions:
+            raise ValueError(f"actions: expected values in [0, {self.num_actions}), got min {a.min()}, max {a.max()}")
+        return torch.as_tensor(a, dtype=torch.int64, device=self.device)
+
+    @torch.no_grad()
+    def step(self, actions: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Advance every env one imagined step → ``(reward float32 (N,), terminated bool (N,), truncated bool (N,))``."""
+        if self.state is None:
+            raise ResetNeeded("step: expected reset() to be called before step()")
+        self.state, z, reward, term = self.model.step(self.state, actions, self.generator)
+        self._last_z = z
+        self.elapsed += 1
+        terminated = term.cpu().numpy().astype(bool)
+        truncated = (self.elapsed >= self.max_episode_steps) & ~terminated
+        return reward.float().cpu().numpy(), terminated, truncated
+
+    @torch.no_grad()
+    def observe(self, mask: np.ndarray | None = None) -> np.ndarray:
+        """Observations of all envs (or of the envs where ``mask`` is True), batched numpy."""
+        sel = slice(None) if mask is None else torch.as_tensor(mask, device=self.device)
+        if self.obs_type == "pixels":
+            return self.model.decode(self._last_z[sel]).cpu().numpy()
+        return self.model.latent_history(self.state)[sel].float().clamp(-1.0, 1.0).cpu().numpy()
+
+    @torch.no_grad()
+    def frames(self) -> np.ndarray:
+        """Decoded newest frames as uint8 HWC ``(N, 64, 64, 3)`` for rendering."""
+        return self.model.decode(self._last_z).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class DiTWMVectorEnv(gym.vector.VectorEnv):
+    """## Description
+    A learned world model of an Atari game served as a natively batched Gymnasium vector env: every ``step``
+    is one batched world-model call for all ``num_envs`` envs (no loop over single envs).
+
+    ## Action Space
+    ``MultiDiscrete([A] * num_envs)``; per env ``Discrete(A)``, the game's minimal action set (Pong: 6 —
+    NOOP, FIRE, RIGHT (up), LEFT (down), RIGHTFIRE, LEFTFIRE).
+
+    ## Observation Space
+    ``obs_type="pixels"``: uint8 ``(num_envs, 3, 64, 64)``, the same format as :func:`dit_envs.make_real_env`.
+    ``obs_type="latent"``: float32 ``(num_envs, K, d_z)``, the last ``K`` frozen-encoder latents.
+
+    ## Rewards
+    Predicted by the bundle's reward head (Pong: ±1 when a point is scored, else 0).
+
+    ## Starting State
+    A context of ``K`` real encoded frames drawn uniformly from the bundle's start contexts.
+
+    ## Episode End
+    ``terminated`` when the termination head fires (Pong: a player reaches 21); ``truncated`` after
+    ``max_episode_steps`` steps. Autoreset SAME_STEP (default): the returned observation of an ended env is the
+    first of its next episode, ``info["final_obs"]`` / ``info["final_info"]`` (object arrays, masks
+    ``info["_final_obs"]``) hold the ended episode's last ones. NEXT_STEP: the step after the end resets.
+
+    ## Arguments
+    ``num_envs``; ``checkpoint`` (bundle directory, ``hf://org/repo@<commit>``, ``bundled:<name>``; default: the
+    id's catalog entry); ``obs_type``; ``max_episode_steps``; ``sampling_steps`` (denoising steps per env step,
+    default from the bundle); ``device``; ``dtype``; ``render_mode`` (``"rgb_array"``); ``autoreset_mode``;
+    ``allow_unpinned`` (accept a Hub branch instead of a commit).
+
+    ## Version History
+    * v0: initial release.
+
+    >>> import gymnasium as gym, dit_envs  # doctest: +SKIP
+    >>> envs = gym.make_vec("DiTWM/Pong-v0", num_envs=4)  # doctest: +SKIP
+    >>> envs.reset(seed=0)[0].shape  # doctest: +SKIP
+    (4, 3, 64, 64)
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": ["rgb_array"], "render_fps": 15}
+
+    def __init__(self, num_envs: int = 1, *, env_id: str | None = None, checkpoint: Any = None,
+                 obs_type: str = "pixels", max_episode_steps: int | None = None, sampling_steps: int | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+                 render_mode: str | None = None, autoreset_mode: AutoresetMode | str = AutoresetMode.SAME_STEP,
+                 allow_unpinned: bool = False, **expect: Any) -> None:
+        bundle, horizon = load_for_env(env_id, checkpoint, device=device, dtype=dtype,
+                                       sampling_steps=sampling_steps, allow_unpinned=allow_unpinned, **expect)
+        self.core = ImaginationCore(bundle, num_envs, obs_type,
+                                    horizon if max_episode_steps is None else max_episode_steps)
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode: expected None or 'rgb_array', got {render_mode!r}")
+        try:
+            mode = AutoresetMode(autoreset_mode)
+        except ValueError:
+            raise ValueError(f"autoreset_mode: expected SAME_STEP or NEXT_STEP, got {autoreset_mode!r}") from None
+        if mode not in (AutoresetMode.SAME_STEP, AutoresetMode.NEXT_STEP):
+            raise ValueError(f"autoreset_mode: expected SAME_STEP or NEXT_STEP, got {mode}")
+        self.metadata = {**type(self).metadata, "autoreset_mode": mode}
+        self.num_envs, self.render_mode, self.bundle = self.core.num_envs, render_mode, bundle
+        self.single_observation_space = self.core.single_observation_space
+        self.single_action_space = self.core.single_action_space
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self._autoreset = np.zeros(self.num_envs, bool)
+
+    @property
+    def sampling_steps(self) -> int:
+        return self.core.model.sampling_steps
+
+    @sampling_steps.setter
+    def sampling_steps(self, value: int) -> None:
+        self.core.model.sampling_steps = value
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if seed is not None or self.core.state is None:
+            self.core.seed(seed)
+        self.core.reset_envs()
+        self._autoreset[:] = False
+        return self.core.observe(), {}
+
+    def step(self, actions):
+        a = self.core.check_actions(actions)
+        if self.core.state is None:
+            raise ResetNeeded("step: expected reset() to be called before step()")
+        if self.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP and self._autoreset.any():
+            return self._step_next_step(a)
+        reward, terminated, truncated = self.core.step(a)
+        done = terminated | truncated
+        info: dict[str, Any] = {}
+        if self.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP:
+            self._autoreset = done
+            return self.core.observe(), reward, terminated, truncated, info
+        if done.any():
+            final = self.core.observe(done)
+            final_obs = np.full(self.num_envs, None, dtype=object)
+            final_obs[np.flatnonzero(done)] = list(final)
+            final_info = np.full(self.num_envs, None, dtype=object)
+            final_info[np.flatnonzero(done)] = [{} for _ in range(int(done.sum()))]
+            info.update(final_obs=final_obs, _final_obs=done.copy(), final_info=final_info, _final_info=done.copy())
+            self.core.reset_envs(done)
+        return self.core.observe(), reward, terminated, truncated, info
+
+    def _step_next_step(self, a: torch.Tensor):
+        """NEXT_STEP: envs that ended last step are reset (their action ignored); the others step."""
+        ended = self._autoreset.copy()
+        reward, terminated, truncated = self.core.step(a)  # batched; ended envs' transitions are discarded
+        self.core.reset_envs(ended)
+        reward[ended], terminated[ended], truncated[ended] = 0.0, False, False
+        self._autoreset = terminated | truncated
+        return self.core.observe(), reward, terminated, truncated, {}
+
+    def render(self):
+        if self.render_mode != "rgb_array":
+            return None
+        return self.core.frames()
+
+    def close(self, **kwargs: Any) -> None:
+        self.core.state = None

@@ -1,0 +1,59 @@
+"""Resolve an env id / checkpoint argument to a loaded, validated bundle (registry → bundle → model)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import registry
+from dit_envs.envs.real import action_meanings
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_for_env(env_id: str | None, checkpoint: Any = None, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | str | None = None, sampling_steps: int | None = None,
+                 allow_unpinned: bool = False, **expect: Any) -> tuple[Any, int]:
+    """Load the bundle an env should run and check it against what the env id promises.
+
+    Args:
+        env_id: a registered id (``"DiTWM/Pong-v0"``) or None (then ``checkpoint`` is required).
+        checkpoint: overrides the id's catalog source: a bundle directory, ``hf://org/repo@<commit>`` or
+            ``bundled:<name>``.
+        device, dtype: where and in which float dtype the model runs (``dtype`` None keeps the stored one
+            upcast to float32).
+        sampling_steps: denoising steps per env step (>= 1); None keeps the bundle's default.
+        allow_unpinned: accept an ``hf://`` source that names a branch instead of a 40-hex commit.
+        expect: extra fields the bundle must match (``latent_dim``, ``obs_shape``, ...).
+    Returns:
+        ``(bundle, max_episode_steps)`` — the :class:`dit_envs.bundle.Bundle` and the id's truncation horizon.
+    Raises:
+        ValueError: no ``env_id`` and no ``checkpoint``; a bundle field that disagrees with the id (names it);
+            bad ``dtype``/``sampling_steps``. FileNotFoundError / registry.IntegrityError from resolving.
+    """
+    from dit_envs.bundle import load_bundle
+
+    entry = registry.get(env_id) if env_id is not None else None
+    if entry is None and checkpoint is None:
+        raise ValueError("checkpoint: expected a bundle directory or hf:// source when no env id is given, got None")
+    if checkpoint is None:
+        path = registry.resolve(entry, allow_unpinned=allow_unpinned)
+    else:
+        path = registry.resolve(checkpoint, allow_unpinned=allow_unpinned)
+    want: dict[str, Any] = {"obs_shape": [3, 64, 64]}
+    if entry is not None:
+        want.update(game=entry.game, num_actions=len(action_meanings(entry.game)))
+    want.update(expect)
+    bundle = load_bundle(path, device=device, dtype=_dtype(dtype), expect=want)
+    if sampling_steps is not None:
+        bundle.model.sampling_steps = sampling_steps
+    horizon = entry.max_episode_steps if entry is not None else 1000
+    return bundle, horizon

@@ -1,0 +1,260 @@
+"""The DiT world model behind the :class:`~dit_envs.models.world_model.WorldModel` protocol.
+
+One env step: the ``K`` clean context latents are standardised with the measured latent mean/std, their
+per-layer keys/values are computed once (:meth:`DiT.context_cache`), and the next latent is sampled with the
+rectified-flow Euler sampler (:func:`dit_envs.models.flow.sample`, ``sampling_steps`` steps from noise drawn
+from the caller's ``torch.Generator``) by re-running only the single noisy token against that cache. The sample
+is mapped back to autoencoder units and clamped to the encoder's ``tanh`` range ``[-1, 1]``; the reward /
+termination head then reads ``(z_t, a_t, z_{t+1})``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Callable
+
+import torch
+from torch import nn
+
+from dit_envs.models.autoencoder import AutoencoderConfig, FrameAutoencoder
+from dit_envs.models.dit import DiT, DiTConfig
+from dit_envs.models.flow import sample, uniform_times
+from dit_envs.models.heads import HeadsConfig, RewardTermHead
+from dit_envs.models.world_model import State
+
+WEIGHT_FILES = ("autoencoder.safetensors", "dynamics.safetensors", "heads.safetensors")
+
+
+def _file_of(key: str) -> str:
+    """Bundle file holding a state-dict key: the autoencoder, the heads, or the dynamics (DiT + latent stats)."""
+    if key.startswith("autoencoder."):
+        return "autoencoder.safetensors"
+    if key.startswith("heads."):
+        return "heads.safetensors"
+    return "dynamics.safetensors"
+
+
+class DiTWorldModel(nn.Module):
+    """Frozen frame autoencoder + causal DiT (rectified flow) + reward/termination head.
+
+    Args:
+        autoencoder: frozen :class:`FrameAutoencoder` (its parameters get ``requires_grad=False``).
+        dit: :class:`DiT` over the autoencoder's latents, standardised.
+        heads: :class:`RewardTermHead` over raw autoencoder latents.
+        sampling_steps: Euler steps per env step (runtime-settable, see :attr:`sampling_steps`).
+    Attributes:
+        num_actions, latent_dim, context_len: as in the WorldModel protocol.
+        latent_mean, latent_std: float32 ``(d_z,)`` buffers; the DiT sees ``(z − mean) / std``.
+    Raises:
+        ValueError: the three networks disagree on ``latent_dim`` or ``num_actions``.
+    """
+
+    model_type = "dit"
+
+    def __init__(
+        self, autoencoder: FrameAutoencoder, dit: DiT, heads: RewardTermHead, *, sampling_steps: int = 4
+    ) -> None:
+        super().__init__()
+        dc, hc = dit.config, heads.config
+        if not autoencoder.latent_dim == dc.latent_dim == hc.latent_dim:
+            raise ValueError(
+                f"latent_dim: autoencoder has {autoencoder.latent_dim}, dit has {dc.latent_dim}, "
+                f"heads have {hc.latent_dim}; expected all equal"
+            )
+        if dc.num_actions != hc.num_actions:
+            raise ValueError(f"num_actions: dit has {dc.num_actions}, heads have {hc.num_actions}; expected equal")
+        self.autoencoder = autoencoder.requires_grad_(False).eval()
+        self.dit = dit
+        self.heads = heads
+        self.num_actions = dc.num_actions
+        self.latent_dim = dc.latent_dim
+        self.context_len = dc.context_len
+        self.register_buffer("latent_mean", torch.zeros(dc.latent_dim))
+        self.register_buffer("latent_std", torch.ones(dc.latent_dim))
+        self.sampling_steps = sampling_steps
+
+    @classmethod
+    def build(
+        cls, autoencoder: AutoencoderConfig, dit: DiTConfig, heads: HeadsConfig, *, sampling_steps: int = 4
+    ) -> "DiTWorldModel":
+        """A freshly initialised model from the three configs."""
+        return cls(FrameAutoencoder(autoencoder), DiT(dit), RewardTermHead(heads), sampling_steps=sampling_steps)
+
+    # ----- configuration ---------------------------------------------------------------------------------------
+    @property
+    def sampling_steps(self) -> int:
+        """Euler steps per env step (1 for a distilled model, e.g. 4–32 for a pretrained one)."""
+        return self._sampling_steps
+
+    @sampling_steps.setter
+    def sampling_steps(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"sampling_steps: expected an int >= 1, got {value!r}")
+        self._sampling_steps = value
+
+    @property
+    def device(self) -> torch.device:
+        return self.latent_mean.device
+
+    def train(self, mode: bool = True) -> "DiTWorldModel":
+        """As ``nn.Module.train`` but the frozen autoencoder always stays in eval mode."""
+        super().train(mode)
+        self.autoencoder.eval()
+        return self
+
+    def set_latent_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Set the standardisation buffers from float ``(d_z,)`` mean and std (std must be > 0).
+
+        Raises:
+            ValueError: wrong shape or a non-positive std.
+        """
+        d = self.latent_dim
+        if mean.shape != (d,) or std.shape != (d,):
+            raise ValueError(f"mean/std: expected shape ({d},), got {tuple(mean.shape)} and {tuple(std.shape)}")
+        if not bool((std > 0).all()):
+            raise ValueError(f"std: expected all > 0, got min {std.min().item()}")
+        self.latent_mean.copy_(mean)
+        self.latent_std.copy_(std)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Autoencoder latents ``(..., d_z)`` → standardised float32 latents the DiT diffuses."""
+        return (z.float() - self.latent_mean.float()) / self.latent_std.float()
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`normalize`, float32 ``(..., d_z)``."""
+        return x.float() * self.latent_std.float() + self.latent_mean.float()
+
+    def configs(self) -> dict[str, dict]:
+        """The three network configs as plain dicts (stored in the bundle's ``config.json``)."""
+        return {
+            "autoencoder": asdict(self.autoencoder.config),
+            "dit": asdict(self.dit.config),
+            "heads": asdict(self.heads.config),
+        }
+
+    def weight_files(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The state dict split into bundle files: ``{filename: {key: tensor}}`` (see :data:`WEIGHT_FILES`)."""
+        out: dict[str, dict[str, torch.Tensor]] = {f: {} for f in WEIGHT_FILES}
+        for k, v in self.state_dict().items():
+            out[_file_of(k)][k] = v
+        return out
+
+    @classmethod
+    def from_bundle(cls, config: dict, read: Callable[[str], dict[str, torch.Tensor]]) -> "DiTWorldModel":
+        """Rebuild a model from a bundle's ``config.json`` dict and a verified-file reader (used by
+        :data:`dit_envs.bundle.MODEL_LOADERS`).
+
+        Raises:
+            ValueError: a config section that does not build, or a weight file with missing, unexpected or
+                wrongly shaped tensors (message names the file and the tensor).
+        """
+        cfg = config.get("configs", {})
+        try:
+            ae, dc, hc = (
+                AutoencoderConfig(**cfg["autoencoder"]), DiTConfig(**cfg["dit"]), HeadsConfig(**cfg["heads"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"configs: cannot build the networks from config.json ({e!r})") from e
+        model = cls.build(ae, dc, hc, sampling_steps=config.get("sampling_steps", 4))
+        merged: dict[str, torch.Tensor] = {}
+        for fname, expected in model.weight_files().items():
+            got = read(fname)
+            missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+            if missing or unexpected:
+                raise ValueError(f"{fname}: expected tensors missing {missing[:5]}, unexpected {unexpected[:5]}")
+            for k, v in expected.items():
+                if got[k].shape != v.shape:
+                    raise ValueError(f"{fname}: {k} expected shape {tuple(v.shape)}, actual {tuple(got[k].shape)}")
+            merged.update(got)
+        model.load_state_dict(merged)
+        return model
+
+    # ----- WorldModel protocol ---------------------------------------------------------------------------------
+    def initial_state(self, context_z: torch.Tensor, context_a: torch.Tensor) -> State:
+        """State ``{"z": float32 (N, K, d_z), "a": int64 (N, K)}`` from a context (copied onto the model device).
+
+        Raises:
+            ValueError: shapes other than ``(N, K, d_z)`` / ``(N, K)``, non-integer actions, or actions outside
+                ``[0, num_actions]`` (``num_actions`` = null).
+        """
+        K, d = self.context_len, self.latent_dim
+        if context_z.ndim != 3 or tuple(context_z.shape[1:]) != (K, d):
+            raise ValueError(f"context_z: expected (N, {K}, {d}), got {tuple(context_z.shape)}")
+        if context_a.shape != context_z.shape[:2] or context_a.dtype != torch.int64:
+            raise ValueError(
+                f"context_a: expected int64 ({context_z.shape[0]}, {K}), got {context_a.dtype} {tuple(context_a.shape)}"
+            )
+        if context_a.numel() and (int(context_a.min()) < 0 or int(context_a.max()) > self.num_actions):
+            raise ValueError(
+                f"context_a: expected values in [0, {self.num_actions}], "
+                f"got min {int(context_a.min())}, max {int(context_a.max())}"
+            )
+        return {
+            "z": context_z.to(device=self.device, dtype=torch.float32).clone(),
+            "a": context_a.to(self.device).clone(),
+        }
+
+    def _check_action(self, action: torch.Tensor, n: int) -> torch.Tensor:
+        if not isinstance(action, torch.Tensor) or action.dtype != torch.int64 or tuple(action.shape) != (n,):
+            got = f"{action.dtype} {tuple(action.shape)}" if isinstance(action, torch.Tensor) else type(action).__name__
+            raise ValueError(f"action: expected int64 tensor of shape ({n},), got {got}")
+        if n and (int(action.min()) < 0 or int(action.max()) >= self.num_actions):
+            raise ValueError(
+                f"action: expected values in [0, {self.num_actions}), got min {int(action.min())}, "
+                f"max {int(action.max())}"
+            )
+        return action.to(self.device)
+
+    @torch.no_grad()
+    def step(
+        self, state: State, action: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[State, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Imagine one step for every env (see :class:`~dit_envs.models.world_model.WorldModel`).
+
+        Args:
+            state: ``{"z": (N, K, d_z), "a": (N, K)}`` from :meth:`initial_state` or :meth:`step`.
+            action: int64 ``(N,)`` in ``[0, num_actions)``.
+            generator: ``torch.Generator`` on the model's device for the initial noise (same seed → bit-identical
+                results on CPU); None uses torch's global RNG.
+        Returns:
+            ``(next_state, z_next float32 (N, d_z), reward float32 (N,), terminated bool (N,))``; ``next_state``
+            holds new tensors (the input state is not modified).
+        Raises:
+            ValueError: bad ``action`` (dtype, shape or range), a malformed ``state``, or a ``generator`` on
+                another device.
+        """
+        z, a = state["z"], state["a"]
+        N = z.shape[0]
+        if tuple(z.shape[1:]) != (self.context_len, self.latent_dim) or tuple(a.shape) != (N, self.context_len):
+            raise ValueError(
+                f"state: expected z (N, {self.context_len}, {self.latent_dim}) and a (N, {self.context_len}), "
+                f"got {tuple(z.shape)} and {tuple(a.shape)}"
+            )
+        action = self._check_action(action, N)
+        if generator is not None and generator.device.type != self.device.type:
+            raise ValueError(f"generator: expected a generator on {self.device}, got one on {generator.device}")
+        cache = self.dit.context_cache(self.normalize(z), a)
+        noise = torch.randn(N, self.latent_dim, generator=generator, device=self.device, dtype=torch.float32)
+        x0 = sample(
+            lambda x, t: self.dit.predict_next(x, t, action, cache), noise, uniform_times(self.sampling_steps)
+        )
+        z_next = self.denormalize(x0).clamp(-1.0, 1.0)  # the encoder's tanh range
+        reward, terminated = self.heads.predict(z[:, -1], action, z_next)
+        next_state = {
+            "z": torch.cat([z[:, 1:], z_next[:, None]], dim=1),
+            "a": torch.cat([a[:, 1:], action[:, None]], dim=1),
+        }
+        return next_state, z_next, reward, terminated
+
+    def latent_history(self, state: State) -> torch.Tensor:
+        """The last ``K`` latents, float32 ``(N, K, d_z)``, oldest first."""
+        return state["z"]
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents float ``(N, d_z)`` → uint8 frames ``(N, 3, 64, 64)``."""
+        return self.autoencoder.decode_uint8(z.to(self.device))
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames ``(N, 3, 64, 64)`` → float32 latents ``(N, d_z)``."""
+        return self.autoencoder.encode(frames.to(self.device))
