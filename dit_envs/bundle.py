@@ -6,7 +6,7 @@
                                and ``files: {filename: sha256}`` of every weight file
   autoencoder.safetensors      frozen encoder/decoder
   dynamics.safetensors         DiT + latent mean/std buffers
-  heads.safetensors            reward/termination head
+  heads.safetensors            reward/termination head (DiT; an RSSM keeps its heads in dynamics.safetensors)
   start_contexts.safetensors   z float32 (M, K, d_z), a int64 (M, K): real start contexts
   README.md                    model card (YAML front matter + text)
 ```
@@ -32,13 +32,17 @@ from torch import nn
 
 from dit_envs.io import atomic_save_tensors, atomic_write_bytes, atomic_write_json, load_tensors, sha256_file
 from dit_envs.models.dit_world_model import DiTWorldModel
+from dit_envs.models.rssm_world_model import RSSMWorldModel
 
 FORMAT_VERSION = 1
 OBS_SHAPE = [3, 64, 64]
 START_CONTEXTS = "start_contexts.safetensors"
 
 Reader = Callable[[str], dict[str, torch.Tensor]]
-MODEL_LOADERS: dict[str, Callable[[dict, Reader], nn.Module]] = {"dit": DiTWorldModel.from_bundle}
+MODEL_LOADERS: dict[str, Callable[[dict, Reader], nn.Module]] = {
+    "dit": DiTWorldModel.from_bundle,
+    "rssm": RSSMWorldModel.from_bundle,
+}
 """``model_type`` → ``loader(config_dict, read) -> model``; ``read(filename)`` returns the verified tensors."""
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -17,22 +17,28 @@ import numpy as np
 from tqdm import tqdm
 
 from dit_envs.envs.real import PROTOCOL, make_real_env, rom_id
-from trainers.common import ArgError, arg, check_out_dir, run_cli
+from trainers.common import ArgError, arg, check_out_dir, pick_device, run_cli
 from trainers.data import EpisodeStore
 
-AGENTS = ("random",)
+AGENTS = ("random", "rssm")
 
 
 @dataclass(kw_only=True)
 class Args:
     game: str = arg("Pong", "Atari game name, as in ALE/<Game>-v5")
-    agent: str = arg("random", "who plays: 'random' (uniform over the minimal action set)", choices=AGENTS)
+    agent: str = arg("random", "who plays: 'random' (uniform over the minimal action set) or 'rssm' (stage 1: "
+                               "DreamerV3-style agent learning while it collects)", choices=AGENTS)
     steps: int = arg(help="number of real env transitions to store in total (all envs together)")
     out: str = arg(help="episode store directory (new or empty unless --resume)")
     num_envs: int = arg(8, "parallel real games")
     seed: int = arg(0, "seed of the games and the agent")
     resume: bool = arg(False, "continue an existing store in --out")
     chunk_rows: int = arg(4096, "rows per chunk file (a crash loses at most one chunk)")
+    device: str = arg("cpu", "rssm: torch device (cpu, cuda, auto)")
+    prefill: int = arg(5000, "rssm: random-play env steps before the autoencoder trains")
+    ae_steps: int = arg(1500, "rssm: autoencoder updates (then it is frozen)")
+    train_every: int = arg(32, "rssm: env steps per RSSM + actor-critic update (inverse train ratio)")
+    checkpoint_every: int = arg(10_000, "rssm: env steps per segment; a checkpoint ends each segment")
 
 
 def validate(args: Args) -> None:
@@ -43,7 +49,9 @@ def validate(args: Args) -> None:
         raise ArgError("game", str(e).removeprefix("game: ")) from None
     if args.agent not in AGENTS:
         raise ArgError("agent", f"expected one of {AGENTS}, got {args.agent!r}")
-    for name in ("steps", "num_envs", "chunk_rows"):
+    if args.agent == "rssm":
+        pick_device(args.device)
+    for name in ("steps", "num_envs", "chunk_rows", "prefill", "ae_steps", "train_every", "checkpoint_every"):
         if getattr(args, name) <= 0:
             raise ArgError(name, f"expected an integer > 0, got {getattr(args, name)}")
     out = check_out_dir(args.out, args.resume)
@@ -52,6 +60,9 @@ def validate(args: Args) -> None:
             meta = EpisodeStore(out).read_meta()
         except (FileNotFoundError, ValueError) as e:
             raise ArgError("out", f"expected an episode store to resume, got {e}") from None
+        if meta.get("collector", {}).get("agent", args.agent) != args.agent:
+            raise ArgError("agent", f"expected {meta['collector']['agent']!r} (the agent of the store being "
+                                    f"resumed), got {args.agent!r}")
         if meta.get("game") != args.game:
             raise ArgError("game", f"expected {meta.get('game')!r} (the game of the store being resumed), "
                                    f"got {args.game!r}")
@@ -68,6 +79,10 @@ def _existing(store: EpisodeStore) -> tuple[int, int]:
 def main(args: Args) -> int:
     """Collect ``args.steps`` transitions into ``args.out``; returns the exit code (0, or 143 after SIGTERM)."""
     validate(args)
+    if args.agent == "rssm":
+        from trainers.stage1_cli import run_rssm
+
+        return run_rssm(args)
     out = Path(args.out)
     store = EpisodeStore(out, chunk_rows=args.chunk_rows)
     env = make_real_env(args.game, args.num_envs)

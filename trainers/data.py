@@ -225,3 +225,44 @@ class SequenceSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
+
+
+HELDOUT_EVERY = 10
+
+
+def heldout_mask(episode: np.ndarray, every: int = HELDOUT_EVERY) -> np.ndarray:
+    """Rows of held-out episodes: episode ids ``≡ every−1 (mod every)``, i.e. every ``every``-th episode.
+
+    The split is a pure function of the episode id, so every stage (pretraining, distillation, the fidelity
+    evaluator) holds out the same episodes of a store, spread evenly over the collection run.
+
+    Args:
+        episode: int64 ``(R,)`` episode ids.
+    Returns:
+        bool ``(R,)``, True for rows of held-out episodes.
+    """
+    return np.asarray(episode) % every == every - 1
+
+
+def select_rows(data: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The rows of ``data`` (as from :meth:`EpisodeStore.load`) where ``mask`` is True."""
+    return {k: v[mask] for k, v in data.items()}
+
+
+def sample_contexts(z: np.ndarray, action: np.ndarray, episode: np.ndarray, step: np.ndarray, k: int, m: int,
+                    num_actions: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Draw ``m`` real start contexts of ``k`` consecutive frames (inside one episode each) for a bundle.
+
+    Args:
+        z: float ``(R, d_z)`` latents; action, episode, step: ``(R,)`` in any row order.
+        num_actions: the null action index that replaces −1 (no previous action).
+    Returns:
+        ``(start_z float32 (m, k, d_z), start_a int64 (m, k))``.
+    Raises:
+        ValueError: no episode segment holds ``k`` rows.
+    """
+    order = np.lexsort((step, episode))
+    sampler = SequenceSampler({"episode": episode[order], "step": step[order]}, k, seed=seed)
+    idx = order[sampler.window_starts(m)[:, None] + np.arange(k)[None]]
+    a = action[idx]
+    return z[idx].astype(np.float32), np.where(a < 0, num_actions, a).astype(np.int64)

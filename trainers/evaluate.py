@@ -7,6 +7,7 @@ import sys
 #: what → module with ``cli(argv) -> int``.
 EVALUATIONS = {
     "throughput": "trainers.throughput",
+    "fidelity": "trainers.fidelity",
 }
 
 

@@ -4,6 +4,15 @@ Pong's play field spans rows 10–58 of the 64×64 frame (white walls at rows 8�
 row 8 in the paddles' colours, so it is excluded). The agent's paddle is green (92, 186, 92) near column 56, the
 opponent's orange (213, 130, 74) near column 7, the ball white (236, 236, 236). Resizing blends edges with the
 brown background (144, 72, 17), so each object is a soft mask and its position the mask's centroid.
+
+Row 10, the field's top row, is the wall's resize blend (177, 131, 96). It passes the orange rule, so there the
+opponent's paddle needs r > 190 (the paddle's own red is 213); where the agent's paddle touches the wall the
+blend turns bluish (up to b = 144) and would pass for the ball, so there the ball needs b > 150 (a ball half
+over the row gives b ≈ 166).
+
+A mask larger than any real object (:data:`MAX_BALL_PIXELS`, :data:`MAX_PADDLE_PIXELS`; real frames give ≤ 3
+ball and ≤ 20 paddle pixels) is not an object but a smear, e.g. a blurry or grey imagined frame, and counts
+as not visible.
 """
 from __future__ import annotations
 
@@ -12,6 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 
 FIELD_TOP, FIELD_BOTTOM = 10, 59  # rows [10, 59): inside the walls
+TOP_ROW_BALL_BLUE = 150  # ball threshold on blue in the wall-blend row FIELD_TOP (elsewhere 100)
+TOP_ROW_ORANGE_RED = 190  # opponent-paddle threshold on red in the wall-blend row (elsewhere 170)
+MAX_BALL_PIXELS = 8
+MAX_PADDLE_PIXELS = 24
 
 
 @dataclass
@@ -29,12 +42,13 @@ class PongObjects:
     opponent_y: np.ndarray
 
 
-def _centroid_rows(mask: np.ndarray) -> np.ndarray:
-    """mask ``(N, H, W)`` bool → mean row of True pixels ``(N,)`` (NaN where empty)."""
+def _centroid_rows(mask: np.ndarray, max_pixels: int | None = None) -> np.ndarray:
+    """mask ``(N, H, W)`` bool → mean row of True pixels ``(N,)`` (NaN where empty or over ``max_pixels``)."""
     rows = np.arange(mask.shape[1], dtype=np.float64)[None, :, None]
     count = mask.sum(axis=(1, 2))
+    ok = (count > 0) if max_pixels is None else (count > 0) & (count <= max_pixels)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, (mask * rows).sum(axis=(1, 2)) / np.maximum(count, 1), np.nan)
+        return np.where(ok, (mask * rows).sum(axis=(1, 2)) / np.maximum(count, 1), np.nan)
 
 
 def locate_pong_objects(frames: np.ndarray) -> PongObjects:
@@ -53,9 +67,11 @@ def locate_pong_objects(frames: np.ndarray) -> PongObjects:
     cols = np.arange(64)[None, None, :]
     green = (g - r > 40) & (cols >= 48)
     orange = (r > 170) & (g > 95) & (g < 160) & (b < 110) & (cols <= 16)
+    orange[:, 0] &= r[:, 0] > TOP_ROW_ORANGE_RED  # the wall blend of the top row is not the paddle
     ball = (b > 100) & ~(g - r > 40) & ~orange
-    agent_y = _centroid_rows(green) + FIELD_TOP
-    opponent_y = _centroid_rows(orange) + FIELD_TOP
-    ball_row = _centroid_rows(ball) + FIELD_TOP
-    ball_col = _centroid_rows(ball.transpose(0, 2, 1))
+    ball[:, 0] &= b[:, 0] > TOP_ROW_BALL_BLUE  # paddle/wall blends in the top row are not the ball
+    agent_y = _centroid_rows(green, MAX_PADDLE_PIXELS) + FIELD_TOP
+    opponent_y = _centroid_rows(orange, MAX_PADDLE_PIXELS) + FIELD_TOP
+    ball_row = _centroid_rows(ball, MAX_BALL_PIXELS) + FIELD_TOP
+    ball_col = _centroid_rows(ball.transpose(0, 2, 1), MAX_BALL_PIXELS)
     return PongObjects(ball=np.stack([ball_row, ball_col], axis=1), agent_y=agent_y, opponent_y=opponent_y)

@@ -6,13 +6,23 @@ the imagination env, the actor-critic trainer and the evaluator drive it exactly
 State dict of this adapter (every tensor has leading dimension ``N``, valid under ``state[k][mask] = fresh[k]``):
 ``deter`` float32 ``(N, deter)``, ``stoch`` float32 ``(N, stoch, classes)``, ``history`` float32 ``(N, K, d_z)``
 (the last ``K`` latents: the real context, then the predicted ones, oldest first).
+
+Bundles (:mod:`dit_envs.bundle`, ``model_type "rssm"``): ``autoencoder.safetensors`` (``autoencoder.*``) and
+``dynamics.safetensors`` (``rssm.*``: RSSM and its heads); ``config.json`` ``configs`` holds the
+:class:`~dit_envs.models.autoencoder.AutoencoderConfig` and :class:`~dit_envs.models.rssm.RSSMConfig` dicts.
 """
 from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Callable
 
 import torch
 from torch import nn
 
-from .rssm import RSSM, State
+from .autoencoder import AutoencoderConfig, FrameAutoencoder
+from .rssm import RSSM, RSSMConfig, State
+
+WEIGHT_FILES = ("autoencoder.safetensors", "dynamics.safetensors")
 
 
 def stack_latents(z: torch.Tensor, is_first: torch.Tensor, k: int) -> torch.Tensor:
@@ -51,9 +61,14 @@ class RSSMWorldModel(nn.Module):
             with ``encode(uint8 (N,3,64,64)) -> (N, d_z)`` and ``decode_uint8``; ``latent_dim`` checked if
             present). It becomes a submodule (moves with ``.to``); optimise ``rssm.parameters()`` only.
         context_len: ``K``, latents kept in the state (the policy's observation stack).
+    Attributes:
+        sampling_steps: stored in bundles like the DiT's; the RSSM draws its prior once per step whatever the
+            value (an int >= 1), so env code can set it on any world model.
     Raises:
         ValueError: ``context_len`` < 1, or the autoencoder's ``latent_dim`` differs from the RSSM's.
     """
+
+    model_type = "rssm"
 
     def __init__(self, rssm: RSSM, autoencoder: nn.Module, context_len: int) -> None:
         super().__init__()
@@ -67,7 +82,68 @@ class RSSMWorldModel(nn.Module):
         self.num_actions = rssm.num_actions
         self.latent_dim = rssm.latent_dim
         self.context_len = context_len
+        self.sampling_steps = 1
 
+    @property
+    def sampling_steps(self) -> int:
+        """Unused by the RSSM (one prior draw per step); kept so bundles and envs treat all models alike."""
+        return self._sampling_steps
+
+    @sampling_steps.setter
+    def sampling_steps(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"sampling_steps: expected an int >= 1, got {value!r}")
+        self._sampling_steps = value
+
+    # ----- bundle API (same as DiTWorldModel's) -----------------------------------------------------------------
+    def configs(self) -> dict[str, dict]:
+        """``{"autoencoder": AutoencoderConfig dict, "rssm": RSSMConfig dict}`` for ``config.json``.
+
+        Raises:
+            TypeError: the autoencoder is not a :class:`FrameAutoencoder` (no config to save).
+        """
+        if not isinstance(self.autoencoder, FrameAutoencoder):
+            raise TypeError(f"autoencoder: expected a FrameAutoencoder to save in a bundle, "
+                            f"got {type(self.autoencoder).__name__}")
+        return {"autoencoder": asdict(self.autoencoder.config), "rssm": asdict(self.rssm.config)}
+
+    def weight_files(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The state dict split into bundle files (:data:`WEIGHT_FILES`): ``{filename: {key: tensor}}``."""
+        out: dict[str, dict[str, torch.Tensor]] = {f: {} for f in WEIGHT_FILES}
+        for k, v in self.state_dict().items():
+            out["autoencoder.safetensors" if k.startswith("autoencoder.") else "dynamics.safetensors"][k] = v
+        return out
+
+    @classmethod
+    def from_bundle(cls, config: dict, read: Callable[[str], dict[str, torch.Tensor]]) -> "RSSMWorldModel":
+        """Rebuild from a bundle's ``config.json`` dict and a verified-file reader (``MODEL_LOADERS["rssm"]``).
+
+        Raises:
+            ValueError: a config section or ``context_len`` that does not build, or a weight file with missing,
+                unexpected or wrongly shaped tensors (message names the file and the tensor).
+        """
+        cfg = config.get("configs", {})
+        try:
+            ae, rc = AutoencoderConfig(**cfg["autoencoder"]), RSSMConfig(**cfg["rssm"])
+            model = cls(RSSM.from_config(rc), FrameAutoencoder(ae), int(config["context_len"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"configs: cannot build the rssm networks from config.json ({e!r})") from e
+        model.sampling_steps = config.get("sampling_steps", 1)
+        merged: dict[str, torch.Tensor] = {}
+        for fname, expected in model.weight_files().items():
+            got = read(fname)
+            missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+            if missing or unexpected:
+                raise ValueError(f"{fname}: expected tensors missing {missing[:5]}, unexpected {unexpected[:5]}")
+            for k, v in expected.items():
+                if got[k].shape != v.shape:
+                    raise ValueError(f"{fname}: {k} expected shape {tuple(v.shape)}, actual {tuple(got[k].shape)}")
+            merged.update(got)
+        model.load_state_dict(merged)
+        model.autoencoder.requires_grad_(False)
+        return model
+
+    # ----- WorldModel protocol ---------------------------------------------------------------------------------
     @torch.no_grad()
     def initial_state(self, context_z: torch.Tensor, context_a: torch.Tensor,
                       generator: torch.Generator | None = None) -> State:

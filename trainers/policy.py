@@ -1,0 +1,84 @@
+"""A latent-stack policy on the real game, and its evaluation (DESIGN.md §4 "Agent score").
+
+The stage-1 actor (and every later policy trained in imagination with latent observations) acts on the
+flattened stack of the last ``K`` frozen-encoder latents. On the real game the stack is built by
+:class:`LatentStack` with the same "reset" padding as :func:`dit_envs.models.rssm_world_model.stack_latents`:
+at an episode's first frame all ``K`` slots hold that frame.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class LatentStack:
+    """Per-env rolling stack of the last ``K`` latents: float32 ``(N, K, d_z)`` on ``device``.
+
+    Args:
+        num_envs: ``N``; k: ``K``; latent_dim: ``d_z``.
+    """
+
+    def __init__(self, num_envs: int, k: int, latent_dim: int, device: str | torch.device = "cpu") -> None:
+        self.stack = torch.zeros(num_envs, k, latent_dim, device=device)
+
+    def reset(self, z: torch.Tensor, mask: np.ndarray | torch.Tensor | None = None) -> None:
+        """Fill all slots of the envs in ``mask`` (all if None) with their first latent ``z (n, d_z)``."""
+        if mask is None:
+            self.stack[:] = z[:, None]
+        else:
+            m = torch.as_tensor(mask, device=self.stack.device)
+            self.stack[m] = z[:, None].expand(-1, self.stack.shape[1], -1)
+
+    def push(self, z: torch.Tensor) -> None:
+        """Append the newest latents ``z (N, d_z)``, dropping the oldest."""
+        self.stack = torch.cat([self.stack[:, 1:], z[:, None]], dim=1)
+
+    def flat(self) -> torch.Tensor:
+        """float32 ``(N, K·d_z)``, the policy input."""
+        return self.stack.flatten(1)
+
+
+@torch.no_grad()
+def evaluate_policy(encoder, actor, context_len: int, game: str = "Pong", episodes: int = 10, seed: int = 0,
+                    greedy: bool = True, device: str | torch.device = "cpu",
+                    max_steps: int = 27_000) -> dict[str, float | list[float]]:
+    """Play ``episodes`` real episodes (one per env, in parallel) and return the undiscounted returns.
+
+    Args:
+        encoder: module with ``encode(uint8 (N,3,64,64)) -> (N, d_z)`` (the frozen autoencoder).
+        actor: module with ``act(obs (N, K·d_z), generator, greedy) -> (N,)`` int64.
+        context_len: ``K``. game, seed: real game and its reset seed. greedy: argmax actions (DESIGN.md §4).
+        max_steps: per-episode cap (the protocol's 108 000 frames = 27 000 steps).
+    Returns:
+        ``{"mean", "std", "returns", "lengths"}``.
+    Raises:
+        ValueError: ``episodes`` < 1.
+    """
+    from dit_envs.envs.real import make_real_env
+
+    if episodes < 1:
+        raise ValueError(f"episodes: expected >= 1, got {episodes}")
+    env = make_real_env(game, num_envs=episodes)
+    obs, _ = env.reset(seed=seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    z = encoder.encode(torch.as_tensor(obs, device=device))
+    stack = LatentStack(episodes, context_len, z.shape[1], device)
+    stack.reset(z)
+    returns, lengths = np.zeros(episodes), np.zeros(episodes, np.int64)
+    running = np.ones(episodes, bool)
+    for _ in range(max_steps):
+        action = actor.act(stack.flat(), gen, greedy=greedy).cpu().numpy()
+        obs, reward, term, trunc, _ = env.step(action)
+        returns[running] += reward[running]
+        lengths[running] += 1
+        running &= ~(term | trunc)
+        if not running.any():
+            break
+        z = encoder.encode(torch.as_tensor(obs, device=device))
+        stack.push(z)
+        done = term | trunc
+        if done.any():
+            stack.reset(z[torch.as_tensor(done)], done)
+    env.close()
+    return {"mean": float(returns.mean()), "std": float(returns.std()), "returns": returns.tolist(),
+            "lengths": lengths.tolist()}
