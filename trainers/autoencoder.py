@@ -7,8 +7,9 @@ does the reconstruction keep Pong's ball and both paddles where they are (colour
 :mod:`trainers.pong_objects`, DESIGN.md §4)?
 
 The CLI trains on the rows of the non-held-out episodes of an episode store (:func:`trainers.data.heldout_mask`),
-writes ``autoencoder.safetensors`` (weights) and ``autoencoder.json`` (config, training arguments, held-out report)
-atomically, logs metrics to ``metrics.jsonl`` and prints the held-out reconstruction report.
+writes ``autoencoder.safetensors`` (weights) and ``autoencoder.json`` (the :class:`AutoencoderConfig`, the same
+layout as the stage-1 export, see :func:`load_autoencoder`) atomically, plus ``report.json`` (arguments, training
+time, held-out report); logs metrics to ``metrics.jsonl`` and prints the held-out reconstruction report.
 """
 from __future__ import annotations
 
@@ -25,12 +26,12 @@ from tqdm import tqdm
 
 from dit_envs.io import atomic_save_tensors, atomic_write_json, load_tensors
 from dit_envs.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderConfig, FrameAutoencoder
+from trainers.checkpoint import load_optimizer_state, optimizer_state
 from trainers.common import ArgError, JsonlLogger, arg, check_out_dir, pick_device, run_cli, seed_everything
 from trainers.data import EpisodeStore, heldout_mask
 from trainers.pong_objects import locate_pong_objects
 
-FORMAT_VERSION = 1
-WEIGHTS, CONFIG = "autoencoder.safetensors", "autoencoder.json"
+WEIGHTS, CONFIG, REPORT = "autoencoder.safetensors", "autoencoder.json", "report.json"
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int, final_frac: float = 0.1) -> float:
@@ -98,35 +99,30 @@ class AutoencoderTrainer:
         self.step += 1
         return {**metrics, "lr": lr, "grad_norm": float(grad_norm)}
 
-    def state_dict(self) -> dict[str, torch.Tensor | int | float | list | dict]:
-        """Checkpointable state, flat: ``model.<name>`` and ``optim.<i>.<key>`` tensors, plus JSON-able values
-        ``step`` (int) and ``optim.param_groups`` (list of dicts). Tensors can go to safetensors, the rest to JSON;
-        no pickle needed."""
-        state: dict = {f"model.{k}": v.detach().clone() for k, v in self.model.state_dict().items()}
-        opt = self.opt.state_dict()
-        for i, s in opt["state"].items():
-            for k, v in s.items():
-                state[f"optim.{i}.{k}"] = v.detach().clone() if torch.is_tensor(v) else torch.tensor(v)
-        state["optim.param_groups"] = json.loads(json.dumps(opt["param_groups"]))  # tuples → lists
-        state["step"] = int(self.step)
-        return state
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Checkpointable state without pickle.
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` output (tensors on any device).
+        Returns:
+            ``(tensors, meta)``: ``tensors`` holds ``model.<name>`` and ``optim.state.<param>.<key>`` tensors (for
+            safetensors), ``meta`` the JSON-able rest: ``step`` and the optimiser's ``param_groups`` / scalars.
+        """
+        tensors = {f"model.{k}": v.detach().clone() for k, v in self.model.state_dict().items()}
+        opt_tensors, opt_meta = optimizer_state(self.opt, "optim")
+        tensors.update({k: v.detach().clone() for k, v in opt_tensors.items()})
+        return tensors, {"step": int(self.step), "optim": json.loads(json.dumps(opt_meta))}  # tuples → lists
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Restore :meth:`state_dict` output (tensors on any device; they are copied to the model's).
 
         Raises:
-            KeyError: ``step`` or ``optim.param_groups`` is missing.
-            RuntimeError: model tensors do not match the model (from ``nn.Module.load_state_dict``).
+            KeyError: ``meta`` lacks ``step`` or ``optim``.
+            RuntimeError: model tensors that do not match the model (from ``nn.Module.load_state_dict``).
         """
-        model = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         self.model.load_state_dict(model)
-        opt_state: dict[int, dict] = {}
-        for k, v in state.items():
-            if k.startswith("optim.") and k != "optim.param_groups":
-                _, i, name = k.split(".", 2)
-                opt_state.setdefault(int(i), {})[name] = v
-        self.opt.load_state_dict({"state": opt_state, "param_groups": state["optim.param_groups"]})
-        self.step = int(state["step"])
+        opt = {k: v.to(self.device) for k, v in tensors.items() if k.startswith("optim.")}
+        load_optimizer_state(self.opt, "optim", opt, meta["optim"])
+        self.step = int(meta["step"])
 
 
 def _object_errors(real: np.ndarray, recon: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -211,21 +207,21 @@ def format_report(report: dict) -> str:
 
 
 def load_autoencoder(directory: str | Path, device: str | torch.device = "cpu") -> FrameAutoencoder:
-    """Load the ``autoencoder.json`` + ``autoencoder.safetensors`` that the CLI wrote (no pickle).
+    """Load ``autoencoder.json`` (the :class:`AutoencoderConfig` as plain JSON) + ``autoencoder.safetensors`` from
+    ``directory`` — the layout this CLI and the stage-1 export write. No pickle.
 
+    Returns:
+        the :class:`FrameAutoencoder` on ``device``, in eval mode.
     Raises:
-        FileNotFoundError: a file is missing. ValueError: bad ``format_version`` or config, or tensors that do not
-        match the config (message names the file).
+        FileNotFoundError: a file is missing. ValueError: a config that does not build, or tensors that do not
+        match it (the message names the file).
     """
     directory = Path(directory)
-    meta = json.loads((directory / CONFIG).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{directory / CONFIG}: format_version expected {FORMAT_VERSION}, "
-                         f"got {meta.get('format_version')!r}")
     try:
-        model = FrameAutoencoder(AutoencoderConfig(**meta["config"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{directory / CONFIG}: config does not build an autoencoder ({e!r})") from e
+        model = FrameAutoencoder(AutoencoderConfig(**json.loads((directory / CONFIG).read_text())))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{directory / CONFIG}: expected an autoencoder config, got one that does not build "
+                         f"({e!r})") from e
     try:
         model.load_state_dict(load_tensors(directory / WEIGHTS))
     except RuntimeError as e:
@@ -320,12 +316,11 @@ def main(args: Args) -> int:
         print("held-out reconstruction: no held-out episodes in the store (fewer than 10 episodes); no report")
     logger.close()
     atomic_save_tensors(out / WEIGHTS, model.state_dict())
-    atomic_write_json(out / CONFIG, {
-        "format_version": FORMAT_VERSION, "config": asdict(cfg), "latent_dim": model.latent_dim,
-        "train": {"steps": args.steps, "batch": args.batch, "seed": args.seed, "lr": args.lr, "data": args.data,
-                  "seconds": round(train_s, 1)},
+    atomic_write_json(out / REPORT, {
+        "latent_dim": model.latent_dim, "args": asdict(args), "train_seconds": round(train_s, 1),
         "heldout_report": _json_safe(report),
     })
+    atomic_write_json(out / CONFIG, asdict(cfg))
     return 0
 
 

@@ -35,6 +35,7 @@ class Args:
     resume: bool = arg(False, "continue an existing store in --out")
     chunk_rows: int = arg(4096, "rows per chunk file (a crash loses at most one chunk)")
     device: str = arg("cpu", "rssm: torch device (cpu, cuda, auto)")
+    size: str = arg("default", "rssm: model sizes, 'default' or 'tiny' (tests)", choices=("default", "tiny"))
     prefill: int = arg(5000, "rssm: random-play env steps before the autoencoder trains")
     ae_steps: int = arg(1500, "rssm: autoencoder updates (then it is frozen)")
     train_every: int = arg(32, "rssm: env steps per RSSM + actor-critic update (inverse train ratio)")

@@ -8,6 +8,7 @@ import sys
 EVALUATIONS = {
     "throughput": "trainers.throughput",
     "fidelity": "trainers.fidelity",
+    "agent": "trainers.evaluate_agent",
 }
 
 

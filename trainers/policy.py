@@ -48,17 +48,21 @@ def evaluate_policy(encoder, actor, context_len: int, game: str = "Pong", episod
         encoder: module with ``encode(uint8 (N,3,64,64)) -> (N, d_z)`` (the frozen autoencoder).
         actor: module with ``act(obs (N, K·d_z), generator, greedy) -> (N,)`` int64.
         context_len: ``K``. game, seed: real game and its reset seed. greedy: argmax actions (DESIGN.md §4).
-        max_steps: per-episode cap (the protocol's 108 000 frames = 27 000 steps).
+        max_steps: per-episode cap in agent steps (the protocol's 108 000 frames = 27 000 steps); the real env
+            truncates each episode at ``max_steps · frameskip`` frames, so short caps give short test episodes.
     Returns:
         ``{"mean", "std", "returns", "lengths"}``.
     Raises:
-        ValueError: ``episodes`` < 1.
+        ValueError: ``episodes`` or ``max_steps`` < 1.
     """
-    from dit_envs.envs.real import make_real_env
+    from dit_envs.envs.real import PROTOCOL, make_real_env
 
     if episodes < 1:
         raise ValueError(f"episodes: expected >= 1, got {episodes}")
-    env = make_real_env(game, num_envs=episodes)
+    if max_steps < 1:
+        raise ValueError(f"max_steps: expected >= 1, got {max_steps}")
+    frames = min(PROTOCOL["max_num_frames_per_episode"], max_steps * PROTOCOL["frameskip"])
+    env = make_real_env(game, num_envs=episodes, max_num_frames_per_episode=frames)
     obs, _ = env.reset(seed=seed)
     gen = torch.Generator(device=device).manual_seed(seed)
     z = encoder.encode(torch.as_tensor(obs, device=device))

@@ -42,6 +42,13 @@ from trainers.replay import Replay
 
 PHASES = ("prefill", "autoencoder", "agent")
 
+#: Model-size presets of :class:`Stage1Config` (``--size``): "default" for real runs, "tiny" for tests.
+SIZES: dict[str, dict] = {
+    "default": {},
+    "tiny": dict(ae_preset="tiny", ae_batch=8, deter=32, hidden=32, stoch=4, classes=4, agent_hidden=32, batch=4,
+                 seq_len=8, horizon=5),
+}
+
 
 @dataclass
 class Stage1Config:
@@ -78,7 +85,7 @@ class Stage1:
         self.store = EpisodeStore(out, chunk_rows=chunk_rows)
         torch.manual_seed(cfg.seed)  # parameter init
         self.ae = FrameAutoencoder(AUTOENCODER_PRESETS[cfg.ae_preset]).to(self.dev)
-        self.ae_trainer = AutoencoderTrainer(self.ae)
+        self.ae_trainer = AutoencoderTrainer(self.ae, total_steps=cfg.ae_steps, warmup=min(100, cfg.ae_steps // 10))
         n_act = len(action_meanings(cfg.game))
         self.num_actions = n_act
         d_z = self.ae.latent_dim

@@ -17,7 +17,7 @@ from dit_envs.envs.real import PROTOCOL, action_meanings
 from dit_envs.io import atomic_save_tensors, atomic_write_json
 from trainers.common import JsonlLogger, pick_device, seed_everything
 from trainers.data import heldout_mask, sample_contexts
-from trainers.stage1 import Stage1, Stage1Config
+from trainers.stage1 import SIZES, Stage1, Stage1Config
 
 
 def export(run: Stage1, out: Path) -> Path:
@@ -49,7 +49,7 @@ def run_rssm(args) -> int:
     dev = pick_device(args.device)
     cfg = Stage1Config(game=args.game, num_envs=args.num_envs, seed=args.seed, prefill=args.prefill,
                        ae_steps=args.ae_steps, train_every=args.train_every, checkpoint_every=args.checkpoint_every,
-                       device=str(dev))
+                       device=str(dev), **SIZES[args.size])
     seed_everything(args.seed)
     run = Stage1(cfg, out, chunk_rows=args.chunk_rows)
     resumed = args.resume and (out / "ckpt").exists()

@@ -47,9 +47,6 @@ class AutoencoderConfig:
         res_blocks: residual blocks (conv-SiLU-conv, no normalisation) at ``latent_size``, in the encoder and
             in the decoder each.
         foreground_weight: loss weight of non-background pixels (background pixels weigh 1).
-        l1_weight: weight of the absolute error next to the squared error in the per-pixel loss. The L1 term
-            makes the decoder commit to one position of a small object (the median) instead of smearing a dim
-            average over the candidates, which is what erases Pong's ball under a plain MSE.
         pre_tanh_penalty: weight of the mean squared pre-``tanh`` activation in the loss.
     Raises:
         ValueError: a size that does not give an integer number of 2× downsamplings (names ``latent_size``),
@@ -64,7 +61,6 @@ class AutoencoderConfig:
     latent_size: int = 8
     res_blocks: int = 0
     foreground_weight: float = 20.0
-    l1_weight: float = 1.0
     pre_tanh_penalty: float = 1e-3
 
     def __post_init__(self) -> None:
@@ -245,8 +241,8 @@ class FrameAutoencoder(nn.Module):
     def loss(self, frames: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Foreground-weighted reconstruction loss of a batch.
 
-        ``loss = Σ w·(‖x̂ − x‖² + l1_weight·‖x̂ − x‖₁) / Σ w + pre_tanh_penalty · mean(h²)`` with ``x`` in
-        ``[0, 1]``, both errors summed over RGB, ``w = 1`` on background pixels (:func:`background_mask`) and ``foreground_weight``
+        ``loss = Σ w·‖x̂ − x‖² / Σ w + pre_tanh_penalty · mean(h²)`` with ``x`` in ``[0, 1]``, the squared error
+        summed over RGB, ``w = 1`` on background pixels (:func:`background_mask`) and ``foreground_weight``
         elsewhere, ``h`` the pre-``tanh`` latent.
 
         Args:
@@ -262,11 +258,10 @@ class FrameAutoencoder(nn.Module):
         z = torch.tanh(h)
         recon = _pixel_shuffle(torch.sigmoid(self._decode_logits(z).float()))  # (N, C, H, W)
         target = frames.float() / 255.0
-        diff = recon - target  # (N, C, H, W)
-        err = diff.square().sum(1)  # (N, H, W)
+        err = (recon - target).square().sum(1)  # (N, H, W)
         fg = ~background_mask(frames)
         w = torch.where(fg, self.config.foreground_weight, 1.0)
-        rec = (w * (err + self.config.l1_weight * diff.abs().sum(1))).sum() / w.sum()
+        rec = (w * err).sum() / w.sum()
         loss = rec + self.config.pre_tanh_penalty * h.float().square().mean()
         with torch.no_grad():
             mse = err.mean() / frames.shape[1]

@@ -1,0 +1,157 @@
+"""Stable-Baselines3 PPO trained purely in a DiT-WM world model, then scored on the real game.
+
+PPO never sees the real game while it trains: its experience comes from
+``to_sb3(gym.make_vec("DiTWM/Pong-v0", num_envs=..., obs_type=..., checkpoint=...))``, one batched world-model call
+per step. Afterwards the deterministic policy plays ``--episodes`` imagined episodes and ``--episodes`` real ones
+(``dit_envs.make_real_env``, the Atari-100k protocol), and both scores are printed.
+
+* ``--obs-type pixels``: ``CnnPolicy`` on uint8 ``(3, 64, 64)`` frames — the real env serves the same format, so
+  the policy plays the real game directly.
+* ``--obs-type latent``: ``MlpPolicy`` on float32 ``(K, d_z)`` latent stacks — on the real game, frames go through
+  the bundle's frozen encoder and a rolling stack (:class:`RealLatentObs`, "reset" padding like the world model's
+  start contexts).
+
+Run::
+
+    python examples/sb3_ppo_in_imagination.py --checkpoint path/to/bundle --timesteps 200000 --obs-type latent
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout without install
+
+import dit_envs  # noqa: E402  (registers the DiTWM ids)
+from dit_envs.sb3 import to_sb3  # noqa: E402
+from trainers.policy import LatentStack  # noqa: E402
+
+
+class RealLatentObs(gym.vector.VectorWrapper):
+    """A real-game vector env seen through a frozen encoder: observations float32 ``(N, K, d_z)`` in ``[-1, 1]``.
+
+    At an episode's first frame all ``K`` slots hold its latent (as ``LatentStack.reset``); SAME_STEP autoreset
+    is kept (the returned observation of an ended env is the stack of its next episode's first frame).
+
+    Args:
+        env: real vector env with uint8 ``(N, 3, 64, 64)`` observations. encoder: ``encode(uint8) -> (N, d_z)``.
+        k, latent_dim: ``K`` and ``d_z``. device: where the encoder runs.
+    """
+
+    def __init__(self, env: gym.vector.VectorEnv, encoder: Any, k: int, latent_dim: int,
+                 device: str | torch.device = "cpu") -> None:
+        super().__init__(env)
+        self.encoder, self.device = encoder, device
+        self.stack = LatentStack(env.num_envs, k, latent_dim, device)
+        self.single_observation_space = gym.spaces.Box(-1.0, 1.0, (k, latent_dim), np.float32)
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, env.num_envs)
+
+    @torch.no_grad()
+    def _encode(self, frames: np.ndarray) -> torch.Tensor:
+        return self.encoder.encode(torch.as_tensor(frames, device=self.device)).float()
+
+    def _obs(self) -> np.ndarray:
+        return self.stack.stack.clamp(-1.0, 1.0).cpu().numpy()
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        self.stack.reset(self._encode(obs))
+        return self._obs(), info
+
+    def step(self, actions):
+        obs, reward, term, trunc, info = self.env.step(actions)
+        z = self._encode(obs)
+        self.stack.push(z)
+        done = term | trunc
+        if done.any():
+            self.stack.reset(z[torch.as_tensor(done, device=self.device)], done)
+            info = {k: v for k, v in info.items() if k not in ("final_obs", "_final_obs")}  # frames, not latents
+        return self._obs(), reward, term, trunc, info
+
+
+def score(envs: gym.vector.VectorEnv, predict: Callable[[np.ndarray], np.ndarray], max_steps: int) -> list[float]:
+    """Play one episode per env (the first to end in each) and return the undiscounted returns.
+
+    Episodes still running after ``max_steps`` batched steps are scored with what they collected so far.
+    """
+    obs, _ = envs.reset(seed=0)
+    returns, running = np.zeros(envs.num_envs), np.ones(envs.num_envs, bool)
+    for _ in range(max_steps):
+        obs, reward, term, trunc, _ = envs.step(predict(obs))
+        returns[running] += reward[running]
+        running &= ~(term | trunc)
+        if not running.any():
+            break
+    return returns.tolist()
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--env-id", default="DiTWM/Pong-v0", help="registered DiT-WM env id")
+    p.add_argument("--checkpoint", default=None, help="bundle dir / hf:// source (default: the id's catalog entry)")
+    p.add_argument("--timesteps", type=int, default=200_000, help="PPO timesteps in imagination")
+    p.add_argument("--obs-type", choices=("pixels", "latent"), default="pixels", help="observation type")
+    p.add_argument("--episodes", type=int, default=10, help="episodes scored in imagination and on the real game")
+    p.add_argument("--num-envs", type=int, default=16, help="parallel imagined envs for PPO")
+    p.add_argument("--n-steps", type=int, default=128, help="PPO rollout length per env")
+    p.add_argument("--episode-steps", type=int, default=0, help="imagined episode truncation (0: the env's default)")
+    p.add_argument("--max-steps", type=int, default=27_000, help="per-episode step cap of the real game")
+    p.add_argument("--seed", type=int, default=0, help="PPO and env seed")
+    p.add_argument("--device", default="cpu", help="torch device of the world model and PPO")
+    args = p.parse_args(argv)
+    for name in ("timesteps", "episodes", "num_envs", "n_steps", "max_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Train PPO in imagination, score it in imagination and on the real game; returns both mean returns."""
+    from stable_baselines3 import PPO
+
+    args = parse(argv)
+    kw: dict[str, Any] = dict(obs_type=args.obs_type, device=args.device)
+    if args.checkpoint:
+        kw["checkpoint"] = args.checkpoint
+    if args.episode_steps:
+        kw["max_episode_steps"] = args.episode_steps
+    venv = to_sb3(gym.make_vec(args.env_id, num_envs=args.num_envs, **kw))
+    venv.seed(args.seed)
+    policy = "CnnPolicy" if args.obs_type == "pixels" else "MlpPolicy"
+    model = PPO(policy, venv, n_steps=args.n_steps, batch_size=min(256, args.n_steps * args.num_envs),
+                seed=args.seed, device=args.device, verbose=0)
+    model.learn(total_timesteps=args.timesteps)
+    venv.close()
+
+    def predict(obs: np.ndarray) -> np.ndarray:
+        return np.asarray(model.predict(obs, deterministic=True)[0], dtype=np.int64)
+
+    imagined = gym.make_vec(args.env_id, num_envs=args.episodes, **kw)
+    bundle = imagined.unwrapped.bundle
+    imag = score(imagined, predict, args.max_steps)
+    imagined.close()
+    frames = min(108_000, 4 * args.max_steps)  # the protocol's frameskip is 4
+    real: gym.vector.VectorEnv = dit_envs.make_real_env(bundle.config["game"], num_envs=args.episodes,
+                                                        max_num_frames_per_episode=frames)
+    if args.obs_type == "latent":
+        model_ = bundle.model
+        real = RealLatentObs(real, model_, model_.context_len, model_.latent_dim, args.device)
+    real_returns = score(real, predict, args.max_steps)
+    real.close()
+    res = {"imagined_mean": float(np.mean(imag)), "imagined_std": float(np.std(imag)),
+           "real_mean": float(np.mean(real_returns)), "real_std": float(np.std(real_returns))}
+    print(f"PPO ({policy}, {args.obs_type}) after {model.num_timesteps} imagined steps, {args.episodes} "
+          f"deterministic episodes each:")
+    print(f"  imagination return: {res['imagined_mean']:8.2f} ± {res['imagined_std']:.2f}")
+    print(f"  real {bundle.config['game']} return: {res['real_mean']:8.2f} ± {res['real_std']:.2f}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Stage 2 (`ditwm pretrain`): tiny runs on a tiny real-Pong stage-1 store — bundle, resume, SIGTERM, DDP, args."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import dit_envs  # noqa: F401  (registers DiTWM/*)
+from trainers.checkpoint import load_checkpoint
+from trainers.pretrain import Args, main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(preset="tiny", batch=8, warmup=2, log_every=2, eval_every=5, checkpoint_every=4, start_contexts=8,
+            eval_windows=8, eval_horizon=8, threads=1)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """A tiny real-Pong store with stage-1 artifacts (tiny autoencoder, d_z 32), built in a few seconds."""
+    from trainers.collect import Args as CollectArgs, main as collect
+
+    out = tmp_path_factory.mktemp("stage1") / "store"
+    assert collect(CollectArgs(agent="rssm", size="tiny", num_envs=2, prefill=64, ae_steps=8, train_every=16,
+                               checkpoint_every=96, chunk_rows=64, steps=192, out=str(out))) == 0
+    return out
+
+
+def flags(**kw) -> list[str]:
+    out = []
+    for k, v in kw.items():
+        out += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    return out
+
+
+def run(store, out, steps, **kw):
+    return main(Args(data=str(store), out=str(out), steps=steps, **{**TINY, **kw}))
+
+
+def test_tiny_run_writes_a_bundle_that_steps_as_an_env(store, tmp_path, capsys):
+    assert run(store, tmp_path / "o", 10) == 0
+    printed = capsys.readouterr().out
+    assert "steps/s" in printed and "bundle" in printed
+    recs = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if "flow" in r]
+    assert train and all(k in train[-1] for k in ("reward", "term", "lr", "grad_norm", "steps_per_s"))
+    assert any("eval/mse@1" in r for r in recs)
+    card = (tmp_path / "o" / "bundle" / "README.md").read_text()
+    assert "training steps | 10" in card and "train_rows" in card
+    envs = gym.make_vec("DiTWM/Pong-v0", num_envs=3, checkpoint=str(tmp_path / "o" / "bundle"))
+    obs, _ = envs.reset(seed=0)
+    for _ in range(3):
+        obs, reward, term, trunc, _ = envs.step(envs.action_space.sample())
+    assert obs.shape == (3, 3, 64, 64) and obs.dtype == np.uint8 and reward.shape == (3,)
+    envs.close()
+    _, meta = load_checkpoint(tmp_path / "o")
+    assert meta["step"] == 10 and meta["world_size"] == 1
+
+
+def test_resume_in_new_process_is_bit_exact(store, tmp_path):
+    kw = dict(lr_decay_steps=12, rollout_steps=3)  # the multi-step term too: it draws from the same RNG streams
+    assert run(store, tmp_path / "full", 12, **kw) == 0
+    cmd = [sys.executable, "-m", "trainers.cli", "pretrain", "--data", str(store), "--out", str(tmp_path / "split"),
+           *flags(steps=6, **TINY, **kw)]
+    first = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert run(store, tmp_path / "split", 12, resume=True, **kw) == 0
+    a, ma = load_checkpoint(tmp_path / "full")
+    b, mb = load_checkpoint(tmp_path / "split")
+    assert ma["step"] == mb["step"] == 12 and ma["samplers"] == mb["samplers"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_sigterm_writes_checkpoint_and_exits_143(store, tmp_path):
+    out = tmp_path / "t"
+    cmd = [sys.executable, "-m", "trainers.pretrain", "--data", str(store), "--out", str(out),
+           *flags(**{**TINY, "log_every": 1, "checkpoint_every": 100000}, steps=100000)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or os.path.getsize(out / "metrics.jsonl") == 0:
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    _, meta = load_checkpoint(out)
+    assert 0 < meta["step"] < 100000
+    assert not (out / "bundle").exists()
+    assert run(store, out, meta["step"] + 2, resume=True) == 0
+    assert (out / "bundle" / "config.json").is_file()
+
+
+def test_ddp_two_cpu_processes_keep_identical_weights(store, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "trainers.pretrain", "--data", str(store), "--out", str(out),
+           *flags(**{**TINY, "checkpoint_every": 3}, steps=6)]
+    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # save_state raises unless every parameter is bit-identical on both ranks (checked at steps 3 and 6)
+    tensors, meta = load_checkpoint(out)
+    assert meta["world_size"] == 2 and meta["step"] == 6 and len(meta["samplers"]) == 2
+    assert not torch.equal(tensors["rng.gen.0"], tensors["rng.gen.1"])  # each rank draws its own noise
+    assert meta["samplers"][0] != meta["samplers"][1]  # ... and its own windows
+    assert res.stdout.count("pretrain: bundle") == 1  # rank 0 alone reports and writes
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps_logged = [r["step"] for r in recs if "flow" in r]
+    assert steps_logged == [2, 4, 6]
+    assert (out / "bundle" / "config.json").is_file()
+
+
+def _replicas_worker(rank: int, port: int, differ: bool, results) -> None:
+    import torch.distributed as dist
+
+    from trainers.distributed import Dist, replicas_equal
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2)
+    if differ and rank == 1:
+        with torch.no_grad():
+            m.bias[0] += 1e-7
+    results[rank] = replicas_equal(Dist(rank, 2, rank, torch.device("cpu")), m)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("differ", [False, True])
+def test_replicas_equal_detects_any_difference(differ):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_replicas_worker, args=(port, differ, results), nprocs=2)
+    assert dict(results) == {0: not differ, 1: not differ}
+
+
+@pytest.mark.parametrize("extra, field", [
+    (["--steps", "0"], "--steps"),
+    (["--seq-len", "9"], "--seq-len"),
+    (["--rollout-steps", "1"], "--rollout-steps"),
+    (["--clean-context", "1.5"], "--clean-context"),
+    (["--stage1", "/nonexistent"], "--stage1"),
+    (["--rollout-steps", "100000"], "--data"),
+])
+def test_bad_arguments_exit_2_and_write_nothing(store, tmp_path, capsys, extra, field):
+    from trainers import cli
+
+    before = sorted(p.name for p in store.iterdir())
+    argv = ["pretrain", "--data", str(store), "--out", str(tmp_path / "x"), "--steps", "5", *extra]
+    assert cli.main(argv) == 2
+    assert field in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert sorted(p.name for p in store.iterdir()) == before
+
+
+def test_bad_store_and_non_empty_out(tmp_path, capsys):
+    from trainers import cli
+
+    assert cli.main(["pretrain", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "x"), "--steps", "5"]) == 2
+    assert "--data" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("x")
+    assert cli.main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "full"), "--steps", "5"]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_latent_cache_is_reused_and_invalidated(store, tmp_path):
+    from trainers.autoencoder import load_autoencoder
+    from trainers.data import EpisodeStore
+    from trainers.latents import latent_path, load_or_encode
+
+    s = tmp_path / "store"
+    shutil.copytree(store, s, ignore=shutil.ignore_patterns("latents"))
+    ae = load_autoencoder(s / "stage1")
+    ds, reused = load_or_encode(s, ae, "a" * 64)
+    assert not reused and ds.path == latent_path(s, "a" * 64) and ds.path.is_file()
+    data = EpisodeStore(s).load()
+    assert np.array_equal(ds.episode, data["episode"]) and np.array_equal(ds.action, data["action"])
+    assert ds.z.dtype == np.float16
+    with torch.no_grad():
+        z = ae.encode(torch.from_numpy(data["obs"][:50])).numpy()
+    assert np.abs(ds.z[:50].astype(np.float32) - z).max() < 2e-3
+    mtime = ds.path.stat().st_mtime_ns
+    again, reused = load_or_encode(s, ae, "a" * 64)
+    assert reused and ds.path.stat().st_mtime_ns == mtime and np.array_equal(again.z, ds.z)
+    other, reused = load_or_encode(s, ae, "b" * 64)  # another encoder: its own file
+    assert not reused and other.path != ds.path
+    st = EpisodeStore(s)  # the store grows: the cache is stale
+    row = {k: v[-1:] for k, v in data.items()}
+    st.add(**{**row, "episode": row["episode"] + 100})
+    st.flush()
+    grown, reused = load_or_encode(s, ae, "a" * 64)
+    assert not reused and len(grown) == len(ds) + 1
+    ds.path.write_bytes(b"garbage")  # a corrupt cache file is rebuilt
+    fixed, reused = load_or_encode(s, ae, "a" * 64)
+    assert not reused and len(fixed) == len(grown)

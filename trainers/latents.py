@@ -1,0 +1,249 @@
+"""Latent dataset: every frame of an episode store encoded once with the frozen stage-1 encoder.
+
+Stage 2 trains on latents, never on pixels, so the store's frames are encoded once and cached beside the store:
+
+```
+STORE/latents/<sha256(autoencoder.safetensors)[:12]>.safetensors
+    z           float16 (R, d_z)   frozen-encoder latents (the encoder ends in tanh: |z| < 1, float16 keeps ~3e-4)
+    episode     int64   (R,)       rows in (episode, step) order, as EpisodeStore.load returns them
+    step        int64   (R,)
+    action      int64   (R,)       action that LED to the row's frame (−1: first frame of an episode)
+    reward      float32 (R,)       reward / termination of the transition into the row (trainers.data convention)
+    terminated  bool    (R,)
+  metadata: format_version, encoder_sha256 (full hex digest), store_fingerprint, rows
+```
+
+The file is written atomically (:func:`dit_envs.io.atomic_save_tensors`) and reused when its ``encoder_sha256``
+and ``store_fingerprint`` (sha256 over the names and bytes of the store's chunk files) match; a store that grew
+(``ditwm collect --resume``) or a different encoder invalidates it. Chunks are read and encoded one at a time,
+so memory holds one chunk of frames, not the whole store.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from dit_envs.io import atomic_save_tensors, load_tensors, sha256_file
+from trainers.data import FIELDS, EpisodeStore, SequenceSampler
+from trainers.pretrain_objective import Windows
+
+FORMAT_VERSION = "1"
+COLUMNS = ("episode", "step", "action", "reward", "terminated")
+
+
+@dataclass
+class LatentDataset:
+    """Encoded rows of a store, sorted by ``(episode, step)``.
+
+    Attributes:
+        z: float16 ``(R, d_z)``.
+        episode, step, action: int64 ``(R,)`` (action −1 = first frame).
+        reward: float32 ``(R,)``; terminated: bool ``(R,)``.
+        encoder_sha256: hex sha256 of the ``autoencoder.safetensors`` that produced ``z``.
+        path: the cache file.
+    """
+
+    z: np.ndarray
+    episode: np.ndarray
+    step: np.ndarray
+    action: np.ndarray
+    reward: np.ndarray
+    terminated: np.ndarray
+    encoder_sha256: str
+    path: Path
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+    def select(self, mask: np.ndarray) -> "LatentDataset":
+        """The rows where bool ``mask (R,)`` is True (order kept)."""
+        cols = {k: getattr(self, k)[mask] for k in ("z", *COLUMNS)}
+        return LatentDataset(**cols, encoder_sha256=self.encoder_sha256, path=self.path)
+
+
+def store_fingerprint(store_dir: str | Path) -> str:
+    """sha256 over the sorted chunk file names and each chunk's sha256 (changes whenever a chunk does)."""
+    h = hashlib.sha256()
+    for path in EpisodeStore(store_dir).chunk_paths():
+        h.update(path.name.encode() + b"\0" + sha256_file(path).encode() + b"\n")
+    return h.hexdigest()
+
+
+def latent_path(store_dir: str | Path, encoder_sha256: str) -> Path:
+    """``STORE/latents/<encoder_sha256[:12]>.safetensors``."""
+    return Path(store_dir) / "latents" / f"{encoder_sha256[:12]}.safetensors"
+
+
+def _read_chunk(path: Path) -> dict[str, np.ndarray] | None:
+    """One store chunk's fields, or None (with a warning) when unreadable — as :meth:`EpisodeStore.load`."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            part = {k: f[k] for k in ("obs", *COLUMNS)}
+        n = len(part["step"])
+        for k, arr in part.items():
+            dtype, shape = FIELDS[k]
+            if arr.dtype != dtype or arr.shape != (n, *shape):
+                raise ValueError(f"field {k} has {arr.dtype} {arr.shape}")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        warnings.warn(f"episode store: skipping unreadable chunk {path} ({type(e).__name__}: {e})", stacklevel=3)
+        return None
+    return part
+
+
+def store_index(store_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(episode, step)`` int64 ``(R,)`` of every readable row, sorted — without decompressing any frame
+    (``np.load`` of an ``.npz`` reads only the members asked for). Unreadable chunks are skipped silently
+    (:func:`encode_store` warns about them)."""
+    eps, steps = [], []
+    for path in EpisodeStore(store_dir).chunk_paths():
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                e, s = f["episode"], f["step"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            continue
+        if e.dtype == np.int64 and s.dtype == np.int64 and e.shape == s.shape and e.ndim == 1:
+            eps.append(e)
+            steps.append(s)
+    if not eps:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    e, s = np.concatenate(eps), np.concatenate(steps)
+    order = np.lexsort((s, e))
+    return e[order], s[order]
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # unreadable or truncated: treat as absent, it is rebuilt
+        return {}
+
+
+@torch.no_grad()
+def encode_store(store_dir: str | Path, autoencoder: torch.nn.Module, *, batch: int = 512,
+                 progress: bool | None = None) -> dict[str, np.ndarray]:
+    """Encode every readable row of a store, chunk by chunk.
+
+    Args:
+        store_dir: the episode store.
+        autoencoder: anything with ``encode(uint8 (N, 3, 64, 64)) -> float (N, d_z)``; its device is that of its
+            first parameter.
+        batch: frames per encoder call.
+        progress: show a tqdm bar (None: when stderr is a terminal).
+    Returns:
+        ``{"z": float16 (R, d_z), "episode", "step", "action", "reward", "terminated": (R,)}`` sorted by
+        ``(episode, step)``.
+    Raises:
+        ValueError: the store holds no readable row (names the store).
+    """
+    paths = EpisodeStore(store_dir).chunk_paths()
+    device = next(autoencoder.parameters()).device
+    parts: list[dict[str, np.ndarray]] = []
+    bar = tqdm(total=len(paths), unit="chunk", desc="encode latents",
+               disable=not (sys.stderr.isatty() if progress is None else progress))
+    for path in paths:
+        part = _read_chunk(path)
+        bar.update(1)
+        if part is None:
+            continue
+        obs = part.pop("obs")
+        zs = [autoencoder.encode(torch.from_numpy(obs[i:i + batch]).to(device)).float().cpu()
+              for i in range(0, len(obs), batch)]
+        part["z"] = torch.cat(zs).to(torch.float16).numpy() if zs else np.zeros((0, 0), np.float16)
+        parts.append(part)
+    bar.close()
+    parts = [p for p in parts if len(p["step"])]
+    if not parts:
+        raise ValueError(f"data: expected an episode store with readable rows in {store_dir}, got none")
+    data = {k: np.concatenate([p[k] for p in parts]) for k in ("z", *COLUMNS)}
+    order = np.lexsort((data["step"], data["episode"]))
+    return {k: v[order] for k, v in data.items()}
+
+
+def load_or_encode(store_dir: str | Path, autoencoder: torch.nn.Module, encoder_sha256: str, *,
+                   batch: int = 512, progress: bool | None = None) -> tuple[LatentDataset, bool]:
+    """The latent dataset of ``store_dir`` for this encoder: reused from the cache file, or encoded and saved.
+
+    Args:
+        store_dir: the episode store (``meta.json`` + ``chunks/``).
+        autoencoder: the frozen encoder (see :func:`encode_store`).
+        encoder_sha256: sha256 hex of the weights file it was loaded from (names the cache file).
+        batch, progress: as in :func:`encode_store`.
+    Returns:
+        ``(dataset, reused)``: ``reused`` is True when the cache file matched and nothing was encoded.
+    Raises:
+        ValueError: the store holds no readable row.
+        OSError: the store directory is not writable.
+    """
+    path = latent_path(store_dir, encoder_sha256)
+    fingerprint = store_fingerprint(store_dir)
+    meta = _metadata(path) if path.is_file() else {}
+    reused = (meta.get("format_version") == FORMAT_VERSION and meta.get("encoder_sha256") == encoder_sha256
+              and meta.get("store_fingerprint") == fingerprint)
+    data: dict[str, np.ndarray] = {}
+    if reused:
+        try:
+            data = {k: v.numpy() for k, v in load_tensors(path).items()}
+        except ValueError:  # unreadable despite a readable header: rebuild
+            data = {}
+        reused = all(k in data for k in ("z", *COLUMNS))
+    if not reused:
+        data = encode_store(store_dir, autoencoder, batch=batch, progress=progress)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_tensors(path, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in data.items()},
+                            metadata={"format_version": FORMAT_VERSION, "encoder_sha256": encoder_sha256,
+                                      "store_fingerprint": fingerprint, "rows": str(len(data["step"]))})
+    return LatentDataset(**{k: data[k] for k in ("z", *COLUMNS)}, encoder_sha256=encoder_sha256, path=path), reused
+
+
+class LatentWindows:
+    """Seeded sampler of :class:`Windows` of ``length`` rows (never across an episode
+    boundary) from a :class:`LatentDataset`, with the columns held on ``device`` once.
+
+    Args:
+        ds: the rows to sample from (e.g. the training episodes), sorted by ``(episode, step)``.
+        length: ``L`` rows per window.
+        mean, std: float32 ``(d_z,)`` standardisation of the DiT's latents.
+        num_actions: the null action index replacing −1.
+        seed: seed of the window draw; a ``(seed, rank)`` list gives each DDP rank its own stream.
+        device: where batches are built.
+    Raises:
+        ValueError: no episode segment holds ``length`` rows (message gives the longest).
+    """
+
+    def __init__(self, ds: LatentDataset, length: int, *, mean: torch.Tensor, std: torch.Tensor, num_actions: int,
+                 seed: int | list[int], device: torch.device) -> None:
+        self.sampler = SequenceSampler({"episode": ds.episode, "step": ds.step}, length)
+        self.sampler.rng = np.random.default_rng(seed)
+        self.length, self.device = length, device
+        self.mean, self.std = mean.to(device).float(), std.to(device).float()
+        self.z = torch.from_numpy(ds.z).to(device)  # float16 (R, d_z): half the memory of float32
+        self.prev_action = torch.from_numpy(np.where(ds.action < 0, num_actions, ds.action)).to(device)
+        self.reward = torch.from_numpy(ds.reward).to(device)
+        self.terminated = torch.from_numpy(ds.terminated).to(device)
+
+    def windows(self, starts: np.ndarray) -> Windows:
+        """Windows starting at the given row indices int64 ``(B,)``."""
+        idx = torch.from_numpy(starts[:, None] + np.arange(self.length)[None]).to(self.device)  # (B, L)
+        z = self.z[idx].float()  # (B, L, d_z)
+        return Windows(x=(z - self.mean) / self.std, z=z, prev_action=self.prev_action[idx],
+                       reward=self.reward[idx], terminated=self.terminated[idx])
+
+    def sample(self, batch: int) -> Windows:
+        """``batch`` uniformly drawn windows (advances the sampler's RNG)."""
+        return self.windows(self.sampler.window_starts(batch))
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)

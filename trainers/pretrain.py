@@ -1,0 +1,315 @@
+"""``ditwm pretrain``: stage 2 — the Diffusion-Transformer world model on frozen stage-1 latents.
+
+Every frame of the store is encoded once with the frozen stage-1 encoder (:mod:`trainers.latents`, cached in
+``STORE/latents/``). A causal DiT (Peebles & Xie 2023; :mod:`dit_envs.models.dit`) learns the next latent by
+rectified flow (Liu et al. 2022; SD3's logit-normal times, Esser et al. 2024) with diffusion forcing (Chen et
+al. 2024), action dropout to the null index and, optionally, a multi-step ``z_{t+n}`` term on its own rollouts;
+a reward/termination head learns from real transitions (:mod:`trainers.pretrain_objective`). Only non-held-out
+episodes train (:func:`trainers.data.heldout_mask`); held-out ones are evaluated (:mod:`trainers.pretrain_eval`).
+
+nanoGPT-style straight-line loop: AdamW with an explicit warm-up + cosine schedule (:func:`trainers.autoencoder.
+lr_at`), gradient clipping, EMA weights; metrics to ``OUT/metrics.jsonl`` every ``--log-every`` steps, evaluation
+every ``--eval-every``, resumable checkpoints in ``OUT/ckpt`` every ``--checkpoint-every`` (:mod:`trainers.
+pretrain_state`). SIGTERM/SIGINT checkpoint at the next step boundary and exit 143/130. At the end the EMA model
+is exported to ``OUT/bundle`` (``gym.make_vec("DiTWM/Pong-v0", checkpoint="OUT/bundle")``).
+
+Devices: CPU by default; CUDA with bf16 autocast and optional ``--compile``. Distributed:
+``torchrun --nproc_per_node=2 -m trainers.pretrain ...`` (DDP, gloo on CPU / nccl on GPU; ``--batch`` is per
+process; each rank draws its own windows and noise; rank 0 alone writes files and logs).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dit_envs.io import sha256_file
+from dit_envs.models.dit import DIT_PRESETS, DiT, DiTConfig
+from dit_envs.models.heads import HeadsConfig, RewardTermHead
+from trainers import distributed as dist_
+from trainers.autoencoder import load_autoencoder, lr_at
+from trainers.common import ArgError, JsonlLogger, arg, check_out_dir, pick_device, run_cli, seed_everything
+from trainers.data import EpisodeStore, heldout_mask, segments
+from trainers.latents import LatentWindows, load_or_encode, store_index
+from trainers.pretrain_eval import data_summary, eval_windows, evaluate
+from trainers.pretrain_objective import ObjectiveConfig, PretrainNet, ema_decay_at, ema_update, make_inputs, total_loss
+from trainers.pretrain_state import (configs_meta, export_bundle, model_card, rank_seed, read_state, restore_state,
+                                     save_state)
+
+
+@dataclass(kw_only=True)
+class Args:
+    data: str = arg(help="episode store directory (trains on its non-held-out episodes)")
+    stage1: str = arg("", "stage-1 artifacts (autoencoder.json + autoencoder.safetensors); '' = DATA/stage1")
+    out: str = arg(help="output directory: ckpt/, metrics.jsonl, bundle/ (new or empty unless --resume)")
+    steps: int = arg(help="optimiser steps in total")
+    preset: str = arg("S", "DiT size preset", choices=tuple(DIT_PRESETS))
+    batch: int = arg(32, "windows per step per process")
+    lr: float = arg(3e-4, "peak learning rate (AdamW, linear warm-up then cosine decay to 10 %)")
+    warmup: int = arg(500, "linear warm-up steps")
+    lr_decay_steps: int = arg(0, "length of the warm-up + cosine schedule (0: --steps)")
+    weight_decay: float = arg(0.01, "AdamW decoupled weight decay of matrices (biases/norms: none)")
+    grad_clip: float = arg(1.0, "max global gradient norm")
+    ema: float = arg(0.999, "EMA decay of the exported weights")
+    context_len: int = arg(0, "K context frames (0: stage 1's agent.json context_len, else 4)")
+    seq_len: int = arg(0, "tokens per diffusion-forcing window, 2..K+1 (0: K+1)")
+    clean_context: float = arg(0.5, "fraction of samples with a clean context and only the last token noisy")
+    action_dropout: float = arg(0.1, "per-token probability of the null action (for unconditional use)")
+    term_weight: float = arg(10.0, "termination BCE positive weight (terminations are rare)")
+    rollout_steps: int = arg(0, "multi-step z_{t+n} term: predict z_{t+n}, n in [2, N], from the model's own "
+                                "n-1-step rollout (0: off)")
+    rollout_weight: float = arg(1.0, "weight of the multi-step term")
+    rollout_sampling_steps: int = arg(1, "Euler steps per imagined step in the multi-step term")
+    sampling_steps: int = arg(4, "Euler steps per env step stored in the bundle")
+    start_contexts: int = arg(256, "real start contexts (training episodes) stored in the bundle")
+    log_every: int = arg(50, "steps between metric log lines")
+    eval_every: int = arg(500, "steps between held-out evaluations (0: only at the end)")
+    eval_windows: int = arg(64, "held-out windows per evaluation")
+    eval_horizon: int = arg(16, "open-loop steps of the evaluation rollout")
+    checkpoint_every: int = arg(1000, "steps between resumable checkpoints")
+    seed: int = arg(0, "seed of the initialisation, window draw and noise")
+    device: str = arg("cpu", "torch device: cpu, cuda[:i] or auto (torchrun: cuda → cuda:LOCAL_RANK)")
+    compile: bool = arg(False, "torch.compile the training model")
+    threads: int = arg(0, "torch CPU threads per process (0: torch's default)")
+    resume: bool = arg(False, "continue the run in --out from its checkpoint")
+
+
+@dataclass
+class Setup:
+    """What validation found: the store, the frozen encoder, the action space, ``K``."""
+
+    meta: dict
+    autoencoder: torch.nn.Module
+    encoder_sha256: str
+    context_len: int
+    seq_len: int
+    window: int
+
+
+def _positive(args: Args, names: tuple[str, ...], strict: bool = True) -> None:
+    for name in names:
+        v = getattr(args, name)
+        if (v <= 0) if strict else (v < 0):
+            raise ArgError(name, f"expected a number {'>' if strict else '>='} 0, got {v}")
+
+
+def validate(args: Args) -> Setup:
+    """Check every argument; raise :class:`ArgError` (names the flag) before anything is written."""
+    _positive(args, ("steps", "batch", "lr", "grad_clip", "term_weight", "log_every", "checkpoint_every",
+                     "sampling_steps", "start_contexts", "eval_windows", "eval_horizon", "rollout_sampling_steps"))
+    _positive(args, ("warmup", "lr_decay_steps", "weight_decay", "context_len", "seq_len", "eval_every", "threads",
+                     "rollout_weight"), strict=False)
+    if args.preset not in DIT_PRESETS:
+        raise ArgError("preset", f"expected one of {tuple(DIT_PRESETS)}, got {args.preset!r}")
+    for name, hi in (("ema", 1.0), ("action_dropout", 1.0)):
+        if not 0.0 <= getattr(args, name) < hi:
+            raise ArgError(name, f"expected a number in [0, 1), got {getattr(args, name)}")
+    if not 0.0 <= args.clean_context <= 1.0:
+        raise ArgError("clean_context", f"expected a number in [0, 1], got {args.clean_context}")
+    if args.rollout_steps == 1 or args.rollout_steps < 0:
+        raise ArgError("rollout_steps", f"expected 0 (off) or an integer >= 2, got {args.rollout_steps}")
+    pick_device(args.device)
+    check_out_dir(args.out, args.resume)
+    try:
+        meta = EpisodeStore(args.data).read_meta()
+    except (FileNotFoundError, ValueError) as e:
+        raise ArgError("data", f"expected an episode store, got {e}") from None
+    if "action_meanings" not in meta or "game" not in meta:
+        raise ArgError("data", f"expected game and action_meanings in {args.data}/meta.json, got {sorted(meta)}")
+    stage1 = Path(args.stage1 or Path(args.data) / "stage1")
+    try:
+        ae = load_autoencoder(stage1)
+    except (FileNotFoundError, ValueError) as e:
+        raise ArgError("stage1", f"expected stage-1 artifacts (autoencoder.json + autoencoder.safetensors), "
+                                 f"got {e}") from None
+    k = args.context_len
+    if k == 0:
+        agent = stage1 / "agent.json"
+        k = int(json.loads(agent.read_text()).get("context_len", 4)) if agent.is_file() else 4
+    seq_len = args.seq_len or k + 1
+    if not 2 <= seq_len <= k + 1:
+        raise ArgError("seq_len", f"expected 2..{k + 1} (K + 1 with K = {k}), got {seq_len}")
+    window = max(seq_len, k + args.rollout_steps, k + 1)
+    episode, step = store_index(args.data)
+    train = ~heldout_mask(episode)
+    _, lengths = segments(episode[train], step[train])
+    longest = int(lengths.max()) if len(lengths) else 0
+    if longest < window:
+        raise ArgError("data", f"expected a non-held-out episode of >= {window} frames (K + max(1, rollout_steps)), "
+                               f"got {int(train.sum())} rows whose longest episode segment has {longest}")
+    sha = sha256_file(stage1 / "autoencoder.safetensors")
+    if args.resume and ((Path(args.out) / "ckpt").exists() or (Path(args.out) / "ckpt.prev").exists()):
+        try:
+            _, ck = read_state(Path(args.out))
+        except FileNotFoundError as e:
+            raise ArgError("resume", f"expected a readable checkpoint, got {e}") from None
+        if ck.get("encoder_sha256") != sha:
+            raise ArgError("stage1", f"expected the autoencoder of the checkpoint (sha256 {ck.get('encoder_sha256')}"
+                                     f"), got {sha}")
+        for name, have in (("preset", args.preset), ("context_len", k)):
+            want = ck["args"]["preset"] if name == "preset" else ck.get("context_len")
+            if want != have:
+                raise ArgError(name, f"expected {want!r} (the checkpoint's), got {have!r}")
+    return Setup(meta=meta, autoencoder=ae, encoder_sha256=sha, context_len=k, seq_len=seq_len, window=window)
+
+
+def main(args: Args) -> int:
+    """Train (or resume), export the bundle; returns 0, or 143/130 after SIGTERM/SIGINT."""
+    setup = validate(args)
+    d = dist_.setup(pick_device(args.device))
+    try:
+        return _run(args, setup, d)
+    finally:
+        dist_.cleanup(d)
+
+
+def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out, dev, K = Path(args.out), d.device, s.context_len
+    names = list(s.meta["action_meanings"])
+    A, ae = len(names), s.autoencoder.to(dev)
+    ds = None
+    if d.is_main:  # rank 0 encodes (or reuses) the latent cache, the others read it
+        out.mkdir(parents=True, exist_ok=True)
+        ds, reused = load_or_encode(args.data, ae, s.encoder_sha256)
+        print(f"pretrain: latents {ds.path} ({'reused' if reused else 'encoded'}, {len(ds)} rows)")
+    dist_.barrier(d)
+    if ds is None:
+        ds, _ = load_or_encode(args.data, ae, s.encoder_sha256, progress=False)
+    held = heldout_mask(ds.episode)
+    train, test = ds.select(~held), ds.select(held)
+    summary = data_summary(ds, ~held)
+
+    seed_everything(args.seed)  # identical initialisation on every rank
+    dcfg = DiTConfig.from_preset(args.preset, latent_dim=ae.latent_dim, num_actions=A, context_len=K)
+    hcfg = HeadsConfig(latent_dim=ae.latent_dim, num_actions=A, hidden=dcfg.width)
+    cfg = ObjectiveConfig(seq_len=s.seq_len, clean_context=args.clean_context, action_dropout=args.action_dropout,
+                          term_weight=args.term_weight, rollout_steps=args.rollout_steps,
+                          rollout_weight=args.rollout_weight, rollout_sampling_steps=args.rollout_sampling_steps)
+    net = PretrainNet(DiT(dcfg), RewardTermHead(hcfg), args.term_weight).to(dev)
+    ema = copy.deepcopy(net).requires_grad_(False).eval()
+    decay = [p for p in net.parameters() if p.dim() >= 2]
+    no_decay = [p for p in net.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.99))
+    gen = torch.Generator(device=dev).manual_seed(rank_seed(args.seed, d.rank))
+    z64 = train.z.astype(np.float64)
+    mean, std = torch.from_numpy(z64.mean(0)).float(), torch.from_numpy(z64.std(0)).float().clamp(min=1e-2)
+    resume = args.resume and ((out / "ckpt").exists() or (out / "ckpt.prev").exists())
+    state = read_state(out) if resume else None
+    if state is not None:  # the model was trained with the checkpoint's standardisation: keep it
+        mean, std = state[0]["latent_mean"], state[0]["latent_std"]
+    windows = LatentWindows(train, s.window, mean=mean, std=std, num_actions=A, seed=[args.seed, d.rank], device=dev)
+    step = 0
+    if state is not None:
+        step = restore_state(*state, d, net=net, ema=ema, opt=opt, gen=gen, windows=windows, seed=args.seed)
+    mean_d, std_d = windows.mean, windows.std
+
+    def clamp(x: torch.Tensor) -> torch.Tensor:  # a sample → the encoder's tanh range, as inference does
+        return ((x * std_d + mean_d).clamp(-1.0, 1.0) - mean_d) / std_d
+
+    model: torch.nn.Module = torch.compile(net) if args.compile else net
+    if d.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    ev = eval_windows(test if len(test) else train, context_len=K, horizon=args.eval_horizon,
+                      count=args.eval_windows, seed=args.seed, mean=mean, std=std, num_actions=A, device=dev)
+    run_meta = {"args": asdict(args), "context_len": K, "configs": configs_meta(net),
+                "objective": asdict(cfg), "encoder_sha256": s.encoder_sha256, "data": summary}
+    n_params = sum(p.numel() for p in net.parameters())
+    log = JsonlLogger(out / "metrics.jsonl") if d.is_main else None
+    if d.is_main:
+        print(f"pretrain: DiT-{args.preset} {n_params / 1e6:.2f} M params, K {K}, d_z {ae.latent_dim}, {A} actions; "
+              f"{summary['train_rows']} train / {summary['heldout_rows']} held-out rows; batch {args.batch} x "
+              f"{d.world_size} proc; {'resuming at step ' + str(step) if step else 'from scratch'}")
+
+    stop: dict[str, int | None] = {"sig": None}
+    old = {sg: signal.signal(sg, lambda signum, _f: stop.__setitem__("sig", signum))
+           for sg in (signal.SIGTERM, signal.SIGINT)}
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext())
+    total = args.lr_decay_steps or args.steps
+    bar = tqdm(total=args.steps, initial=step, unit="step", desc=f"pretrain DiT-{args.preset}",
+               disable=not (d.is_main and sys.stderr.isatty()))
+    t0, s0, saved, terms, final = time.perf_counter(), step, step, {}, {}
+    try:
+        while step < args.steps:
+            if dist_.any_rank(d, stop["sig"] is not None):
+                break
+            lr = lr_at(step, args.lr, args.warmup, total)  # explicit schedule, set by hand each step
+            for group in opt.param_groups:
+                group["lr"] = lr
+            w = windows.sample(args.batch)
+            inputs = make_inputs(w, cfg, num_actions=A, generator=gen, dit=net.dit, context_len=K, clamp=clamp)
+            with autocast:
+                terms = model(inputs)
+            loss = total_loss(terms, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # DDP averages the gradients across ranks here
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
+            opt.step()
+            ema_update(ema, net, ema_decay_at(step, args.ema))
+            step += 1
+            bar.update(1)
+            if log is not None and (step % args.log_every == 0 or step == args.steps):
+                m = {k: v.item() for k, v in terms.items()}
+                log.log(step, loss=loss.item(), **m, lr=lr, grad_norm=float(grad_norm),
+                        steps_per_s=(step - s0) / (time.perf_counter() - t0))
+                bar.set_postfix(flow=f"{m['flow']:.3f}", reward=f"{m['reward']:.3f}")
+            if log is not None and ev is not None and args.eval_every and step % args.eval_every == 0:
+                final = evaluate(ema, ev, context_len=K, sampling_steps=args.sampling_steps, mean=mean_d, std=std_d,
+                                 seed=args.seed)
+                log.log(step, **final)
+            if step % args.checkpoint_every == 0 and step < args.steps:
+                save_state(out, d, net=net, ema=ema, opt=opt, gen=gen, windows=windows, step=step, meta=run_meta)
+                saved = step
+    finally:
+        bar.close()
+        for sg, h in old.items():
+            signal.signal(sg, h)
+    dt = time.perf_counter() - t0
+    if step != saved:
+        save_state(out, d, net=net, ema=ema, opt=opt, gen=gen, windows=windows, step=step, meta=run_meta)
+    rate = (step - s0) / dt if dt > 0 else 0.0
+    if d.is_main:
+        print(f"pretrain: {step - s0} steps in {dt:.1f} s: {rate:.2f} steps/s (batch {args.batch} x {d.world_size}); "
+              f"checkpoint {out / 'ckpt'} at step {step}")
+    if stop["sig"] is not None or step < args.steps:
+        if log is not None:
+            log.close()
+        return 143 if stop["sig"] in (None, signal.SIGTERM) else 130
+    if d.is_main:
+        if ev is not None and not (args.eval_every and step % args.eval_every == 0 and step > s0):
+            final = evaluate(ema, ev, context_len=K, sampling_steps=args.sampling_steps, mean=mean_d, std=std_d,
+                             seed=args.seed)
+            log.log(step, **final)
+        log.close()
+        info = {"store": Path(args.data).name, **summary,
+                "eval split": "held-out episodes" if len(test) else "training episodes (store has no held-out one)", "encoder sha256": s.encoder_sha256[:12],
+                "preset": f"{args.preset} ({n_params / 1e6:.2f} M params)", "training steps": step,
+                "batch": f"{args.batch} x {d.world_size}", "lr": args.lr, "objective": json.dumps(asdict(cfg)),
+                "final flow loss": f"{terms['flow'].item():.4f}" if terms else "-",
+                **{k: f"{v:.4g}" for k, v in final.items()}}
+        path = export_bundle(out / "bundle", ema=ema, autoencoder=ae, mean=mean_d, std=std_d, train=train,
+                             context_len=K, num_actions=A, game=s.meta["game"], action_meanings=names,
+                             sampling_steps=args.sampling_steps, start_contexts=args.start_contexts, seed=args.seed,
+                             card=model_card(info))
+        print(f"pretrain: bundle {path}" + "".join(f"; {k} {v:.4g}" for k, v in final.items() if "mse" in k))
+    dist_.barrier(d)
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(Args, main, "ditwm pretrain", argv, description=__doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

@@ -1,0 +1,224 @@
+"""Stage-2 objective: rectified flow with diffusion forcing on latent windows, multi-step rollouts, reward head.
+
+Sources: rectified flow (Liu et al. 2022) with SD3's logit-normal times and velocity target (Esser et al. 2024),
+conventions of :mod:`dit_envs.models.flow`; diffusion forcing (Chen et al. 2024): every token of a causal window
+carries its own noise level, so one forward pass trains every position; classifier-free-guidance-style action
+dropout to the null index (Ho & Salimans 2022; DiT's label dropout, Peebles & Xie 2023).
+
+A training batch is ``B`` windows of ``L`` consecutive rows of one episode (:class:`Windows`). Three terms:
+
+* **flow** — the first ``T = seq_len`` tokens. Per sample, with probability ``clean_context`` the ``T − 1``
+  context tokens are clean (``t = 0``) and only the last is noisy — exactly what inference does — and the loss
+  counts the last token only (a clean token's velocity ``ε − x0`` is unpredictable); otherwise every token gets
+  an independent logit-normal ``t`` and every token counts (diffusion forcing). Each token's previous action is
+  replaced by the null index ``num_actions`` with probability ``action_dropout``.
+* **rollout** (optional, ``rollout_steps = N ≥ 2``; the proposal's ``z_{t+n}`` extension) — draw ``n ∈ [2, N]``,
+  let the model itself imagine rows ``K .. K+n−2`` from the clean real context (no gradient, the inference
+  sampler), then train the flow loss of the real row ``K+n−1`` given that partly imagined context. The model
+  learns to predict ``z_{t+n}`` from its own ``n−1``-step rollout — to pull drifting rollouts back towards real
+  dynamics instead of compounding their errors.
+* **heads** — :class:`~dit_envs.models.heads.RewardTermHead` on the real transitions ``(z_{i−1}, a_i, z_i)``
+  of every window (rows ``i ≥ 1`` are always real transitions: windows never cross an episode start). Two-hot
+  reward cross-entropy plus termination BCE with ``pos_weight = term_weight`` (terminations are rare: one per
+  episode).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dit_envs.models.dit import DiT
+from dit_envs.models.flow import flow_matching_loss, interpolate, logit_normal_times, sample, uniform_times
+from dit_envs.models.heads import RewardTermHead
+
+
+@dataclass
+class ObjectiveConfig:
+    """Hyper-parameters of the stage-2 loss (saved in checkpoints and the model card).
+
+    Attributes:
+        seq_len: ``T`` tokens of the flow window, ``2 .. K + 1``.
+        clean_context: fraction of samples whose context is clean and only the last token noisy.
+        action_dropout: per-token probability of replacing the previous action by the null index.
+        t_mean, t_std: logit-normal location / scale of the training times.
+        term_weight: BCE ``pos_weight`` of termination; reward_weight scales the whole head loss.
+        rollout_steps: ``N`` of the multi-step term (0 = off, else ≥ 2).
+        rollout_weight: weight of the multi-step term.
+        rollout_sampling_steps: Euler steps of each imagined step in the multi-step term.
+    """
+
+    seq_len: int = 5
+    clean_context: float = 0.5
+    action_dropout: float = 0.1
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    term_weight: float = 10.0
+    reward_weight: float = 1.0
+    rollout_steps: int = 0
+    rollout_weight: float = 1.0
+    rollout_sampling_steps: int = 1
+
+
+@dataclass
+class Windows:
+    """``B`` windows of ``L`` consecutive rows of one episode each, on one device.
+
+    Attributes:
+        x: float32 ``(B, L, d_z)`` standardised latents (what the DiT diffuses).
+        z: float32 ``(B, L, d_z)`` raw autoencoder latents (what the head reads).
+        prev_action: int64 ``(B, L)`` action that led to each row, ``num_actions`` (null) on an episode's first.
+        reward: float32 ``(B, L)``, terminated: bool ``(B, L)`` — of the transition into each row.
+    """
+
+    x: torch.Tensor
+    z: torch.Tensor
+    prev_action: torch.Tensor
+    reward: torch.Tensor
+    terminated: torch.Tensor
+
+
+class PretrainNet(nn.Module):
+    """The trainable part of the DiT world model (DiT + head), with one ``forward`` that returns every loss term,
+    so it can be wrapped by DDP / ``torch.compile`` as one module.
+
+    Args:
+        dit: :class:`DiT`. heads: :class:`RewardTermHead`.
+        term_weight: termination BCE ``pos_weight``.
+    """
+
+    def __init__(self, dit: DiT, heads: RewardTermHead, term_weight: float = 10.0) -> None:
+        super().__init__()
+        self.dit, self.heads, self.term_weight = dit, heads, term_weight
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """All loss terms of one batch (see :func:`make_inputs` for the keys).
+
+        Returns:
+            float32 scalars ``flow``, ``reward``, ``term`` and, when the batch has ``ro_*`` keys, ``rollout``.
+        """
+        v = self.dit(inputs["xt"], inputs["t"], inputs["prev_action"])  # (B, T, d_z)
+        out = {"flow": flow_matching_loss(v, inputs["x0"], inputs["noise"], inputs["mask"])}
+        if "ro_xt" in inputs:
+            v_ro = self.dit(inputs["ro_xt"], inputs["ro_t"], inputs["ro_prev_action"])  # (B, K+1, d_z)
+            out["rollout"] = flow_matching_loss(v_ro[:, -1], inputs["ro_x0"], inputs["ro_noise"])
+        m = inputs["h_mask"]  # (B, L-1) real transitions (a null previous action marks none)
+        a = torch.where(m > 0, inputs["h_action"], torch.zeros_like(inputs["h_action"]))
+        r_logits, t_logit = self.heads(inputs["h_z"], a, inputs["h_z_next"])  # (B, L-1, bins), (B, L-1)
+        denom = m.sum().clamp(min=1.0)
+        out["reward"] = (self.heads.twohot.loss(r_logits.float(), inputs["h_reward"]) * m).sum() / denom
+        pos_weight = torch.tensor(self.term_weight, device=t_logit.device)
+        term = F.binary_cross_entropy_with_logits(t_logit.float(), inputs["h_term"], pos_weight=pos_weight,
+                                                  reduction="none")
+        out["term"] = (term * m).sum() / denom
+        return out
+
+
+def total_loss(terms: dict[str, torch.Tensor], cfg: ObjectiveConfig) -> torch.Tensor:
+    """``flow + rollout_weight·rollout + reward_weight·(reward + term)``, a float32 scalar."""
+    loss = terms["flow"] + cfg.reward_weight * (terms["reward"] + terms["term"])
+    if "rollout" in terms:
+        loss = loss + cfg.rollout_weight * terms["rollout"]
+    return loss
+
+
+@torch.no_grad()
+def imagine_context(dit: DiT, w: Windows, n: int, *, context_len: int, sampling_steps: int,
+                    clamp, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Roll ``dit`` open-loop ``n − 1`` steps from the real context ``x[:, :K]`` with the real actions.
+
+    Args:
+        dit: the model being trained (used without gradient).
+        w: windows with ``L ≥ K + n`` rows.
+        n: the multi-step horizon (≥ 1; ``n = 1`` returns the real context).
+        context_len: ``K``. sampling_steps: Euler steps per imagined step.
+        clamp: standardised ``(B, d_z)`` → standardised, mapping a sample into the encoder's range as inference
+            does (denormalise, clamp to [-1, 1], normalise).
+        generator: draws the sampler's noise.
+    Returns:
+        ``(ctx float32 (B, K, d_z), ctx_action int64 (B, K))``: rows ``n−1 .. K+n−2`` of the window, the last
+        ``n − 1`` of them imagined.
+    """
+    K = context_len
+    ctx, ctx_a = w.x[:, :K], w.prev_action[:, :K]
+    times = uniform_times(sampling_steps)
+    for j in range(n - 1):
+        cache = dit.context_cache(ctx, ctx_a)
+        a = w.prev_action[:, K + j]
+        noise = torch.randn(ctx.shape[0], ctx.shape[2], generator=generator, device=ctx.device)
+        x = clamp(sample(lambda xx, tt: dit.predict_next(xx, tt, a, cache), noise, times).float())  # (B, d_z)
+        ctx = torch.cat([ctx[:, 1:], x[:, None]], dim=1)
+        ctx_a = torch.cat([ctx_a[:, 1:], a[:, None]], dim=1)
+    return ctx, ctx_a
+
+
+def make_inputs(w: Windows, cfg: ObjectiveConfig, *, num_actions: int, generator: torch.Generator,
+                dit: DiT | None = None, context_len: int = 0, clamp=None) -> dict[str, torch.Tensor]:
+    """Draw the noise, times, clean-context choice and action dropout of one batch (all from ``generator``).
+
+    Args:
+        w: windows with ``L ≥ seq_len`` rows (``L ≥ K + rollout_steps`` when the multi-step term is on).
+        cfg: the objective. num_actions: the null action index.
+        generator: on ``w``'s device; the only randomness used.
+        dit, context_len, clamp: needed for the multi-step term (see :func:`imagine_context`).
+    Returns:
+        Tensors for :meth:`PretrainNet.forward`: ``xt, t, prev_action, x0, noise, mask`` ``(B, T, ...)``,
+        ``h_z, h_action, h_z_next, h_reward, h_term, h_mask`` ``(B, L−1, ...)``, and ``ro_*`` for the multi-step term.
+    Raises:
+        ValueError: windows shorter than required.
+    """
+    B, L, d = w.x.shape
+    T, dev = cfg.seq_len, w.x.device
+    need = max(T, context_len + cfg.rollout_steps if cfg.rollout_steps else 0)
+    if L < need:
+        raise ValueError(f"windows: expected >= {need} rows, got {L}")
+    x0 = w.x[:, :T]
+    t = logit_normal_times((B, T), mean=cfg.t_mean, std=cfg.t_std, generator=generator, device=dev)  # (B, T)
+    clean = torch.rand(B, generator=generator, device=dev) < cfg.clean_context  # (B,)
+    is_ctx = torch.arange(T, device=dev) < T - 1  # (T,)
+    clean_ctx = clean[:, None] & is_ctx[None]  # (B, T)
+    t = torch.where(clean_ctx, torch.zeros_like(t), t)
+    noise = torch.randn(B, T, d, generator=generator, device=dev)
+    drop = torch.rand(B, T, generator=generator, device=dev) < cfg.action_dropout
+    out = {
+        "xt": interpolate(x0, noise, t), "t": t, "x0": x0, "noise": noise, "mask": (~clean_ctx).float(),
+        "prev_action": torch.where(drop, torch.full_like(w.prev_action[:, :T], num_actions), w.prev_action[:, :T]),
+        "h_z": w.z[:, :-1], "h_action": w.prev_action[:, 1:], "h_z_next": w.z[:, 1:],
+        "h_reward": w.reward[:, 1:], "h_term": w.terminated[:, 1:].float(),
+        "h_mask": (w.prev_action[:, 1:] < num_actions).float(),
+    }
+    if cfg.rollout_steps:
+        if dit is None or clamp is None or context_len < 1:
+            raise ValueError("dit/context_len/clamp: expected for rollout_steps > 0, got none")
+        K = context_len
+        n = int(torch.randint(2, cfg.rollout_steps + 1, (1,), generator=generator, device=dev).item())
+        ctx, ctx_a = imagine_context(dit, w, n, context_len=K, sampling_steps=cfg.rollout_sampling_steps,
+                                     clamp=clamp, generator=generator)
+        target, target_a = w.x[:, K + n - 1], w.prev_action[:, K + n - 1]  # (B, d_z), (B,)
+        t_last = logit_normal_times((B,), mean=cfg.t_mean, std=cfg.t_std, generator=generator, device=dev)
+        eps = torch.randn(B, d, generator=generator, device=dev)
+        out.update({
+            "ro_xt": torch.cat([ctx, interpolate(target, eps, t_last)[:, None]], dim=1),  # (B, K+1, d_z)
+            "ro_t": torch.cat([torch.zeros(B, K, device=dev), t_last[:, None]], dim=1),  # (B, K+1)
+            "ro_prev_action": torch.cat([ctx_a, target_a[:, None]], dim=1),  # (B, K+1)
+            "ro_x0": target, "ro_noise": eps,
+        })
+    return out
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """``ema ← decay·ema + (1 − decay)·model`` for parameters; buffers are copied."""
+    e_params = [p for p in ema.parameters()]
+    m_params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(e_params, m_params, 1.0 - decay)
+    for be, bm in zip(ema.buffers(), model.buffers()):
+        be.copy_(bm)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay after ``step`` updates: ``min(decay, (1 + step) / (10 + step))`` — short runs do not keep the
+    random initialisation in the average."""
+    return min(decay, (1.0 + step) / (10.0 + step))

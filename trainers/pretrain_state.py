@@ -1,0 +1,124 @@
+"""Training state and export of ``ditwm pretrain``: resumable checkpoints and the final world-model bundle.
+
+Checkpoints (:mod:`trainers.checkpoint`: safetensors + JSON, atomic, manifest last, no pickle) hold the DiT and
+head weights, their EMA, the latent standardisation, the AdamW state, every rank's torch generator and window
+sampler state, torch's global CPU RNG, python's RNG, and the step — so a resumed CPU run (same ``world_size``,
+same thread count) equals an uninterrupted one bit for bit.
+"""
+from __future__ import annotations
+
+import copy
+import random
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dit_envs.bundle import save_bundle
+from dit_envs.models.dit_world_model import DiTWorldModel
+from trainers.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
+from trainers.data import sample_contexts
+from trainers.distributed import Dist, barrier, gather_json, gather_tensor, replicas_equal
+from trainers.latents import LatentDataset, LatentWindows
+from trainers.pretrain_objective import PretrainNet
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """A 63-bit torch seed for ``(seed, rank, step)`` (distinct streams per DDP rank)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def save_state(out: Path, d: Dist, *, net: PretrainNet, ema: PretrainNet, opt: torch.optim.Optimizer,
+               gen: torch.Generator, windows: LatentWindows, step: int, meta: dict) -> None:
+    """Write ``out/ckpt`` (collective: every rank calls it at the same step; rank 0 writes).
+
+    Args:
+        meta: JSON-able run description stored alongside (args, configs, encoder hash, ...).
+    Raises:
+        RuntimeError: DDP replicas whose weights differ (a bug; never checkpoint diverged replicas).
+    """
+    gens = gather_tensor(d, gen.get_state())
+    samplers = gather_json(d, windows.state_dict())
+    if not replicas_equal(d, net):
+        raise RuntimeError("DDP replicas: expected identical weights on every rank, got different ones")
+    if d.is_main:
+        tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
+        tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+        opt_tensors, opt_meta = optimizer_state(opt, "opt")
+        tensors.update(opt_tensors)
+        tensors.update({f"rng.gen.{r}": g for r, g in enumerate(gens)})
+        tensors["rng.torch_cpu"] = torch.get_rng_state()
+        tensors["latent_mean"], tensors["latent_std"] = windows.mean, windows.std
+        py = random.getstate()
+        save_checkpoint(out, tensors, {**meta, "step": int(step), "world_size": d.world_size, "samplers": samplers,
+                                       "opt": opt_meta, "python_rng": [py[0], list(py[1]), py[2]]})
+    barrier(d)
+
+
+def read_state(out: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The newest checkpoint in ``out`` (tensors on CPU, meta)."""
+    return load_checkpoint(out, "cpu")
+
+
+def restore_state(tensors: dict[str, torch.Tensor], meta: dict, d: Dist, *, net: PretrainNet, ema: PretrainNet,
+                  opt: torch.optim.Optimizer, gen: torch.Generator, windows: LatentWindows, seed: int) -> int:
+    """Load a checkpoint read by :func:`read_state` into the live objects; returns its step.
+
+    With a different ``world_size`` than the checkpoint's, the per-rank RNG streams cannot be matched: they are
+    re-seeded from ``(seed, rank, step)`` with a warning (the run continues correctly, not bit-exactly).
+    """
+    def sub(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    dev = next(net.parameters()).device
+    net.load_state_dict(sub("net."))
+    ema.load_state_dict(sub("ema."))
+    load_optimizer_state(opt, "opt", {k: v.to(dev) for k, v in tensors.items() if k.startswith("opt.")}, meta["opt"])
+    step = int(meta["step"])
+    if meta["world_size"] == d.world_size:
+        gen.set_state(tensors[f"rng.gen.{d.rank}"])
+        windows.load_state_dict(meta["samplers"][d.rank])
+    else:
+        warnings.warn(f"world_size: checkpoint has {meta['world_size']}, this run {d.world_size}; RNG streams are "
+                      f"re-seeded (resume is correct but not bit-identical)", stacklevel=2)
+        gen.manual_seed(rank_seed(seed, d.rank, step))
+        windows.sampler.rng = np.random.default_rng([seed, d.rank, step])
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    v, state, gauss = meta["python_rng"]
+    random.setstate((v, tuple(state), gauss))
+    return step
+
+
+def model_card(info: dict) -> str:
+    """Markdown of the run: data, training, final figures (appended to the bundle's README.md)."""
+    rows = "\n".join(f"| {k} | {v} |" for k, v in info.items())
+    return ("## Stage 2: DiT pretraining\n\nRectified flow (SD3 logit-normal times, velocity target) with diffusion "
+            "forcing over latent windows of the frozen stage-1 autoencoder; EMA weights.\n\n"
+            f"| field | value |\n| --- | --- |\n{rows}\n")
+
+
+def export_bundle(out_dir: Path, *, ema: PretrainNet, autoencoder: torch.nn.Module, mean: torch.Tensor,
+                  std: torch.Tensor, train: LatentDataset, context_len: int, num_actions: int, game: str,
+                  action_meanings: list[str], sampling_steps: int, start_contexts: int, seed: int,
+                  card: str) -> Path:
+    """Save the EMA world model as a bundle (float32, CPU) with start contexts drawn from training episodes.
+
+    Returns:
+        ``out_dir``.
+    Raises:
+        ValueError: no training episode segment holds ``context_len`` rows.
+    """
+    dit, heads = copy.deepcopy(ema.dit).cpu().float(), copy.deepcopy(ema.heads).cpu().float()
+    wm = DiTWorldModel(copy.deepcopy(autoencoder).cpu().float(), dit, heads, sampling_steps=sampling_steps)
+    wm.set_latent_stats(mean.detach().cpu().float(), std.detach().cpu().float())
+    z, a = sample_contexts(train.z.astype(np.float32), train.action, train.episode, train.step, context_len,
+                           start_contexts, num_actions, seed=seed)
+    return save_bundle(wm.eval(), out_dir, game=game, action_meanings=action_meanings, start_z=torch.from_numpy(z),
+                       start_a=torch.from_numpy(a), card=card, overwrite=True)
+
+
+def configs_meta(net: PretrainNet) -> dict:
+    """The network configs as plain dicts (compared on ``--resume``)."""
+    return {"dit": asdict(net.dit.config), "heads": asdict(net.heads.config)}

@@ -1,0 +1,166 @@
+"""On-policy rollouts in a natively batched vector env (SAME_STEP autoreset) and the DreamerV3 update on them.
+
+Stage 3 trains the actor-critic of :mod:`trainers.agent` on imagined experience served through the Gymnasium
+vector env (``gym.make_vec(..., obs_type="latent")``), not through the world model directly. The envs run on
+across updates, so a rollout of ``T`` steps may contain episode ends. Source of the update: DreamerV3 (Hafner et
+al. 2023, §2 "Actor critic learning": λ-returns, return normalisation, entropy bonus, slow critic).
+
+Autoreset and returns. On the step where env ``b`` ends an episode, SAME_STEP returns the first observation of
+its next episode; the true last observation is ``info["final_obs"][b]``. The :class:`Rollout` keeps both:
+``traj.obs[t+1]`` is the observation the policy acts on next (the reset one after an end), ``final_obs[t]`` the
+true successor of ``traj.obs[t]``. :func:`rollout_returns` cuts the λ-return recursion at every episode end so
+nothing of the next episode leaks into the returns of the previous one:
+
+* termination (``continues[t] = 0``): ``R_t = r_t``;
+* truncation (time limit): ``R_t = r_t + γ·V(final_obs[t])`` (the episode goes on, unseen: bootstrap);
+* otherwise the usual ``R_t = r_t + γ·((1−λ)·v_{t+1} + λ·R_{t+1})``, ``R_T = v_T``.
+
+Every state of such a rollout is a live state (autoreset: none lies beyond a terminal), so the per-state loss
+weights are 1 — DreamerV3's cumulative-discount weights exist to mask imagined states after a predicted end.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode
+
+from trainers.agent import ActorCritic, Metrics, Trajectory, actor_loss, critic_loss, lambda_returns
+
+
+@dataclasses.dataclass
+class Rollout:
+    """``T`` batched steps of ``B`` envs.
+
+    Fields: ``traj`` (:class:`Trajectory`; ``obs`` float32 ``(T+1, B, obs_dim)`` acted-on observations,
+    ``continues = 1 − terminated``), ``truncated`` float32 ``(T, B)``, ``final_obs`` float32 ``(T, B, obs_dim)``
+    (true successor of ``traj.obs[t]``: ``info["final_obs"]`` where an episode ended, else ``traj.obs[t+1]``),
+    ``episode_returns`` (undiscounted returns of the episodes that ended in this rollout).
+    """
+
+    traj: Trajectory
+    truncated: torch.Tensor
+    final_obs: torch.Tensor
+    episode_returns: list[float]
+
+
+def latent_obs(obs: Any, k: int, device: torch.device | str) -> torch.Tensor:
+    """Env latent observations ``(B, K_env, d_z)`` (numpy or tensor) → policy input float32 ``(B, k·d_z)``.
+
+    The last ``k ≤ K_env`` latents are kept, so a policy with a shorter stack runs in a longer-context env.
+
+    Raises:
+        ValueError: ``obs`` is not 3-D or has fewer than ``k`` latents.
+    """
+    x = torch.as_tensor(np.asarray(obs) if not torch.is_tensor(obs) else obs, device=device, dtype=torch.float32)
+    if x.dim() != 3 or x.shape[1] < k:
+        raise ValueError(f"obs: expected latent observations (B, K>={k}, d_z), got shape {tuple(x.shape)}")
+    return x[:, -k:].flatten(1)  # (B, k·d_z)
+
+
+@torch.no_grad()
+def collect_rollout(envs: gym.vector.VectorEnv, act: Callable[[torch.Tensor], torch.Tensor], obs: Any,
+                    horizon: int, k: int, running_return: np.ndarray, device: torch.device | str = "cpu"
+                    ) -> tuple[Rollout, Any]:
+    """Roll ``act`` for ``horizon`` batched steps (one ``envs.step`` call per step).
+
+    Args:
+        envs: vector env with latent observations ``(B, K_env, d_z)`` and SAME_STEP autoreset.
+        act: policy, float32 ``(B, k·d_z)`` → int64 ``(B,)`` actions (any device).
+        obs: the current observations (from ``reset`` or the previous call). horizon: ``T`` ≥ 1. k: stack length.
+        running_return: float64 ``(B,)`` undiscounted return so far of each env's episode; updated in place.
+    Returns:
+        ``(rollout, next_obs)``; pass ``next_obs`` to the next call.
+    Raises:
+        ValueError: ``horizon`` < 1, or an env whose autoreset mode is not SAME_STEP.
+    """
+    if horizon < 1:
+        raise ValueError(f"horizon: expected >= 1, got {horizon}")
+    mode = envs.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
+    if mode != AutoresetMode.SAME_STEP:
+        raise ValueError(f"envs.metadata['autoreset_mode']: expected SAME_STEP, got {mode}")
+    x = latent_obs(obs, k, device)
+    xs, finals, actions, rewards, conts, truncs, ended = [x], [], [], [], [], [], []
+    for _ in range(horizon):
+        a = act(x).to(torch.int64)  # (B,)
+        obs, reward, term, trunc, info = envs.step(a.cpu().numpy())
+        x = latent_obs(obs, k, device)
+        done = np.asarray(term) | np.asarray(trunc)
+        final = x.clone()
+        if done.any():
+            idx = np.flatnonzero(done)
+            final[torch.as_tensor(idx, device=device)] = latent_obs(np.stack(info["final_obs"][idx]), k, device)
+        running_return += reward
+        ended.extend(running_return[done].tolist())
+        running_return[done] = 0.0
+        xs.append(x)
+        finals.append(final)
+        actions.append(a.to(device))
+        rewards.append(torch.as_tensor(reward, dtype=torch.float32, device=device))
+        conts.append(torch.as_tensor(1.0 - np.asarray(term, np.float32), device=device))
+        truncs.append(torch.as_tensor(np.asarray(trunc, np.float32) * (1.0 - np.asarray(term, np.float32)),
+                                      device=device))
+    traj = Trajectory(torch.stack(xs), torch.stack(actions), torch.stack(rewards), torch.stack(conts))
+    return Rollout(traj, torch.stack(truncs), torch.stack(finals), ended), obs
+
+
+def rollout_returns(rewards: torch.Tensor, values: torch.Tensor, continues: torch.Tensor, truncated: torch.Tensor,
+                    final_values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """λ-returns of a rollout with episode ends inside it (see the module docstring).
+
+    Implemented with :func:`trainers.agent.lambda_returns`: the recursion is cut (continue 0) at every end and a
+    truncation's bootstrap ``γ·V(final_obs)`` is folded into its reward.
+
+    Args:
+        rewards, continues (``1 − terminated``), truncated, final_values (``V(final_obs[t])``): float ``(T, B)``.
+        values: ``V(traj.obs[t])`` float ``(T+1, B)``. gamma, lam: in ``[0, 1]``.
+    Returns:
+        float ``(T, B)``.
+    Raises:
+        ValueError: mismatched shapes (from ``lambda_returns``), or ``truncated``/``final_values`` not ``(T, B)``.
+    """
+    for name, x in (("truncated", truncated), ("final_values", final_values)):
+        if x.shape != rewards.shape:
+            raise ValueError(f"{name}: expected shape {tuple(rewards.shape)}, got {tuple(x.shape)}")
+    trunc = truncated * continues  # a step that terminates is never bootstrapped
+    cut = continues * (1.0 - trunc)  # 0 at every episode end
+    return lambda_returns(rewards + gamma * trunc * final_values, values, cut, gamma, lam)
+
+
+def rollout_loss(ac: ActorCritic, rollout: Rollout, update_normalizer: bool = True) -> tuple[torch.Tensor, Metrics]:
+    """DreamerV3 actor + critic loss on a vector-env rollout (mirrors :func:`trainers.agent.actor_critic_loss`).
+
+    Values, returns and bootstraps come from the fast critic (detached); the critic is also pulled towards the
+    slow critic; advantages are divided by the return scale after ``ac.normalizer.update(returns)``.
+
+    Returns:
+        ``(loss, metrics)``: scalar loss (gradients reach ``ac.actor`` and ``ac.critic``); detached scalars
+        ``actor_loss, actor_ent, adv_mean, adv_abs, critic_loss, value_mean, return_mean, return_scale``.
+    Raises:
+        ValueError: rollout fields of mismatched shapes.
+    """
+    c, traj = ac.config, rollout.traj
+    t_len, b = traj.actions.shape
+    if tuple(traj.obs.shape) != (t_len + 1, b, c.obs_dim) or rollout.final_obs.shape != traj.obs[1:].shape:
+        raise ValueError(f"rollout.traj.obs/final_obs: expected ({t_len + 1}, {b}, {c.obs_dim}) / "
+                         f"({t_len}, {b}, {c.obs_dim}), got {tuple(traj.obs.shape)} / {tuple(rollout.final_obs.shape)}")
+    critic_logits = ac.critic(traj.obs)  # (T+1, B, bins)
+    values = ac.critic.twohot.mean(critic_logits).detach()  # (T+1, B)
+    with torch.no_grad():
+        slow_values = ac.slow_critic.value(traj.obs[:-1])  # (T, B)
+        final_values = torch.zeros_like(traj.rewards)  # (T, B)
+        m = rollout.truncated > 0
+        if bool(m.any()):
+            final_values[m] = ac.critic.value(rollout.final_obs[m])
+    returns = rollout_returns(traj.rewards, values, traj.continues, rollout.truncated, final_values, c.gamma, c.lam)
+    weights = torch.ones_like(returns)
+    if update_normalizer:
+        ac.normalizer.update(returns)
+    scale = ac.normalizer.scale()
+    a_loss, a_m = actor_loss(ac.actor(traj.obs[:-1]), traj.actions, returns, values[:-1], weights, scale,
+                             c.entropy_coef)
+    c_loss, c_m = critic_loss(critic_logits[:-1], returns, slow_values, weights, ac.critic.twohot, c.slow_reg)
+    return a_loss + c_loss, {**a_m, **c_m, "return_scale": scale.detach()}

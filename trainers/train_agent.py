@@ -1,0 +1,331 @@
+"""Stage 3 (``ditwm train-agent``): a policy trained purely in world-model imagination, scored on the real game.
+
+The actor-critic of :mod:`trainers.agent` (DreamerV3, Hafner et al. 2023; input = the flattened last ``K``
+frozen-encoder latents) trains only on the natively batched imagination env with latent observations
+(``gym.make_vec(..., obs_type="latent")``, one batched world-model call per step): each update rolls the actor
+for ``--horizon`` steps in ``--num-envs`` envs and takes one DreamerV3 step (:mod:`trainers.rollout`: λ-returns
+cut at episode ends, return normalisation, entropy bonus, slow critic). Every ``--eval-every`` updates the greedy
+policy plays ``--eval-episodes`` real games through the world model's own frozen encoder
+(:func:`trainers.policy.evaluate_policy`, DESIGN.md §4 "Agent score"). Any bundle runs the same loop — an RSSM
+bundle (``rssm:STAGE1_DIR``) or a DiT — so the RSSM → DiT swap is measured with everything else equal.
+
+Outputs in ``--out``: ``metrics.jsonl`` (train records every 10 updates, ``eval_*`` records), ``curves.png``
+(real-game and imagined returns), ``ckpt/`` (atomic training state for ``--resume``), and at the end
+``agent.safetensors`` + ``agent.json`` (stage 1's format). ``--steps`` counts actor-critic updates; imagined
+env steps = updates × horizon × num_envs.
+
+Resume. The run is cut into segments of ``--eval-every`` updates; each starts the envs from a reset seeded by
+``(seed, updates)`` and ends with an evaluation and a checkpoint, so a run resumed from a segment-end checkpoint
+equals an uninterrupted one on CPU. SIGTERM / SIGINT checkpoint at once and exit 143 / 130.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dit_envs.io import load_tensors
+from trainers.agent import ActorCritic, AgentConfig
+from trainers.agent_io import load_agent, make_imagination_env, save_agent, stage1_dir
+from trainers.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
+from trainers.common import ArgError, JsonlLogger, arg, check_out_dir, pick_device, run_cli, seed_everything
+from trainers.policy import evaluate_policy
+from trainers.rollout import collect_rollout, rollout_loss
+from trainers.train_agent_report import plot_curves
+
+LOG_EVERY = 10
+
+
+@dataclass(kw_only=True)
+class Args:
+    world_model: str = arg(help="DiTWM/<Game>-v<k>, a bundle directory or hf:// source, or rssm:STAGE1_DIR")
+    steps: int = arg(help="actor-critic updates in total (each: --horizon batched steps of --num-envs envs)")
+    out: str = arg(help="run directory (new or empty unless --resume)")
+    init: str = arg("auto", "stage1:DIR (start from the frozen stage-1 actor-critic), scratch, or auto (the "
+                            "stage-1 dir of an rssm: world model or of a bundle inside one)")
+    num_envs: int = arg(256, "parallel imagined envs")
+    horizon: int = arg(15, "imagined steps per update (DreamerV3: 15)")
+    eval_every: int = arg(100, "updates between real-game evaluations and checkpoints (0: only at the end)")
+    eval_episodes: int = arg(10, "real-game episodes per evaluation (DESIGN.md §4: >= 10)")
+    eval_max_steps: int = arg(27_000, "per-episode step cap of the real game (protocol: 27000)")
+    episode_steps: int = arg(0, "imagined episode length before truncation (0: the env's default)")
+    sampling_steps: int = arg(0, "denoising steps per imagined step (0: the bundle's default)")
+    lr: float = arg(3e-5, "Adam learning rate of actor and critic (DreamerV3: 3e-5)")
+    hidden: int = arg(256, "scratch only: MLP width of actor and critic (stage 1's default)")
+    device: str = arg("cpu", "torch device of world model and agent (cpu, cuda, auto)")
+    seed: int = arg(0, "seed of envs, policy sampling and (scratch) initialisation")
+    resume: bool = arg(False, "continue the run in --out from its checkpoint")
+
+
+@dataclass
+class Setup:
+    """Validated inputs: the env, the initial actor-critic, where it came from, and what the run trains on."""
+
+    envs: object
+    ac: ActorCritic
+    k: int
+    init: str
+    game: str
+    action_meanings: list[str]
+    device: torch.device
+
+
+def _init_dir(args: Args) -> Path | None:
+    """The stage-1 directory to start from, or None for ``scratch``. Raises :class:`ArgError` (``init``)."""
+    if args.init == "scratch":
+        return None
+    if args.init.startswith("stage1:"):
+        src = Path(args.init[len("stage1:"):])
+    elif args.init == "auto":
+        wm = args.world_model
+        src = Path(wm[len("rssm:"):]) if wm.startswith("rssm:") else Path(wm).parent
+        if not wm.startswith("rssm:") and not (src / "agent.json").is_file():
+            raise ArgError("init", f"expected stage1:DIR or scratch (no stage-1 agent next to the world model "
+                                   f"{wm!r}), got 'auto'")
+    else:
+        raise ArgError("init", f"expected stage1:DIR, scratch or auto, got {args.init!r}")
+    try:
+        return stage1_dir(src)
+    except FileNotFoundError as e:
+        raise ArgError("init", str(e)) from None
+
+
+def _warn_if_other_encoder(init_dir: Path, model: torch.nn.Module) -> None:
+    """Warn (stderr) when the stage-1 autoencoder differs from the world model's: the policy would then read
+    latents of another encoder than the one it was trained on."""
+    path, ae = init_dir / "autoencoder.safetensors", getattr(model, "autoencoder", None)
+    if not path.is_file() or ae is None:
+        return
+    ref = load_tensors(path)
+    mine = ae.state_dict()
+    if ref.keys() != mine.keys() or any(not torch.equal(ref[k], mine[k].cpu().to(ref[k].dtype)) for k in ref):
+        print(f"ditwm train-agent: warning: init: the stage-1 autoencoder in {init_dir} differs from the world "
+              f"model's; the policy's input latents change meaning", file=sys.stderr)
+
+
+def prepare(args: Args) -> Setup:
+    """Validate every argument and build the env and the initial actor-critic; writes nothing.
+
+    Raises:
+        ArgError: a bad argument, naming it (exit 2 from the CLI).
+    """
+    for name in ("steps", "num_envs", "horizon", "eval_episodes", "eval_max_steps", "hidden"):
+        if getattr(args, name) < 1:
+            raise ArgError(name, f"expected an integer >= 1, got {getattr(args, name)}")
+    for name in ("eval_every", "episode_steps", "sampling_steps"):
+        if getattr(args, name) < 0:
+            raise ArgError(name, f"expected an integer >= 0, got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise ArgError("lr", f"expected a learning rate > 0, got {args.lr}")
+    dev = pick_device(args.device)
+    out = check_out_dir(args.out, args.resume)
+    init_dir = _init_dir(args)
+    if args.resume and (out / "ckpt").exists():
+        try:
+            _, meta = load_checkpoint(out)
+        except FileNotFoundError as e:
+            raise ArgError("out", f"expected a readable checkpoint to resume, got {e}") from None
+        for name in ("world_model", "init", "hidden"):
+            if meta["args"][name] != getattr(args, name):
+                raise ArgError(name, f"expected {meta['args'][name]!r} (the run being resumed), "
+                                     f"got {getattr(args, name)!r}")
+    try:
+        envs = make_imagination_env(args.world_model, args.num_envs, device=dev,
+                                    max_episode_steps=args.episode_steps or None,
+                                    sampling_steps=args.sampling_steps or None)
+    except (ValueError, FileNotFoundError, KeyError, OSError) as e:
+        raise ArgError("world_model", f"expected a loadable world model, got {args.world_model!r}: "
+                                      f"{e.args[0] if e.args else e}") from None
+    bundle = envs.unwrapped.bundle
+    k_env, d_z = envs.single_observation_space.shape
+    n_act = int(envs.single_action_space.n)
+    if init_dir is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            ac = ActorCritic(AgentConfig(obs_dim=k_env * d_z, num_actions=n_act, hidden=args.hidden,
+                                         horizon=args.horizon, lr=args.lr))
+        k, init = k_env, "scratch"
+    else:
+        try:
+            ac, meta = load_agent(init_dir)
+        except (FileNotFoundError, ValueError) as e:
+            raise ArgError("init", str(e)) from None
+        k, cfg = int(meta["context_len"]), ac.config
+        if cfg.num_actions != n_act or k * d_z != cfg.obs_dim or k > k_env:
+            raise ArgError("init", f"expected a stage-1 agent for {n_act} actions and K<={k_env} latents of "
+                                   f"d_z={d_z}, got num_actions={cfg.num_actions}, obs_dim={cfg.obs_dim}, K={k}")
+        if meta.get("game", bundle.config["game"]) != bundle.config["game"]:
+            raise ArgError("init", f"expected a stage-1 agent of {bundle.config['game']!r} (the world model's "
+                                   f"game), got one of {meta['game']!r}")
+        _warn_if_other_encoder(init_dir, bundle.model)
+        ac.config = dataclasses.replace(cfg, horizon=args.horizon, lr=args.lr)
+        init = f"stage1:{init_dir}"
+    return Setup(envs, ac.to(dev).train(), k, init, bundle.config["game"], list(bundle.config["action_meanings"]),
+                 dev)
+
+
+class AgentTrainer:
+    """State of a stage-3 run: env, actor-critic, optimiser, RNGs, counters, curves; and its loop."""
+
+    def __init__(self, args: Args, setup: Setup) -> None:
+        self.args, self.s, self.out = args, setup, Path(args.out)
+        self.ac, self.envs, self.dev = setup.ac, setup.envs, setup.device
+        params = [*self.ac.actor.parameters(), *self.ac.critic.parameters()]
+        self.params = params
+        self.opt = torch.optim.Adam(params, lr=args.lr, eps=1e-5)  # DreamerV3: eps 1e-5, grad clip 100
+        self.gen = torch.Generator(device=self.dev).manual_seed(args.seed)
+        self.encoder = self.envs.unwrapped.bundle.model  # the frozen encoder of the world model's bundle
+        self.updates, self.env_steps = 0, 0
+        self.history: list[dict] = []  # one record per evaluation (also in the checkpoint, for the curves)
+        self.imagined: list[float] = []  # imagined episode returns since the last evaluation
+        self.stop: int | None = None
+        self.train_time = 0.0  # seconds spent in updates (rollout + loss + step), without evaluations
+
+    # ---- evaluation, checkpoints, export --------------------------------------------------------------------
+    def evaluate(self, log: JsonlLogger) -> None:
+        a = self.args
+        self.ac.eval()
+        res = evaluate_policy(self.encoder, self.ac.actor, self.s.k, self.s.game, a.eval_episodes, a.seed,
+                              greedy=True, device=self.dev, max_steps=a.eval_max_steps)
+        self.ac.train()
+        rec = {"updates": self.updates, "env_steps": self.env_steps, "eval_return_mean": res["mean"],
+               "eval_return_std": res["std"], "eval_length_mean": float(np.mean(res["lengths"])),
+               "imagined_episodes": len(self.imagined)}
+        if self.imagined:  # no record (rather than NaN, which is not JSON) when no imagined episode ended
+            rec["imagined_return_mean"] = float(np.mean(self.imagined))
+        self.imagined = []
+        self.history.append(rec)
+        log.log(self.updates, **rec)
+        plot_curves(self.history, self.out / "curves.png", title=f"train-agent on {a.world_model}")
+
+    def save(self) -> None:
+        tensors = {f"ac.{k}": v for k, v in self.ac.state_dict().items()}
+        t, opt_meta = optimizer_state(self.opt, "opt")
+        tensors.update(t)
+        tensors["gen"] = self.gen.get_state()
+        tensors["torch_rng"] = torch.get_rng_state()
+        np_state = np.random.get_state()
+        meta = {"args": dataclasses.asdict(self.args), "init": self.s.init, "agent": dataclasses.asdict(self.ac.config),
+                "updates": self.updates, "env_steps": self.env_steps, "history": self.history, "opt": opt_meta,
+                "python_rng": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+                "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+        save_checkpoint(self.out, tensors, meta)
+
+    def load(self) -> None:
+        tensors, meta = load_checkpoint(self.out, self.dev)
+        self.ac.config = AgentConfig(**meta["agent"])
+        self.ac.load_state_dict({k[3:]: v for k, v in tensors.items() if k.startswith("ac.")})
+        load_optimizer_state(self.opt, "opt", tensors, meta["opt"])
+        for group in self.opt.param_groups:
+            group["lr"] = self.args.lr
+        self.gen.set_state(tensors["gen"].cpu())
+        torch.set_rng_state(tensors["torch_rng"].cpu())
+        py = meta["python_rng"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        npr = meta["numpy_rng"]
+        np.random.set_state((npr[0], np.array(npr[1], dtype=np.uint32), *npr[2:]))
+        self.updates, self.env_steps, self.history = meta["updates"], meta["env_steps"], meta["history"]
+        self.s.init = meta["init"]
+
+    def export(self) -> Path:
+        return save_agent(self.ac, self.out, context_len=self.s.k, game=self.s.game,
+                          action_meanings=self.s.action_meanings, world_model=self.args.world_model,
+                          init=self.s.init, updates=self.updates, env_steps=self.env_steps)
+
+    # ---- one update and the loop ----------------------------------------------------------------------------
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ac.act(x, self.gen)
+
+    def update(self, obs, running: np.ndarray):
+        a, t0 = self.args, time.perf_counter()
+        rollout, obs = collect_rollout(self.envs, self.act, obs, a.horizon, self.s.k, running, self.dev)
+        loss, m = rollout_loss(self.ac, rollout)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, 100.0)
+        self.opt.step()
+        self.ac.update_slow()
+        self.updates += 1
+        self.env_steps += a.horizon * a.num_envs
+        self.imagined.extend(rollout.episode_returns)
+        self.train_time += time.perf_counter() - t0
+        m = {k: float(v) for k, v in m.items()}
+        m.update(grad_norm=float(grad_norm), imagined_reward_mean=float(rollout.traj.rewards.mean()),
+                 imagined_term_rate=float(1.0 - rollout.traj.continues.mean()))
+        return obs, m
+
+    def run(self, log: JsonlLogger) -> int:
+        a = self.args
+        seg = a.eval_every or a.steps
+        old = {s: signal.signal(s, lambda signum, _f: setattr(self, "stop", signum))
+               for s in (signal.SIGTERM, signal.SIGINT)}
+        bar = tqdm(total=a.steps, initial=self.updates, unit="update", desc="train-agent",
+                   disable=not sys.stderr.isatty())
+        u0 = self.updates
+        try:
+            if self.updates == 0 and a.eval_every and not self.history:
+                self.evaluate(log)  # the starting point of the curves
+            while self.updates < a.steps and self.stop is None:
+                seg_end = min(a.steps, (self.updates // seg + 1) * seg)
+                obs, _ = self.envs.reset(seed=a.seed * 1_000_003 + self.updates)
+                running = np.zeros(a.num_envs)
+                while self.updates < seg_end and self.stop is None:
+                    obs, m = self.update(obs, running)
+                    bar.update(1)
+                    if self.updates % LOG_EVERY == 0 or self.updates == u0 + 1:
+                        log.log(self.updates, env_steps=self.env_steps,
+                                updates_per_s=(self.updates - u0) / self.train_time, **m)
+                if self.stop is None:
+                    self.evaluate(log)
+                self.save()
+        finally:
+            bar.close()
+            for s, h in old.items():
+                signal.signal(s, h)
+        if self.stop is not None:
+            return 143 if self.stop == signal.SIGTERM else 130
+        return 0
+
+
+def main(args: Args) -> int:
+    """Train (or resume) a stage-3 policy; returns 0, 143 after SIGTERM or 130 after SIGINT."""
+    setup = prepare(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(args.seed)
+    trainer = AgentTrainer(args, setup)
+    if args.resume and (out / "ckpt").exists():
+        trainer.load()
+    log = JsonlLogger(out / "metrics.jsonl", tensorboard=False)
+    t0, u0 = time.perf_counter(), trainer.updates
+    try:
+        code = trainer.run(log)
+    finally:
+        log.close()
+        setup.envs.close()
+    dt, n, tt = time.perf_counter() - t0, trainer.updates - u0, max(trainer.train_time, 1e-9)
+    last = trainer.history[-1] if trainer.history else {}
+    print(f"train-agent: {n} updates in {dt:.1f} s; training alone {n / tt:.2f} updates/s "
+          f"({n * args.horizon * args.num_envs / tt:.0f} imagined env steps/s); init {setup.init}")
+    if last:
+        print(f"real {setup.game} return after {last['updates']} updates: {last['eval_return_mean']:.2f} "
+              f"± {last['eval_return_std']:.2f} over {args.eval_episodes} episodes (greedy)")
+    if code == 0:
+        print(f"policy: {trainer.export()}")
+    return code
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(Args, main, "ditwm train-agent", argv, description=__doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())
