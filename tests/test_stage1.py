@@ -12,7 +12,7 @@ from trainers.checkpoint import load_checkpoint
 from trainers.collect import Args, main
 
 TINY = dict(agent="rssm", size="tiny", num_envs=2, prefill=64, ae_steps=8, train_every=16, checkpoint_every=96,
-            chunk_rows=64)
+            chunk_rows=64, segment_reset=True)
 
 
 def run(out, steps, resume=False):
@@ -38,7 +38,7 @@ def test_resume_in_new_process_is_bit_exact(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     first = subprocess.run([sys.executable, "-m", "trainers.cli", "collect", "--agent", "rssm", "--size", "tiny",
                             "--num-envs", "2", "--prefill", "64", "--ae-steps", "8", "--train-every", "16",
-                            "--checkpoint-every", "96", "--chunk-rows", "64", "--steps", "192",
+                            "--checkpoint-every", "96", "--chunk-rows", "64", "--steps", "192", "--segment-reset",
                             "--out", str(tmp_path / "split")], cwd=root, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     assert run(tmp_path / "split", 288, resume=True) == 0

@@ -36,10 +36,12 @@ class Args:
     chunk_rows: int = arg(4096, "rows per chunk file (a crash loses at most one chunk)")
     device: str = arg("cpu", "rssm: torch device (cpu, cuda, auto)")
     size: str = arg("default", "rssm: model sizes, 'default' or 'tiny' (tests)", choices=("default", "tiny"))
-    prefill: int = arg(5000, "rssm: random-play env steps before the autoencoder trains")
-    ae_steps: int = arg(1500, "rssm: autoencoder updates (then it is frozen)")
+    prefill: int = arg(20_000, "rssm: random-play env steps before the autoencoder trains")
+    ae_steps: int = arg(16_000, "rssm: autoencoder updates (then it is frozen)")
     train_every: int = arg(32, "rssm: env steps per RSSM + actor-critic update (inverse train ratio)")
-    checkpoint_every: int = arg(10_000, "rssm: env steps per segment; a checkpoint ends each segment")
+    checkpoint_every: int = arg(10_000, "rssm: env steps between training checkpoints")
+    segment_reset: bool = arg(False, "rssm: restart the games at every checkpoint, so that a resumed run is "
+                                     "bit-identical to an uninterrupted one (cuts episodes; for tests)")
 
 
 def validate(args: Args) -> None:

@@ -9,11 +9,13 @@ Straight-line loop (nanoGPT style), three phases:
    RSSM (DreamerV3 world-model loss on ``(batch, seq_len)`` replay windows of latents) and one actor-critic
    update in RSSM imagination from every posterior of that batch (horizon 15, λ-returns).
 
-Resume. The real game's state cannot be saved (ale-py's vector env has no clone), so the run is cut into
-*segments* of ``checkpoint_every`` env steps: each segment starts the games from a reset seeded by
-``(seed, env_steps)`` and ends (in-progress episodes marked truncated) with a checkpoint. A run resumed from a
-segment-end checkpoint is therefore bit-identical on CPU to an uninterrupted one. SIGTERM/SIGINT checkpoint at
-once mid-segment and exit 143/130; resuming from there continues correctly (not bit-identically).
+Resume. The real game's state cannot be saved (ale-py's vector env has no clone). A checkpoint is written every
+``checkpoint_every`` env steps while the games play on; a resumed run starts fresh games (reset seeded by
+``(seed, env_steps)``), so in-progress episodes end at the checkpoint. All other state (models, optimizers,
+RNGs, replay, counters) is restored exactly: with ``segment_reset`` the uninterrupted run also restarts its
+games at every checkpoint, and a run resumed from any checkpoint is then bit-identical on CPU to an
+uninterrupted one (the tests use this; real runs keep episodes whole, since Pong episodes are longer than a
+segment). SIGTERM/SIGINT checkpoint at once and exit 143/130.
 Store chunks written after the checkpoint being resumed are removed so store and replay agree.
 """
 from __future__ import annotations
@@ -57,10 +59,10 @@ class Stage1Config:
     game: str = "Pong"
     num_envs: int = 16
     seed: int = 0
-    prefill: int = 5000
+    prefill: int = 20_000
     ae_preset: str = "base"
-    ae_steps: int = 1500
-    ae_batch: int = 64
+    ae_steps: int = 16_000
+    ae_batch: int = 16
     context_len: int = 4
     deter: int = 256
     hidden: int = 256
@@ -74,6 +76,7 @@ class Stage1Config:
     wm_lr: float = 3e-4
     ac_lr: float = 1e-4
     checkpoint_every: int = 10_000
+    segment_reset: bool = False
     device: str = "cpu"
 
 
@@ -246,25 +249,25 @@ class Stage1:
                    disable=not sys.stderr.isatty())
         t0, s0 = time.perf_counter(), self.env_steps
         try:
+            self.start_segment()
             while self.env_steps < total_steps and self.stop is None:
                 seg_end = min(total_steps, (self.env_steps // c.checkpoint_every + 1) * c.checkpoint_every)
-                self.start_segment()
                 while self.env_steps < seg_end and self.stop is None:
                     if self.phase == "prefill" and self.env_steps >= c.prefill:
                         self.phase = "autoencoder"
                     if self.phase == "autoencoder":
                         self.train_autoencoder(log)
                         continue
-                    self.env_step(seg_end)
+                    self.env_step(seg_end if c.segment_reset else total_steps)
                     bar.update(c.num_envs)
                     while self.phase == "agent" and self.updates < (self.env_steps - c.prefill) // c.train_every:
                         m = self.train_update()
                         if self.updates % 25 == 0:
                             log.log(self.env_steps, updates=self.updates, **m)
-                    if self.stop is not None:
-                        break
                 self.save()
                 log.log(self.env_steps, checkpoint=1, env_steps_per_s=(self.env_steps - s0) / (time.perf_counter() - t0))
+                if c.segment_reset and self.env_steps < total_steps and self.stop is None:
+                    self.start_segment()
         finally:
             bar.close()
             for s, h in old.items():

@@ -49,6 +49,7 @@ def run_rssm(args) -> int:
     dev = pick_device(args.device)
     cfg = Stage1Config(game=args.game, num_envs=args.num_envs, seed=args.seed, prefill=args.prefill,
                        ae_steps=args.ae_steps, train_every=args.train_every, checkpoint_every=args.checkpoint_every,
+                       segment_reset=args.segment_reset,
                        device=str(dev), **SIZES[args.size])
     seed_everything(args.seed)
     run = Stage1(cfg, out, chunk_rows=args.chunk_rows)
