@@ -7,6 +7,7 @@ import sys
 #: subcommand → module with a ``cli(argv) -> int`` function (imported lazily so ``ditwm --help`` is instant).
 COMMANDS: dict[str, tuple[str, str]] = {
     "collect": ("trainers.collect", "fill an episode store from the real game"),
+    "train-autoencoder": ("trainers.autoencoder", "stage 1: train the frame autoencoder, report ball/paddle survival"),
     "pretrain": ("trainers.pretrain", "stage 2: train the DiT world model on frozen stage-1 latents"),
     "evaluate": ("trainers.evaluate", "measure a world model or agent (throughput, ...)"),
     "train-agent": ("trainers.train_agent", "stage 3: train a policy in imagination, score it on the real game"),

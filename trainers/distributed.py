@@ -83,11 +83,12 @@ def gather_bytes(d: Dist, data: bytes) -> list[bytes]:
     sizes = [torch.zeros_like(n) for _ in range(d.world_size)]
     dist.all_gather(sizes, n)
     width = int(max(s.item() for s in sizes))
-    buf = torch.zeros(width, dtype=torch.uint8, device=d.device)
-    buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(d.device) if data else buf[:0]
-    bufs = [torch.zeros_like(buf) for _ in range(d.world_size)]
-    dist.all_gather(bufs, buf)
-    return [bytes(b[: int(s.item())].cpu().tolist()) for b, s in zip(bufs, sizes)]
+    buf = torch.zeros(width, dtype=torch.uint8)
+    if data:
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    bufs = [torch.zeros(width, dtype=torch.uint8, device=d.device) for _ in range(d.world_size)]
+    dist.all_gather(bufs, buf.to(d.device))
+    return [b[: int(s.item())].cpu().numpy().tobytes() for b, s in zip(bufs, sizes)]
 
 
 def gather_json(d: Dist, obj) -> list:

@@ -54,7 +54,7 @@ class Args:
     steps: int = arg(help="optimiser steps in total")
     preset: str = arg("S", "DiT size preset", choices=tuple(DIT_PRESETS))
     batch: int = arg(32, "windows per step per process")
-    lr: float = arg(3e-4, "peak learning rate (AdamW, linear warm-up then cosine decay to 10 %)")
+    lr: float = arg(6e-4, "peak learning rate (AdamW, linear warm-up then cosine decay to a tenth)")
     warmup: int = arg(500, "linear warm-up steps")
     lr_decay_steps: int = arg(0, "length of the warm-up + cosine schedule (0: --steps)")
     weight_decay: float = arg(0.01, "AdamW decoupled weight decay of matrices (biases/norms: none)")
@@ -200,11 +200,14 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     decay = [p for p in net.parameters() if p.dim() >= 2]
     no_decay = [p for p in net.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.99))
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    try:  # the fused kernel is ~3x faster on CPU (torch >= 2.4) and on CUDA
+        opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), fused=True)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99))
     gen = torch.Generator(device=dev).manual_seed(rank_seed(args.seed, d.rank))
     z64 = train.z.astype(np.float64)
-    mean, std = torch.from_numpy(z64.mean(0)).float(), torch.from_numpy(z64.std(0)).float().clamp(min=1e-2)
+    mean, std = torch.from_numpy(z64.mean(0)).float(), torch.from_numpy(z64.std(0)).float().clamp(min=1e-3)
     resume = args.resume and ((out / "ckpt").exists() or (out / "ckpt.prev").exists())
     state = read_state(out) if resume else None
     if state is not None:  # the model was trained with the checkpoint's standardisation: keep it
@@ -248,8 +251,8 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
             for group in opt.param_groups:
                 group["lr"] = lr
             w = windows.sample(args.batch)
-            inputs = make_inputs(w, cfg, num_actions=A, generator=gen, dit=net.dit, context_len=K, clamp=clamp)
             with autocast:
+                inputs = make_inputs(w, cfg, num_actions=A, generator=gen, dit=net.dit, context_len=K, clamp=clamp)
                 terms = model(inputs)
             loss = total_loss(terms, cfg)
             opt.zero_grad(set_to_none=True)
@@ -282,7 +285,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     if d.is_main:
         print(f"pretrain: {step - s0} steps in {dt:.1f} s: {rate:.2f} steps/s (batch {args.batch} x {d.world_size}); "
               f"checkpoint {out / 'ckpt'} at step {step}")
-    if stop["sig"] is not None or step < args.steps:
+    if step < args.steps:  # stopped by a signal (on this rank or another one)
         if log is not None:
             log.close()
         return 143 if stop["sig"] in (None, signal.SIGTERM) else 130
@@ -292,8 +295,9 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
                              seed=args.seed)
             log.log(step, **final)
         log.close()
-        info = {"store": Path(args.data).name, **summary,
-                "eval split": "held-out episodes" if len(test) else "training episodes (store has no held-out one)", "encoder sha256": s.encoder_sha256[:12],
+        split = "held-out episodes" if len(test) else "training episodes (the store has no held-out one)"
+        info = {"store": Path(args.data).name, **summary, "eval split": split,
+                "encoder sha256": s.encoder_sha256[:12],
                 "preset": f"{args.preset} ({n_params / 1e6:.2f} M params)", "training steps": step,
                 "batch": f"{args.batch} x {d.world_size}", "lr": args.lr, "objective": json.dumps(asdict(cfg)),
                 "final flow loss": f"{terms['flow'].item():.4f}" if terms else "-",
