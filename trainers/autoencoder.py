@@ -145,7 +145,8 @@ def reconstruction_report(ae: torch.nn.Module, frames: np.ndarray, batch: int = 
 
     Args:
         ae: anything with ``encode(uint8 (N,3,64,64)) -> (N, d_z)`` and ``decode_uint8((N, d_z)) -> uint8 frames``
-            (a :class:`FrameAutoencoder`); its device is that of its first parameter (CPU if it has none).
+            (a :class:`FrameAutoencoder`); frames go to the device of its first parameter (CPU if it has none).
+            Put in eval mode for the call and restored afterwards.
         frames: uint8 ``(N, 3, 64, 64)`` real frames.
         batch: frames per encode/decode call.
     Returns:
@@ -161,7 +162,7 @@ def reconstruction_report(ae: torch.nn.Module, frames: np.ndarray, batch: int = 
         raise ValueError(f"frames: expected uint8 (N, 3, 64, 64) with N >= 1, got {frames.dtype} {frames.shape}")
     if batch < 1:
         raise ValueError(f"batch: expected >= 1, got {batch}")
-    param = next(iter(ae.parameters()), None)
+    param = next(iter(ae.parameters()), None) if hasattr(ae, "parameters") else None
     dev = param.device if param is not None else torch.device("cpu")
     was_training = getattr(ae, "training", False)
     if hasattr(ae, "eval"):
@@ -234,7 +235,7 @@ class Args:
     data: str = arg(help="episode store directory (trains on its non-held-out episodes)")
     out: str = arg(help="output directory (new or empty)")
     steps: int = arg(help="optimiser steps")
-    batch: int = arg(64, "frames per step")
+    batch: int = arg(16, "frames per step (small batches, many steps: best ball survival per CPU second)")
     seed: int = arg(0, "seed of the initialisation and the batch sampler")
     preset: str = arg("base", "autoencoder size preset", choices=tuple(AUTOENCODER_PRESETS))
     lr: float = arg(2e-3, "peak learning rate (AdamW, warm-up then cosine decay)")
@@ -259,7 +260,10 @@ def validate(args: Args) -> dict[str, np.ndarray]:
     if args.preset not in AUTOENCODER_PRESETS:
         raise ArgError("preset", f"expected one of {tuple(AUTOENCODER_PRESETS)}, got {args.preset!r}")
     pick_device(args.device)
-    check_out_dir(args.out, resume=False)
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()):  # (check_out_dir's message would suggest a --resume we do not have)
+        raise ArgError("out", f"expected an empty or new directory, got a non-empty one: {out}")
+    check_out_dir(out, resume=False)
     store = EpisodeStore(args.data)
     try:
         store.read_meta()

@@ -18,7 +18,11 @@ and immune to the slow drift of an unregularised AE. A small penalty on the pre-
 
 Small objects. Pong's ball is about one pixel at 64×64; a plain MSE lets the decoder erase it at almost no
 cost. :meth:`FrameAutoencoder.loss` therefore up-weights every pixel whose colour differs from the frame's most
-common colour (the background) by ``foreground_weight``.
+common colour (the background) by ``foreground_weight``. Measured on held-out Pong frames (ball within 2 px):
+what matters most is the number of optimiser steps, not frames seen — 3 000 steps × 64 frames: 71 %, 6 000 × 32:
+92 %, 16 000 × 16: 98 %, at about the same CPU cost. ``foreground_weight`` 100 instead of 20 helps little (77 %
+vs 71 %) and costs 4 dB PSNR; an added L1 term erases the ball altogether (its optimum is the median colour of a
+pixel, and the median of a rarely-lit pixel is the background).
 """
 from __future__ import annotations
 
@@ -94,9 +98,11 @@ class AutoencoderConfig:
 AUTOENCODER_PRESETS: dict[str, AutoencoderConfig] = {
     # tests: d_z = 2·4·4 = 32
     "tiny": AutoencoderConfig(base_channels=4, max_channels=16, latent_channels=2, latent_size=4),
-    # 64×64 Pong on CPU: d_z = 4·8·8 = 256; decodes 256 frames in ~25 ms on 2 cores
+    # 64×64 Pong on CPU: d_z = 4·8·8 = 256, 90 k parameters; 256 frames decode in ~23 ms on 2 idle cores.
+    # Trained 16 000 steps × 16 frames (~4 min on 2 cores) it keeps the ball within 2 px in ~98 % of held-out
+    # frames and both paddles in > 99.8 % (``python -m trainers.autoencoder``).
     "base": AutoencoderConfig(base_channels=16, max_channels=64, latent_channels=4, latent_size=8),
-    # more latent capacity: d_z = 8·8·8 = 512
+    # more latent capacity: d_z = 8·8·8 = 512; ~4× slower to decode than "base" (too slow for 256 pixel envs)
     "large": AutoencoderConfig(base_channels=32, max_channels=128, latent_channels=8, latent_size=8, res_blocks=1),
 }
 
