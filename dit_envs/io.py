@@ -6,7 +6,6 @@ reader therefore sees either the old file or the complete new one, even after SI
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -15,6 +14,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save
+
+from registry.hub import sha256_file  # noqa: F401  (re-exported: one implementation for the package)
 
 
 _UMASK = os.umask(0)
@@ -86,12 +87,3 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         return load_file(str(path), device=str(device))
     except Exception as e:  # safetensors raises its own SafetensorError for corrupt files
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
