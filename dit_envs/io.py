@@ -87,3 +87,26 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         return load_file(str(path), device=str(device))
     except Exception as e:  # safetensors raises its own SafetensorError for corrupt files
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def load_weight_files(model: torch.nn.Module, expected: dict[str, dict[str, torch.Tensor]], read) -> None:
+    """Load a model's weights from several files, checking every file's tensor names and shapes first.
+
+    Args:
+        model: the freshly built module.
+        expected: ``{filename: {tensor name: tensor}}`` as the model would save them (its ``weight_files()``).
+        read: ``read(filename) -> {name: tensor}`` (already integrity-checked by the bundle loader).
+    Raises:
+        ValueError: a file with missing or unexpected tensors, or a tensor of the wrong shape (names both).
+    """
+    merged: dict[str, torch.Tensor] = {}
+    for fname, want in expected.items():
+        got = read(fname)
+        missing, unexpected = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+        if missing or unexpected:
+            raise ValueError(f"{fname}: expected tensors missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for k, v in want.items():
+            if got[k].shape != v.shape:
+                raise ValueError(f"{fname}: {k} expected shape {tuple(v.shape)}, actual {tuple(got[k].shape)}")
+        merged.update(got)
+    model.load_state_dict(merged)

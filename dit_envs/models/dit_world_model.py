@@ -20,6 +20,7 @@ from dit_envs.models.dit import DiT, DiTConfig
 from dit_envs.models.flow import sample, uniform_times
 from dit_envs.models.heads import HeadsConfig, RewardTermHead
 from dit_envs.models.world_model import State
+from dit_envs.io import load_weight_files
 
 WEIGHT_FILES = ("autoencoder.safetensors", "dynamics.safetensors", "heads.safetensors")
 
@@ -155,17 +156,7 @@ class DiTWorldModel(nn.Module):
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"configs: cannot build the networks from config.json ({e!r})") from e
         model = cls.build(ae, dc, hc, sampling_steps=config.get("sampling_steps", 4))
-        merged: dict[str, torch.Tensor] = {}
-        for fname, expected in model.weight_files().items():
-            got = read(fname)
-            missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
-            if missing or unexpected:
-                raise ValueError(f"{fname}: expected tensors missing {missing[:5]}, unexpected {unexpected[:5]}")
-            for k, v in expected.items():
-                if got[k].shape != v.shape:
-                    raise ValueError(f"{fname}: {k} expected shape {tuple(v.shape)}, actual {tuple(got[k].shape)}")
-            merged.update(got)
-        model.load_state_dict(merged)
+        load_weight_files(model, model.weight_files(), read)
         return model
 
     # ----- WorldModel protocol ---------------------------------------------------------------------------------

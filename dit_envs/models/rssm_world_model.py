@@ -21,6 +21,7 @@ from torch import nn
 
 from .autoencoder import AutoencoderConfig, FrameAutoencoder
 from .rssm import RSSM, RSSMConfig, State
+from dit_envs.io import load_weight_files
 
 WEIGHT_FILES = ("autoencoder.safetensors", "dynamics.safetensors")
 
@@ -129,17 +130,7 @@ class RSSMWorldModel(nn.Module):
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"configs: cannot build the rssm networks from config.json ({e!r})") from e
         model.sampling_steps = config.get("sampling_steps", 1)
-        merged: dict[str, torch.Tensor] = {}
-        for fname, expected in model.weight_files().items():
-            got = read(fname)
-            missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
-            if missing or unexpected:
-                raise ValueError(f"{fname}: expected tensors missing {missing[:5]}, unexpected {unexpected[:5]}")
-            for k, v in expected.items():
-                if got[k].shape != v.shape:
-                    raise ValueError(f"{fname}: {k} expected shape {tuple(v.shape)}, actual {tuple(got[k].shape)}")
-            merged.update(got)
-        model.load_state_dict(merged)
+        load_weight_files(model, model.weight_files(), read)
         model.autoencoder.requires_grad_(False)
         return model
 
