@@ -33,13 +33,26 @@ def test_tiny_run_writes_store_artifacts_and_checkpoint(tmp_path, capsys):
     assert meta["env_steps"] == 192 and meta["phase"] == "agent" and meta["updates"] == (192 - 64) // 16
 
 
-def test_resume_in_new_process_is_bit_exact(tmp_path):
+def test_resume_in_new_process_is_bit_exact(tmp_path, monkeypatch):
+    # Same thread count in this process and the child: float reductions differ between thread counts, and
+    # other tests (e.g. pretrain --threads 1) change this process's setting.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    try:
+        _resume_equality(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _resume_equality(tmp_path):
     assert run(tmp_path / "full", 288) == 0
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     first = subprocess.run([sys.executable, "-m", "trainers.cli", "collect", "--agent", "rssm", "--size", "tiny",
                             "--num-envs", "2", "--prefill", "64", "--ae-steps", "8", "--train-every", "16",
                             "--checkpoint-every", "96", "--chunk-rows", "64", "--steps", "192", "--segment-reset",
-                            "--out", str(tmp_path / "split")], cwd=root, capture_output=True, text=True)
+                            "--out", str(tmp_path / "split")], cwd=root, capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert first.returncode == 0, first.stderr
     assert run(tmp_path / "split", 288, resume=True) == 0
     a, ma = load_checkpoint(tmp_path / "full")
