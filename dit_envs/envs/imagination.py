@@ -123,7 +123,21 @@ class ImaginationCore:
         return self.model.decode(self._last_z).permute(0, 2, 3, 1).cpu().numpy()
 
 
-class DiTWMVectorEnv(gym.vector.VectorEnv):
+class CoreSamplingSteps:
+    """``env.sampling_steps``: get/set the denoising steps of the env's world model (validated by the model)."""
+
+    core: ImaginationCore
+
+    @property
+    def sampling_steps(self) -> int:
+        return self.core.model.sampling_steps
+
+    @sampling_steps.setter
+    def sampling_steps(self, value: int) -> None:
+        self.core.model.sampling_steps = value
+
+
+class DiTWMVectorEnv(CoreSamplingSteps, gym.vector.VectorEnv):
     """## Description
     A learned world model of an Atari game served as a natively batched Gymnasium vector env: every ``step``
     is one batched world-model call for all ``num_envs`` envs (no loop over single envs).
@@ -189,14 +203,6 @@ class DiTWMVectorEnv(gym.vector.VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self._autoreset = np.zeros(self.num_envs, bool)
-
-    @property
-    def sampling_steps(self) -> int:
-        return self.core.model.sampling_steps
-
-    @sampling_steps.setter
-    def sampling_steps(self, value: int) -> None:
-        self.core.model.sampling_steps = value
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         if seed is not None or self.core.state is None:

@@ -8,11 +8,11 @@ import numpy as np
 import torch
 from gymnasium.error import ResetNeeded
 
-from dit_envs.envs.imagination import ImaginationCore
+from dit_envs.envs.imagination import CoreSamplingSteps, ImaginationCore
 from dit_envs.envs.loading import load_for_env
 
 
-class DiTWMEnv(gym.Env):
+class DiTWMEnv(CoreSamplingSteps, gym.Env):
     """One imagined game; the same model, spaces and arguments as :class:`DiTWMVectorEnv` with ``num_envs=1``.
 
     Observation: uint8 ``(3, 64, 64)`` (``obs_type="pixels"``) or float32 ``(K, d_z)`` (``"latent"``). Action:
@@ -37,14 +37,6 @@ class DiTWMEnv(gym.Env):
         self.observation_space = self.core.single_observation_space
         self.action_space = self.core.single_action_space
         self._needs_reset = True
-
-    @property
-    def sampling_steps(self) -> int:
-        return self.core.model.sampling_steps
-
-    @sampling_steps.setter
-    def sampling_steps(self, value: int) -> None:
-        self.core.model.sampling_steps = value
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)

@@ -19,7 +19,7 @@ from dit_envs.models.autoencoder import AutoencoderConfig, FrameAutoencoder
 from dit_envs.models.dit import DiT, DiTConfig
 from dit_envs.models.flow import sample, uniform_times
 from dit_envs.models.heads import HeadsConfig, RewardTermHead
-from dit_envs.models.world_model import State
+from dit_envs.models.world_model import SamplingStepsMixin, State
 from dit_envs.io import load_weight_files
 
 WEIGHT_FILES = ("autoencoder.safetensors", "dynamics.safetensors", "heads.safetensors")
@@ -34,7 +34,7 @@ def _file_of(key: str) -> str:
     return "dynamics.safetensors"
 
 
-class DiTWorldModel(nn.Module):
+class DiTWorldModel(SamplingStepsMixin, nn.Module):
     """Frozen frame autoencoder + causal DiT (rectified flow) + reward/termination head.
 
     Args:
@@ -81,17 +81,6 @@ class DiTWorldModel(nn.Module):
         return cls(FrameAutoencoder(autoencoder), DiT(dit), RewardTermHead(heads), sampling_steps=sampling_steps)
 
     # ----- configuration ---------------------------------------------------------------------------------------
-    @property
-    def sampling_steps(self) -> int:
-        """Euler steps per env step (1 for a distilled model, e.g. 4–32 for a pretrained one)."""
-        return self._sampling_steps
-
-    @sampling_steps.setter
-    def sampling_steps(self, value: int) -> None:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"sampling_steps: expected an int >= 1, got {value!r}")
-        self._sampling_steps = value
-
     @property
     def device(self) -> torch.device:
         return self.latent_mean.device

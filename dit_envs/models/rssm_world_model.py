@@ -21,6 +21,7 @@ from torch import nn
 
 from .autoencoder import AutoencoderConfig, FrameAutoencoder
 from .rssm import RSSM, RSSMConfig, State
+from .world_model import SamplingStepsMixin
 from dit_envs.io import load_weight_files
 
 WEIGHT_FILES = ("autoencoder.safetensors", "dynamics.safetensors")
@@ -53,7 +54,7 @@ def stack_latents(z: torch.Tensor, is_first: torch.Tensor, k: int) -> torch.Tens
     return z[torch.arange(b, device=z.device)[:, None, None], idx]  # (B, T, K, d_z)
 
 
-class RSSMWorldModel(nn.Module):
+class RSSMWorldModel(SamplingStepsMixin, nn.Module):
     """:class:`~dit_envs.models.world_model.WorldModel` backed by a DreamerV3 RSSM over AE latents.
 
     Args:
@@ -84,17 +85,6 @@ class RSSMWorldModel(nn.Module):
         self.latent_dim = rssm.latent_dim
         self.context_len = context_len
         self.sampling_steps = 1
-
-    @property
-    def sampling_steps(self) -> int:
-        """Unused by the RSSM (one prior draw per step); kept so bundles and envs treat all models alike."""
-        return self._sampling_steps
-
-    @sampling_steps.setter
-    def sampling_steps(self, value: int) -> None:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"sampling_steps: expected an int >= 1, got {value!r}")
-        self._sampling_steps = value
 
     # ----- bundle API (same as DiTWorldModel's) -----------------------------------------------------------------
     def configs(self) -> dict[str, dict]:

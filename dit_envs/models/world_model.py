@@ -76,3 +76,22 @@ class WorldModel(Protocol):
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """Encode uint8 frames ``(N, 3, 64, 64)`` to float32 latents ``(N, d_z)`` with the frozen encoder."""
         ...
+
+
+class SamplingStepsMixin:
+    """The validated, runtime-settable ``sampling_steps`` every world model carries (denoising steps per env
+    step; a model that samples once per step, like the RSSM, keeps it only so envs treat all models alike).
+
+    Raises:
+        ValueError: a value that is not an int >= 1 (names ``sampling_steps`` and the value).
+    """
+
+    @property
+    def sampling_steps(self) -> int:
+        return self._sampling_steps
+
+    @sampling_steps.setter
+    def sampling_steps(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"sampling_steps: expected an int >= 1, got {value!r}")
+        self._sampling_steps = value
