@@ -2,12 +2,11 @@
 
 ``--agent random`` plays uniformly random actions from the minimal action set; ``--agent rssm`` (stage 1)
 trains the DreamerV3-style agent online while it collects. Every transition goes to the store
-(:mod:`trainers.data`). SIGINT/SIGTERM flush what is buffered and exit (143 for SIGTERM); ``--resume`` continues
+(:mod:`trainers.data`). SIGINT/SIGTERM flush what is buffered and exit (143 for SIGTERM, 130 for SIGINT); ``--resume`` continues
 an interrupted store with new episodes until ``--steps`` transitions are stored.
 """
 from __future__ import annotations
 
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -17,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dit_envs.envs.real import PROTOCOL, make_real_env, rom_id
-from trainers.common import ArgError, arg, check_out_dir, pick_device, run_cli
+from trainers.common import ArgError, arg, catch_stop_signals, check_out_dir, pick_device, run_cli, signal_exit_code
 from trainers.data import EpisodeStore
 
 AGENTS = ("random", "rssm")
@@ -103,11 +102,7 @@ def main(args: Args) -> int:
               episode=episode, step=step)
 
     stop = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stop["signal"] = signum
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    restore = catch_stop_signals(lambda signum: stop.__setitem__("signal", signum))
     t0, start_steps = time.perf_counter(), done_steps
     bar = tqdm(total=args.steps, initial=done_steps, unit="step", desc=f"collect {args.game}",
                disable=not sys.stderr.isatty())
@@ -137,15 +132,12 @@ def main(args: Args) -> int:
         store.flush()
         bar.close()
         env.close()
-        for s, h in old.items():
-            signal.signal(s, h)
+        restore()
     dt = time.perf_counter() - t0
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"collected {done_steps - start_steps} steps in {dt:.1f} s: {(done_steps - start_steps) / dt:.0f} steps/s; "
           f"store {out} holds {done_steps} steps, {size / 2**20:.1f} MiB on disk")
-    if stop["signal"] == signal.SIGTERM:
-        return 143
-    return 0
+    return 0 if stop["signal"] is None else signal_exit_code(stop["signal"])
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -164,3 +164,25 @@ class JsonlLogger:
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def catch_stop_signals(on_signal: Callable[[int], None]) -> Callable[[], None]:
+    """Route SIGTERM and SIGINT to ``on_signal(signum)`` (a training loop then checkpoints and stops).
+
+    Returns:
+        ``restore()``, which puts the previous handlers back (call it in a ``finally``).
+    """
+    import signal
+
+    old = {s: signal.signal(s, lambda signum, _frame: on_signal(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+    return restore
+
+
+def signal_exit_code(signum: int) -> int:
+    """Shell convention for a run stopped by a signal: 143 after SIGTERM, 130 after SIGINT (128 + signum)."""
+    return 128 + int(signum)

@@ -20,7 +20,6 @@ Store chunks written after the checkpoint being resumed are removed so store and
 """
 from __future__ import annotations
 
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -37,9 +36,8 @@ from dit_envs.models.rssm_world_model import RSSMWorldModel
 from trainers.agent import ActorCritic, AgentConfig, imagine
 from trainers.autoencoder import AutoencoderTrainer
 from trainers.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
-from trainers.common import JsonlLogger
-from trainers.data import EpisodeStore, SequenceSampler
-from trainers.policy import LatentStack
+from trainers.common import JsonlLogger, catch_stop_signals, signal_exit_code
+from trainers.data import EpisodeStore
 from trainers.replay import Replay
 
 PHASES = ("prefill", "autoencoder", "agent")
@@ -243,8 +241,7 @@ class Stage1:
     # ---- the loop ---------------------------------------------------------------------------------------------
     def run(self, total_steps: int, log: JsonlLogger) -> int:
         c = self.cfg
-        old = {s: signal.signal(s, lambda signum, _f: setattr(self, "stop", signum))
-               for s in (signal.SIGTERM, signal.SIGINT)}
+        restore = catch_stop_signals(lambda signum: setattr(self, "stop", signum))
         bar = tqdm(total=total_steps, initial=self.env_steps, unit="step", desc=f"stage1 {c.game}",
                    disable=not sys.stderr.isatty())
         t0, s0 = time.perf_counter(), self.env_steps
@@ -270,8 +267,7 @@ class Stage1:
                     self.start_segment()
         finally:
             bar.close()
-            for s, h in old.items():
-                signal.signal(s, h)
+            restore()
         if self.stop is not None:
-            return 143 if self.stop == signal.SIGTERM else 130
+            return signal_exit_code(self.stop)
         return 0

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -36,7 +35,8 @@ from dit_envs.io import load_tensors
 from trainers.agent import ActorCritic, AgentConfig
 from trainers.agent_io import load_agent, make_imagination_env, save_agent, stage1_dir
 from trainers.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
-from trainers.common import ArgError, JsonlLogger, arg, check_out_dir, pick_device, run_cli, seed_everything
+from trainers.common import (ArgError, JsonlLogger, arg, catch_stop_signals, check_out_dir, pick_device, run_cli,
+                             seed_everything, signal_exit_code)
 from trainers.policy import evaluate_policy
 from trainers.rollout import collect_rollout, rollout_loss
 from trainers.train_agent_report import plot_curves
@@ -265,8 +265,7 @@ class AgentTrainer:
     def run(self, log: JsonlLogger) -> int:
         a = self.args
         seg = a.eval_every or a.steps
-        old = {s: signal.signal(s, lambda signum, _f: setattr(self, "stop", signum))
-               for s in (signal.SIGTERM, signal.SIGINT)}
+        restore = catch_stop_signals(lambda signum: setattr(self, "stop", signum))
         bar = tqdm(total=a.steps, initial=self.updates, unit="update", desc="train-agent",
                    disable=not sys.stderr.isatty())
         u0 = self.updates
@@ -288,10 +287,9 @@ class AgentTrainer:
                 self.save()
         finally:
             bar.close()
-            for s, h in old.items():
-                signal.signal(s, h)
+            restore()
         if self.stop is not None:
-            return 143 if self.stop == signal.SIGTERM else 130
+            return signal_exit_code(self.stop)
         return 0
 
 
