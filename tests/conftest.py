@@ -129,3 +129,14 @@ def make_tiny_bundle(
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path of a tiny random Pong bundle (6 actions, K = 4, d_z = 32), built once per test session."""
     return make_tiny_bundle(tmp_path_factory.mktemp("bundles") / "Pong-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_stage1_store(tmp_path_factory) -> Path:
+    """A tiny real-Pong store with stage-1 artifacts (tiny autoencoder, d_z 32), built in a few seconds."""
+    from trainers.collect import Args as CollectArgs, main as collect
+
+    out = tmp_path_factory.mktemp("stage1") / "store"
+    assert collect(CollectArgs(agent="rssm", size="tiny", num_envs=2, prefill=64, ae_steps=8, train_every=16,
+                               checkpoint_every=96, chunk_rows=64, steps=192, out=str(out))) == 0
+    return out

@@ -24,14 +24,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    """A tiny real-Pong store with stage-1 artifacts (tiny autoencoder, d_z 32), built in a few seconds."""
-    from trainers.collect import Args as CollectArgs, main as collect
-
-    out = tmp_path_factory.mktemp("stage1") / "store"
-    assert collect(CollectArgs(agent="rssm", size="tiny", num_envs=2, prefill=64, ae_steps=8, train_every=16,
-                               checkpoint_every=96, chunk_rows=64, steps=192, out=str(out))) == 0
-    return out
+def store(tiny_stage1_store) -> Path:
+    return tiny_stage1_store
 
 
 def flags(**kw) -> list[str]:

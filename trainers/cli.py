@@ -6,9 +6,12 @@ import sys
 
 #: subcommand → module with a ``cli(argv) -> int`` function (imported lazily so ``ditwm --help`` is instant).
 COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("trainers.quickstart", "play DiTWM/Pong-v0 in imagination, write a GIF, print imagined steps/s"),
     "collect": ("trainers.collect", "fill an episode store from the real game"),
     "train-autoencoder": ("trainers.autoencoder", "stage 1: train the frame autoencoder, report ball/paddle survival"),
     "pretrain": ("trainers.pretrain", "stage 2: train the DiT world model on frozen stage-1 latents"),
+    "distill": ("trainers.distill", "stage 2b: distil the DiT into a 1-, 2- or 4-step sampler"),
+    "pipeline": ("trainers.pipeline", "the whole recipe: stage 1, pretrain, distill, stage 3, evaluation, release"),
     "evaluate": ("trainers.evaluate", "measure a world model or agent (throughput, ...)"),
     "train-agent": ("trainers.train_agent", "stage 3: train a policy in imagination, score it on the real game"),
     "push": ("trainers.push", "upload a checkpoint bundle to the Hugging Face Hub"),

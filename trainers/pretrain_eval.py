@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dit_envs.models.flow import flow_matching_loss, interpolate, logit_normal_times, sample, uniform_times
+from dit_envs.models.flow import flow_matching_loss, interpolate, logit_normal_times
 from trainers.data import segments
 from trainers.latents import LatentDataset, LatentWindows
 from trainers.pretrain_objective import PretrainNet, Windows
@@ -68,12 +68,12 @@ def evaluate(net: PretrainNet, w: Windows, *, context_len: int, sampling_steps: 
     v = net.dit(xt, tt, w.prev_action[:, : K + 1])[:, -1]  # (B, d_z)
     out["eval/flow_last"] = flow_matching_loss(v, x0, eps).item()
 
-    ctx, ctx_a, times = w.x[:, :K], w.prev_action[:, :K], uniform_times(sampling_steps)
+    ctx, ctx_a = w.x[:, :K], w.prev_action[:, :K]
     for h in range(1, L - K + 1):
         cache = net.dit.context_cache(ctx, ctx_a)
         a = w.prev_action[:, K + h - 1]
         noise = torch.randn(B, d, generator=gen, device=dev)
-        x = sample(lambda xx, ts: net.dit.predict_next(xx, ts, a, cache), noise, times).float()  # (B, d_z)
+        x = net.dit.sample_next(noise, a, cache, sampling_steps)  # (B, d_z)
         z = (x * std + mean).clamp(-1.0, 1.0)  # inference maps samples into the encoder's range
         if h in HORIZONS or h == L - K:
             out[f"eval/mse@{h}"] = (z - w.z[:, K + h - 1]).square().mean().item()

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dit_envs.models.dit import DiT
-from dit_envs.models.flow import flow_matching_loss, interpolate, logit_normal_times, sample, uniform_times
+from dit_envs.models.flow import flow_matching_loss, interpolate, logit_normal_times
 from dit_envs.models.heads import RewardTermHead
 
 
@@ -143,12 +143,11 @@ def imagine_context(dit: DiT, w: Windows, n: int, *, context_len: int, sampling_
     """
     K = context_len
     ctx, ctx_a = w.x[:, :K], w.prev_action[:, :K]
-    times = uniform_times(sampling_steps)
     for j in range(n - 1):
         cache = dit.context_cache(ctx, ctx_a)
         a = w.prev_action[:, K + j]
         noise = torch.randn(ctx.shape[0], ctx.shape[2], generator=generator, device=ctx.device)
-        x = clamp(sample(lambda xx, tt: dit.predict_next(xx, tt, a, cache), noise, times).float())  # (B, d_z)
+        x = clamp(dit.sample_next(noise, a, cache, sampling_steps))  # (B, d_z)
         ctx = torch.cat([ctx[:, 1:], x[:, None]], dim=1)
         ctx_a = torch.cat([ctx_a[:, 1:], a[:, None]], dim=1)
     return ctx, ctx_a

@@ -17,7 +17,6 @@ from torch import nn
 
 from dit_envs.models.autoencoder import AutoencoderConfig, FrameAutoencoder
 from dit_envs.models.dit import DiT, DiTConfig
-from dit_envs.models.flow import sample, uniform_times
 from dit_envs.models.heads import HeadsConfig, RewardTermHead
 from dit_envs.models.world_model import SamplingStepsMixin, State
 from dit_envs.io import load_weight_files
@@ -214,9 +213,7 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
             raise ValueError(f"generator: expected a generator on {self.device}, got one on {generator.device}")
         cache = self.dit.context_cache(self.normalize(z), a)
         noise = torch.randn(N, self.latent_dim, generator=generator, device=self.device, dtype=torch.float32)
-        x0 = sample(
-            lambda x, t: self.dit.predict_next(x, t, action, cache), noise, uniform_times(self.sampling_steps)
-        )
+        x0 = self.dit.sample_next(noise, action, cache, self.sampling_steps)  # (N, d_z)
         z_next = self.denormalize(x0).clamp(-1.0, 1.0)  # the encoder's tanh range
         reward, terminated = self.heads.predict(z[:, -1], action, z_next)
         next_state = {

@@ -1,0 +1,188 @@
+"""Stage 2b (`ditwm distill`): the step-conditioned student, the trajectory targets, a tiny distillation, the CLI."""
+import json
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import dit_envs  # noqa: F401  (registers DiTWM/*)
+from dit_envs.bundle import load_bundle
+from dit_envs.models.dit import DiT, DiTConfig
+from trainers.checkpoint import load_checkpoint
+from trainers.distill import Args, main, make_student
+from trainers.distill_objective import (DistillNet, make_distill_inputs, sample_gap, shortcut_targets, step_levels,
+                                        teacher_trajectory)
+from trainers.pretrain import Args as PretrainArgs, main as pretrain
+
+K, D_Z, A = 3, 8, 4
+
+
+def teacher(seed=0) -> DiT:
+    """A tiny DiT whose zero-initialised layers are perturbed, so it computes a non-trivial velocity field."""
+    torch.manual_seed(seed)
+    dit = DiT(DiTConfig.from_preset("tiny", latent_dim=D_Z, num_actions=A, context_len=K))
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return dit.eval()
+
+
+def batch(B=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, K, D_Z, generator=g), torch.randint(0, A + 1, (B, K), generator=g),
+            torch.randint(0, A, (B,), generator=g))
+
+
+def test_step_levels():
+    assert step_levels(1) == [1] and step_levels(4) == [1, 2, 4] and step_levels(8) == [1, 2, 4, 8]
+    for bad in (0, 3, 6):
+        with pytest.raises(ValueError, match="teacher_steps"):
+            step_levels(bad)
+
+
+def test_fresh_student_equals_teacher_at_every_step_size():
+    t = teacher()
+    s = make_student(t, 4)
+    assert s.config.shortcut_steps == 4 and s.step_embed is not None
+    ctx, ctx_a, a = batch()
+    x, tt = torch.randn(16, D_Z), torch.rand(16)
+    ref = t.predict_next(x, tt, a, t.context_cache(ctx, ctx_a))
+    for d in (0.25, 0.5, 1.0, 0.1):
+        got = s.predict_next(x, tt, a, s.context_cache(ctx, ctx_a), step_size=torch.full((16,), d))
+        assert torch.equal(got, ref)
+
+
+def test_step_embedding_changes_only_the_noisy_token_and_is_clamped_below_one_over_n():
+    s = make_student(teacher(), 4)
+    with torch.no_grad():
+        s.step_embed[2].weight.normal_()
+    ctx, ctx_a, a = batch()
+    x, tt = torch.randn(16, D_Z), torch.rand(16)
+    cache = s.context_cache(ctx, ctx_a)
+    v = {d: s.predict_next(x, tt, a, cache, step_size=torch.full((16,), d)) for d in (1.0, 0.5, 0.25, 0.125)}
+    assert not torch.allclose(v[1.0], v[0.5])
+    assert torch.equal(v[0.25], v[0.125])  # below 1/N the teacher's own step is used
+    seq = torch.cat([ctx, x[:, None]], 1)
+    full = s(seq, torch.cat([torch.zeros(16, K), tt[:, None]], 1), torch.cat([ctx_a, a[:, None]], 1),
+             step_size=torch.cat([torch.zeros(16, K), torch.full((16, 1), 0.5)], 1))
+    assert torch.allclose(full[:, -1], v[0.5], atol=1e-5)
+    plain = s(seq, torch.cat([torch.zeros(16, K), tt[:, None]], 1), torch.cat([ctx_a, a[:, None]], 1))
+    assert torch.allclose(full[:, :K], plain[:, :K])  # context tokens never see the step size
+
+
+def test_teacher_trajectory_ends_at_the_teachers_sample():
+    t = teacher()
+    ctx, ctx_a, a = batch()
+    noise = torch.randn(16, D_Z)
+    traj = teacher_trajectory(t, ctx, ctx_a, a, noise, 4)
+    assert traj.shape == (5, 16, D_Z) and torch.equal(traj[0], noise)
+    assert torch.allclose(traj[-1], t.sample_next(noise, a, t.context_cache(ctx, ctx_a), 4), atol=1e-5)
+
+
+def test_shortcut_targets_by_hand():
+    N, B = 4, 512
+    traj = torch.randn(N + 1, B, D_Z)
+    out = shortcut_targets(traj, torch.Generator().manual_seed(0))
+    j = torch.round((1.0 - out["t"]) * N).long()
+    m = torch.round(out["step_size"] * N).long()
+    assert set(m.tolist()) == {1, 2, 4}  # every level is drawn
+    assert bool(((j % m) == 0).all()) and bool((j + m <= N).all())  # starts on the coarse sampler's grid
+    rows = torch.arange(B)
+    assert torch.equal(out["x"], traj[j, rows])
+    assert torch.allclose(out["v"], (traj[j, rows] - traj[j + m, rows]) / out["step_size"][:, None])
+    one = m == 4
+    assert bool((j[one] == 0).all()) and torch.allclose(out["v"][one], traj[0, one] - traj[4, one])
+
+
+def test_tiny_distillation_lowers_the_gap_to_the_teacher_on_a_fixed_batch():
+    t = teacher()
+    net = DistillNet(make_student(t, 4))
+    ctx, ctx_a, a = batch(B=32)
+    gap = lambda k: sample_gap(net.dit, t, ctx, ctx_a, a, teacher_steps=4, student_steps=k, seed=3)  # noqa: E731
+    before = {k: gap(k) for k in (1, 2, 4)}
+    assert before[4] == pytest.approx(0.0, abs=1e-10)  # the fresh student is the teacher
+    assert before[1] > 1e-3
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        loss = net(make_distill_inputs(t, ctx, ctx_a, a, teacher_steps=4, generator=gen))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = {k: gap(k) for k in (1, 2)}
+    assert after[1] < 0.5 * before[1] and after[2] < before[2]
+
+
+TINY = dict(batch=8, warmup=2, log_every=2, eval_every=4, checkpoint_every=4, eval_windows=8, eval_horizon=6,
+            threads=1)
+
+
+@pytest.fixture(scope="module")
+def teacher_bundle(tiny_stage1_store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher")
+    assert pretrain(PretrainArgs(data=str(tiny_stage1_store), out=str(out), steps=6, preset="tiny", batch=8,
+                                 warmup=2, eval_every=0, start_contexts=8, eval_windows=8, eval_horizon=6,
+                                 threads=1)) == 0
+    return out / "bundle"
+
+
+def test_distill_cli_writes_a_student_bundle_that_steps_as_an_env(tiny_stage1_store, teacher_bundle, tmp_path,
+                                                                  capsys):
+    out = tmp_path / "d"
+    assert main(Args(teacher=str(teacher_bundle), data=str(tiny_stage1_store), out=str(out), steps=8, **TINY)) == 0
+    assert "distill: bundle" in capsys.readouterr().out
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["step"] == 0 and recs[0]["eval/gap@4"] == pytest.approx(0.0, abs=1e-10)
+    assert [r["step"] for r in recs if "loss" in r] == [2, 4, 6, 8]
+    assert all(k in recs[-1] for k in ("eval/gap@1", "eval/gap@2", "eval/mse@1"))
+    b = load_bundle(out / "bundle")
+    assert b.config["sampling_steps"] == 1 and b.model.dit.config.shortcut_steps == 4
+    teach = load_bundle(teacher_bundle)
+    assert torch.equal(b.start_z, teach.start_z) and torch.equal(b.model.latent_std, teach.model.latent_std)
+    card = (out / "bundle" / "README.md").read_text()
+    assert "Stage 2b: distillation" in card and "Stage 2: DiT pretraining" in card
+    for steps in (1, 2, 4):
+        envs = gym.make_vec("DiTWM/Pong-v0", num_envs=2, checkpoint=str(out / "bundle"), sampling_steps=steps)
+        obs, _ = envs.reset(seed=0)
+        obs, reward, *_ = envs.step(envs.action_space.sample())
+        assert obs.shape == (2, 3, 64, 64) and obs.dtype == np.uint8
+        envs.close()
+
+
+def test_distill_resume_equals_an_uninterrupted_run(tiny_stage1_store, teacher_bundle, tmp_path):
+    kw = dict(TINY, lr_decay_steps=8)
+    common = dict(teacher=str(teacher_bundle), data=str(tiny_stage1_store))
+    assert main(Args(**common, out=str(tmp_path / "full"), steps=8, **kw)) == 0
+    assert main(Args(**common, out=str(tmp_path / "split"), steps=4, **kw)) == 0
+    assert main(Args(**common, out=str(tmp_path / "split"), steps=8, resume=True, **kw)) == 0
+    a, ma = load_checkpoint(tmp_path / "full")
+    b, mb = load_checkpoint(tmp_path / "split")
+    assert ma["step"] == mb["step"] == 8 and a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("extra, field", [
+    (dict(teacher_steps=3), "teacher_steps"),
+    (dict(sampling_steps=3), "sampling_steps"),
+    (dict(steps=0), "steps"),
+    (dict(ema=1.0), "ema"),
+])
+def test_bad_arguments_exit_2_and_write_nothing(tiny_stage1_store, teacher_bundle, tmp_path, capsys, extra, field):
+    from trainers.distill import cli
+
+    argv = ["--teacher", str(teacher_bundle), "--data", str(tiny_stage1_store), "--out", str(tmp_path / "x")]
+    for k, v in extra.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    assert cli(argv) == 2
+    assert f"--{field.replace('_', '-')}" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_teacher_must_be_a_dit_bundle(tiny_stage1_store, tmp_path, capsys):
+    from trainers.distill import cli
+
+    assert cli(["--teacher", str(tmp_path), "--data", str(tiny_stage1_store), "--out", str(tmp_path / "x")]) == 2
+    assert "--teacher" in capsys.readouterr().err and not (tmp_path / "x").exists()

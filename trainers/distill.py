@@ -1,0 +1,298 @@
+"""``ditwm distill``: stage 2b — distil a pretrained DiT world model into a 1-, 2- or 4-step sampler.
+
+The student starts as a copy of the teacher's DiT plus a zero-initialised step-size embedding and learns, on
+real contexts of the store's training episodes, the teacher's average velocity over jumps of 1, 2, 4, … teacher
+steps (:mod:`trainers.distill_objective`, which gives the method, its reason and its papers). The frozen
+autoencoder, the reward/termination head, the latent standardisation and the start contexts are the teacher's,
+unchanged; the exported bundle is a drop-in world model whose ``sampling_steps`` (default ``--sampling-steps``)
+stays a runtime setting of the env.
+
+Same plumbing as ``ditwm pretrain``: AdamW with warm-up + cosine schedule, gradient clipping, EMA weights (the
+exported ones), JSONL metrics, atomic resumable checkpoints (``--resume``; a resumed CPU run equals an
+uninterrupted one), SIGTERM/SIGINT checkpoint and exit 143/130, CUDA bf16 autocast, ``torchrun`` + DDP.
+Evaluation every ``--eval-every`` steps on fixed held-out windows: ``eval/gap@k`` (mean squared distance between
+the student's ``k``-step sample and the teacher's ``N``-step sample from the same noise, normalised units) and the
+open-loop latent error ``eval/mse@h`` of the student at ``--sampling-steps``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dit_envs.bundle import load_bundle, save_bundle
+from dit_envs.io import sha256_file
+from dit_envs.models.dit import DiT
+from dit_envs.models.dit_world_model import DiTWorldModel
+from trainers import distributed as dist_
+from trainers.autoencoder import lr_at
+from trainers.common import (ArgError, JsonlLogger, arg, catch_stop_signals, check_out_dir, pick_device, run_cli,
+                             seed_everything, signal_exit_code)
+from trainers.data import EpisodeStore, heldout_mask
+from trainers.distill_objective import DistillNet, make_distill_inputs, sample_gap, step_levels
+from trainers.latents import LatentWindows, load_or_encode
+from trainers.pretrain_eval import eval_windows, evaluate
+from trainers.pretrain_objective import PretrainNet, ema_decay_at, ema_update
+from trainers.pretrain_state import rank_seed, read_state, restore_state, save_state
+
+
+@dataclass(kw_only=True)
+class Args:
+    teacher: str = arg(help="teacher world-model bundle directory (from ditwm pretrain)")
+    data: str = arg(help="episode store the teacher was trained on (distils on its non-held-out episodes)")
+    out: str = arg(help="output directory: ckpt/, metrics.jsonl, bundle/ (new or empty unless --resume)")
+    steps: int = arg(6000, "optimiser steps in total")
+    batch: int = arg(64, "contexts per step per process")
+    lr: float = arg(2e-4, "peak learning rate (AdamW, linear warm-up then cosine decay to a tenth)")
+    warmup: int = arg(200, "linear warm-up steps")
+    lr_decay_steps: int = arg(0, "length of the warm-up + cosine schedule (0: --steps)")
+    weight_decay: float = arg(0.0, "AdamW decoupled weight decay of matrices")
+    grad_clip: float = arg(1.0, "max global gradient norm")
+    ema: float = arg(0.999, "EMA decay of the exported weights")
+    teacher_steps: int = arg(0, "teacher Euler steps N, a power of two (0: the teacher bundle's sampling_steps)")
+    sampling_steps: int = arg(1, "default Euler steps stored in the student bundle (1, 2, 4, ... up to N)")
+    log_every: int = arg(50, "steps between metric log lines")
+    eval_every: int = arg(500, "steps between held-out evaluations (0: only at the end)")
+    eval_windows: int = arg(64, "held-out windows per evaluation")
+    eval_horizon: int = arg(16, "open-loop steps of the evaluation rollout")
+    checkpoint_every: int = arg(500, "steps between resumable checkpoints")
+    seed: int = arg(0, "seed of the window draw, noise and jumps")
+    device: str = arg("cpu", "torch device: cpu, cuda[:i] or auto (torchrun: cuda → cuda:LOCAL_RANK)")
+    compile: bool = arg(False, "torch.compile the student's training forward")
+    threads: int = arg(0, "torch CPU threads per process (0: torch's default)")
+    resume: bool = arg(False, "continue the run in --out from its checkpoint")
+
+
+@dataclass
+class Setup:
+    """What validation found: the loaded teacher bundle, its hash, the store's metadata, ``N``."""
+
+    bundle: object
+    teacher_sha256: str
+    meta: dict
+    teacher_steps: int
+
+
+def validate(args: Args) -> Setup:
+    """Check every argument; raise :class:`ArgError` (names the flag) before anything is written."""
+    for name in ("steps", "batch", "lr", "grad_clip", "log_every", "checkpoint_every", "eval_windows",
+                 "eval_horizon", "sampling_steps"):
+        if getattr(args, name) <= 0:
+            raise ArgError(name, f"expected a number > 0, got {getattr(args, name)}")
+    for name in ("warmup", "lr_decay_steps", "weight_decay", "eval_every", "threads", "teacher_steps"):
+        if getattr(args, name) < 0:
+            raise ArgError(name, f"expected a number >= 0, got {getattr(args, name)}")
+    if not 0.0 <= args.ema < 1.0:
+        raise ArgError("ema", f"expected a number in [0, 1), got {args.ema}")
+    pick_device(args.device)
+    check_out_dir(args.out, args.resume)
+    try:
+        bundle = load_bundle(args.teacher)
+    except (FileNotFoundError, ValueError) as e:
+        raise ArgError("teacher", f"expected a world-model bundle directory, got {e}") from None
+    if not isinstance(bundle.model, DiTWorldModel):
+        raise ArgError("teacher", f"expected a 'dit' bundle, got model_type {bundle.config.get('model_type')!r}")
+    n = args.teacher_steps or int(bundle.config.get("sampling_steps", 4))
+    try:
+        levels = step_levels(n)
+    except ValueError as e:
+        raise ArgError("teacher_steps", str(e)) from None
+    students = sorted(n // m for m in levels)
+    if args.sampling_steps not in students:
+        raise ArgError("sampling_steps", f"expected one of {students} (N = {n}), got {args.sampling_steps}")
+    try:
+        meta = EpisodeStore(args.data).read_meta()
+    except (FileNotFoundError, ValueError) as e:
+        raise ArgError("data", f"expected an episode store, got {e}") from None
+    for key in ("game", "action_meanings"):
+        if meta.get(key) != bundle.config.get(key):
+            raise ArgError("data", f"expected {key} {bundle.config.get(key)!r} (the teacher's), got {meta.get(key)!r}")
+    sha = sha256_file(Path(args.teacher) / "dynamics.safetensors")
+    if args.resume and ((Path(args.out) / "ckpt").exists() or (Path(args.out) / "ckpt.prev").exists()):
+        try:
+            _, ck = read_state(Path(args.out))
+        except FileNotFoundError as e:
+            raise ArgError("resume", f"expected a readable checkpoint, got {e}") from None
+        if ck.get("teacher_sha256") != sha:
+            raise ArgError("teacher", f"expected the checkpoint's teacher (dynamics sha256 {ck.get('teacher_sha256')}"
+                                      f"), got {sha}")
+        if ck.get("teacher_steps") != n:
+            raise ArgError("teacher_steps", f"expected {ck.get('teacher_steps')} (the checkpoint's), got {n}")
+    return Setup(bundle=bundle, teacher_sha256=sha, meta=meta, teacher_steps=n)
+
+
+def make_student(teacher: DiT, teacher_steps: int) -> DiT:
+    """A step-conditioned copy of ``teacher`` (``shortcut_steps = teacher_steps``) that outputs exactly what the
+    teacher does until trained (its step embedding ends in zeros)."""
+    student = DiT(replace(teacher.config, shortcut_steps=teacher_steps))
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("step_embed.") for k in missing):
+        raise ValueError(f"teacher: expected a DiT without step conditioning, got missing {missing}, "
+                         f"unexpected {unexpected}")
+    return student
+
+
+def main(args: Args) -> int:
+    """Distil (or resume), export the student bundle; returns 0, or 143/130 after SIGTERM/SIGINT."""
+    setup = validate(args)
+    d = dist_.setup(pick_device(args.device))
+    try:
+        return _run(args, setup, d)
+    finally:
+        dist_.cleanup(d)
+
+
+def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out, dev, N = Path(args.out), d.device, s.teacher_steps
+    wm: DiTWorldModel = s.bundle.model.to(dev)
+    K, A = wm.context_len, wm.num_actions
+    ae_sha = sha256_file(Path(args.teacher) / "autoencoder.safetensors")
+    ds = None
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        ds, reused = load_or_encode(args.data, wm.autoencoder, ae_sha)
+        print(f"distill: latents {ds.path} ({'reused' if reused else 'encoded'}, {len(ds)} rows)")
+    dist_.barrier(d)
+    if ds is None:
+        ds, _ = load_or_encode(args.data, wm.autoencoder, ae_sha, progress=False)
+    held = heldout_mask(ds.episode)
+    train, test = ds.select(~held), ds.select(held)
+    if len(train) == 0:
+        raise ArgError("data", "expected non-held-out episodes to distil on, got none")
+
+    teacher = wm.dit.requires_grad_(False).eval()
+    seed_everything(args.seed)  # the student's new step embedding: identical on every rank and every run
+    net = DistillNet(make_student(teacher, N)).to(dev)
+    ema = copy.deepcopy(net).requires_grad_(False).eval()
+    groups = [{"params": [p for p in net.parameters() if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in net.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    try:
+        opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), fused=True)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99))
+    gen = torch.Generator(device=dev).manual_seed(rank_seed(args.seed, d.rank))
+    mean, std = wm.latent_mean.detach().cpu(), wm.latent_std.detach().cpu()
+    windows = LatentWindows(train, K + 1, mean=mean, std=std, num_actions=A, seed=[args.seed, d.rank], device=dev)
+    resume = args.resume and ((out / "ckpt").exists() or (out / "ckpt.prev").exists())
+    step = restore_state(*read_state(out), d, net=net, ema=ema, opt=opt, gen=gen, windows=windows,
+                         seed=args.seed) if resume else 0
+    model: torch.nn.Module = torch.compile(net) if args.compile else net
+    if d.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    ev = eval_windows(test if len(test) else train, context_len=K, horizon=args.eval_horizon,
+                      count=args.eval_windows, seed=args.seed, mean=mean, std=std, num_actions=A, device=dev)
+    levels = sorted(N // m for m in step_levels(N))
+    run_meta = {"args": asdict(args), "teacher_sha256": s.teacher_sha256, "teacher_steps": N,
+                "student": asdict(net.dit.config)}
+    log = JsonlLogger(out / "metrics.jsonl") if d.is_main else None
+
+    def evaluate_all() -> dict[str, float]:
+        stats = {f"eval/gap@{k}": sample_gap(ema.dit, teacher, ev.x[:, :K], ev.prev_action[:, :K],
+                                             ev.prev_action[:, K], teacher_steps=N, student_steps=k, seed=args.seed)
+                 for k in levels}
+        roll = evaluate(PretrainNet(ema.dit, wm.heads).eval(), ev, context_len=K, sampling_steps=args.sampling_steps,
+                        mean=windows.mean, std=windows.std, seed=args.seed)
+        return {**stats, **{k: v for k, v in roll.items() if k.startswith("eval/mse@")}}
+
+    if d.is_main:
+        print(f"distill: teacher {args.teacher} (N = {N} steps, {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}"
+              f" M params) -> student of {levels} steps; {len(train)} train rows; batch {args.batch} x {d.world_size}"
+              f"; {'resuming at step ' + str(step) if step else 'from the teacher'}")
+        if step == 0 and ev is not None:
+            log.log(0, **evaluate_all())
+    stop: dict[str, int | None] = {"sig": None}
+    restore = catch_stop_signals(lambda signum: stop.__setitem__("sig", signum))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    bar = tqdm(total=args.steps, initial=step, unit="step", desc="distill",
+               disable=not (d.is_main and sys.stderr.isatty()))
+    t0, s0, saved, loss, final = time.perf_counter(), step, step, None, {}
+    try:
+        while step < args.steps:
+            if dist_.any_rank(d, stop["sig"] is not None):
+                break
+            lr = lr_at(step, args.lr, args.warmup, args.lr_decay_steps or args.steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            w = windows.sample(args.batch)
+            with autocast:
+                inputs = make_distill_inputs(teacher, w.x[:, :K], w.prev_action[:, :K], w.prev_action[:, K],
+                                             teacher_steps=N, generator=gen)
+                loss = model(inputs)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
+            opt.step()
+            ema_update(ema, net, ema_decay_at(step, args.ema))
+            step += 1
+            bar.update(1)
+            if log is not None and (step % args.log_every == 0 or step == args.steps):
+                log.log(step, loss=loss.item(), lr=lr, grad_norm=float(grad_norm),
+                        steps_per_s=(step - s0) / (time.perf_counter() - t0))
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if log is not None and ev is not None and args.eval_every and step % args.eval_every == 0:
+                final = evaluate_all()
+                log.log(step, **final)
+            if step % args.checkpoint_every == 0 and step < args.steps:
+                save_state(out, d, net=net, ema=ema, opt=opt, gen=gen, windows=windows, step=step, meta=run_meta)
+                saved = step
+    finally:
+        bar.close()
+        restore()
+    dt = time.perf_counter() - t0
+    if step != saved:
+        save_state(out, d, net=net, ema=ema, opt=opt, gen=gen, windows=windows, step=step, meta=run_meta)
+    if d.is_main:
+        print(f"distill: {step - s0} steps in {dt:.1f} s: {(step - s0) / max(dt, 1e-9):.2f} steps/s; "
+              f"checkpoint {out / 'ckpt'} at step {step}")
+    if step < args.steps:
+        if log is not None:
+            log.close()
+        return signal_exit_code(stop["sig"] or 15)
+    if d.is_main:
+        if ev is not None and not (args.eval_every and step % args.eval_every == 0 and step > s0):
+            final = evaluate_all()
+            log.log(step, **final)
+        log.close()
+        path = export_student(out / "bundle", s, ema.dit, args, step=step, final=final)
+        print(f"distill: bundle {path}" + "".join(f"; {k} {v:.4g}" for k, v in final.items()))
+    dist_.barrier(d)
+    return 0
+
+
+def export_student(out_dir: Path, s: Setup, student: DiT, args: Args, *, step: int, final: dict) -> Path:
+    """Save the student as a bundle: the teacher's autoencoder, head, standardisation and start contexts with the
+    student's DiT; the model card is the teacher's plus a distillation section."""
+    teacher: DiTWorldModel = s.bundle.model
+    wm = DiTWorldModel(copy.deepcopy(teacher.autoencoder).cpu().float(), copy.deepcopy(student).cpu().float(),
+                       copy.deepcopy(teacher.heads).cpu().float(), sampling_steps=args.sampling_steps)
+    wm.set_latent_stats(teacher.latent_mean.cpu().float(), teacher.latent_std.cpu().float())
+    rows = {"teacher": f"{Path(args.teacher).name} (dynamics sha256 {s.teacher_sha256[:12]})",
+            "method": "step-size-conditioned trajectory distillation (shortcut models, Frans et al. 2024)",
+            "teacher steps N": s.teacher_steps, "student steps": ", ".join(str(s.teacher_steps // m)
+                                                                          for m in step_levels(s.teacher_steps)),
+            "default sampling_steps": args.sampling_steps, "distillation steps": step, "batch": args.batch,
+            "lr": args.lr, **{k: f"{v:.4g}" for k, v in final.items()}}
+    card = ("## Stage 2b: distillation\n\n| field | value |\n| --- | --- |\n"
+            + "\n".join(f"| {k} | {v} |" for k, v in rows.items()) + "\n")
+    teacher_card = (Path(args.teacher) / "README.md").read_text()
+    if "\n## " in teacher_card:
+        card += "\n" + teacher_card[teacher_card.index("\n## ") + 1:]
+    return save_bundle(wm.eval(), out_dir, game=s.bundle.config["game"],
+                       action_meanings=list(s.bundle.config["action_meanings"]), start_z=s.bundle.start_z.cpu(),
+                       start_a=s.bundle.start_a.cpu(), card=card, overwrite=True)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(Args, main, "ditwm distill", argv, description=__doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

@@ -1,0 +1,147 @@
+"""Objective of ``ditwm distill``: step-size-conditioned trajectory distillation of a few-step rectified-flow DiT.
+
+Method — why this one. The stage-2 teacher already samples with a short uniform Euler schedule of ``N`` steps
+(``N = 4`` by default), so its whole sampling trajectory ``x_1 = ε, x_{1−1/N}, …, x_0`` costs only ``N`` cheap
+single-token evaluations against a cached context. The student is the teacher plus a zero-initialised step-size
+embedding (shortcut models, Frans et al. 2024, "One Step Diffusion via Shortcut Models"): it is asked for the
+velocity of a jump of size ``d ∈ {1/N, 2/N, 4/N, …, 1}`` from a point of the teacher trajectory, and regresses the
+*exact* average velocity of the teacher over that segment, ``(x_t − x_{t−d}) / d``. This is the shortcut
+objective with its self-consistency target (two student half-steps) replaced by the teacher's own integration —
+possible exactly because the teacher is already few-step, and free of the bootstrapping error of progressive
+distillation's stage-by-stage halving (Salimans & Ho 2022) and of consistency distillation's single-step ODE
+targets (Song et al. 2023). One student serves every power-of-two step count, so ``sampling_steps`` stays a runtime
+setting; at ``d = 1/N`` the target is the teacher's own velocity, so the ``N``-step student stays the teacher.
+
+Pure functions (tested by hand): :func:`teacher_trajectory`, :func:`shortcut_targets`, :func:`distill_loss`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dit_envs.models.dit import DiT
+
+
+def step_levels(teacher_steps: int) -> list[int]:
+    """Teacher steps per student jump: ``[1, 2, 4, …, teacher_steps]``.
+
+    Raises:
+        ValueError: ``teacher_steps`` is not a power of two ≥ 1.
+    """
+    if teacher_steps < 1 or teacher_steps & (teacher_steps - 1):
+        raise ValueError(f"teacher_steps: expected a power of two >= 1, got {teacher_steps}")
+    return [2 ** k for k in range(teacher_steps.bit_length())]
+
+
+@torch.no_grad()
+def teacher_trajectory(teacher: DiT, context: torch.Tensor, context_action: torch.Tensor, action: torch.Tensor,
+                       noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """The teacher's uniform ``steps``-step Euler trajectory from ``noise`` (t = 1) to its sample (t = 0).
+
+    Args:
+        teacher: the frozen DiT.
+        context: float32 ``(B, K, d_z)`` clean normalised context latents.
+        context_action: int64 ``(B, K)`` actions preceding them. action: int64 ``(B,)`` the action taken.
+        noise: float32 ``(B, d_z)``.
+        steps: ``N`` Euler steps.
+    Returns:
+        float32 ``(N + 1, B, d_z)``: ``x`` at times ``1, 1 − 1/N, …, 0``.
+    """
+    cache = teacher.context_cache(context, context_action)
+    xs, x = [noise], noise
+    d = torch.full((noise.shape[0],), 1.0 / steps, device=noise.device)
+    for j in range(steps):
+        t = torch.full_like(d, 1.0 - j / steps)
+        x = x - (1.0 / steps) * teacher.predict_next(x, t, action, cache, step_size=d).float()  # (B, d_z)
+        xs.append(x)
+    return torch.stack(xs)
+
+
+def shortcut_targets(traj: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Draw one jump per sample along the teacher trajectory and its exact average velocity.
+
+    For each sample a level ``m`` (teacher steps per jump) is drawn uniformly from :func:`step_levels` and a start
+    ``j`` uniformly from ``0, m, 2m, …`` (the points a uniform ``N/m``-step sampler visits).
+
+    Args:
+        traj: float32 ``(N + 1, B, d_z)`` from :func:`teacher_trajectory`.
+        generator: the only randomness (on ``traj``'s device).
+    Returns:
+        ``x`` float32 ``(B, d_z)`` start point, ``t`` ``(B,)`` its time ``1 − j/N``, ``step_size`` ``(B,)`` the jump
+        ``m/N``, ``v`` ``(B, d_z)`` target velocity ``(x_j − x_{j+m}) / (m/N)``.
+    """
+    n, B = traj.shape[0] - 1, traj.shape[1]
+    dev = traj.device
+    levels = torch.tensor(step_levels(n), device=dev)
+    m = levels[torch.randint(len(levels), (B,), generator=generator, device=dev)]  # (B,)
+    u = torch.floor(torch.rand(B, generator=generator, device=dev) * (n // m)).long()  # (B,) in [0, N/m)
+    j = u * m
+    rows = torch.arange(B, device=dev)
+    x_start, x_end = traj[j, rows], traj[j + m, rows]  # (B, d_z)
+    d = m.float() / n
+    return {"x": x_start, "t": 1.0 - j.float() / n, "step_size": d, "v": (x_start - x_end) / d[:, None]}
+
+
+class DistillNet(nn.Module):
+    """The trainable student with one ``forward`` returning the loss (so DDP / compile wrap one module).
+
+    Args:
+        student: the step-conditioned :class:`DiT` (``config.shortcut_steps > 0``).
+    """
+
+    def __init__(self, student: DiT) -> None:
+        super().__init__()
+        self.dit = student
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Float32 scalar :func:`distill_loss` of a batch from :func:`make_distill_inputs`."""
+        return distill_loss(self.dit, inputs)
+
+
+def distill_loss(student: DiT, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean squared error between the student's velocity for the drawn jump and the teacher's average velocity.
+
+    Args:
+        student: step-conditioned DiT.
+        inputs: ``context (B, K, d_z)``, ``context_action (B, K)``, ``action (B,)``, ``x``, ``t``, ``step_size``,
+            ``v`` as from :func:`shortcut_targets`.
+    Returns:
+        float32 scalar.
+    """
+    B, K = inputs["context_action"].shape
+    dev = inputs["x"].device
+    seq = torch.cat([inputs["context"], inputs["x"][:, None]], dim=1)  # (B, K+1, d_z)
+    t = torch.cat([torch.zeros(B, K, device=dev), inputs["t"][:, None]], dim=1)  # (B, K+1)
+    d = torch.cat([torch.zeros(B, K, device=dev), inputs["step_size"][:, None]], dim=1)  # (B, K+1)
+    a = torch.cat([inputs["context_action"], inputs["action"][:, None]], dim=1)  # (B, K+1)
+    v = student(seq, t, a, step_size=d)[:, -1]  # (B, d_z)
+    return F.mse_loss(v.float(), inputs["v"])
+
+
+def make_distill_inputs(teacher: DiT, context: torch.Tensor, context_action: torch.Tensor, action: torch.Tensor,
+                        *, teacher_steps: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One batch: noise, the teacher trajectory and one drawn jump per sample (see :func:`shortcut_targets`).
+
+    Args:
+        teacher, context, context_action, action, teacher_steps: as in :func:`teacher_trajectory`.
+        generator: draws the noise and the jumps.
+    Returns:
+        The ``inputs`` of :func:`distill_loss`.
+    """
+    noise = torch.randn(context.shape[0], context.shape[2], generator=generator, device=context.device)
+    traj = teacher_trajectory(teacher, context, context_action, action, noise, teacher_steps)
+    return {"context": context, "context_action": context_action, "action": action,
+            **shortcut_targets(traj, generator)}
+
+
+@torch.no_grad()
+def sample_gap(student: DiT, teacher: DiT, context: torch.Tensor, context_action: torch.Tensor, action: torch.Tensor,
+               *, teacher_steps: int, student_steps: int, seed: int = 0) -> float:
+    """Mean squared distance (normalised units) between the student's ``student_steps``-step sample and the
+    teacher's ``teacher_steps``-step sample from the same noise and context — the distillation gap."""
+    gen = torch.Generator(device=context.device).manual_seed(seed)
+    noise = torch.randn(context.shape[0], context.shape[2], generator=gen, device=context.device)
+    ref = teacher.sample_next(noise, action, teacher.context_cache(context, context_action), teacher_steps)
+    got = student.sample_next(noise, action, student.context_cache(context, context_action), student_steps)
+    return (got - ref).square().mean().item()
