@@ -13,6 +13,7 @@ parses a bundle (that is ``dit_envs``' job).
 from __future__ import annotations
 
 import importlib.resources
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -184,6 +185,47 @@ def bundled_root() -> Path:
     return root if isinstance(root, Path) else Path(__file__).resolve().parent / "bundled"
 
 
+PINS_FILE = "pins.json"
+"""``registry/bundled/pins.json``: ``{bundle name: {file: sha256}}`` for every bundled checkpoint."""
+
+
+def bundled_pins(name: str) -> dict[str, str] | None:
+    """The sha256 pins of bundled checkpoint ``name`` from ``pins.json`` (None when it has none).
+
+    Raises:
+        ValueError: ``pins.json`` is not a JSON object of ``{name: {file: 64-hex}}``.
+    """
+    path = bundled_root() / PINS_FILE
+    if not path.is_file():
+        return None
+    try:
+        pins = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: expected JSON, got {e}") from None
+    if not isinstance(pins, dict):
+        raise ValueError(f"{path}: expected an object {{name: {{file: sha256}}}}, got {type(pins).__name__}")
+    return hub.check_pins(pins.get(name), field=f"{PINS_FILE}[{name!r}]")
+
+
+def pin_bundled(name: str) -> dict[str, str]:
+    """Compute the pins of ``registry/bundled/<name>/`` and write them into ``pins.json`` (atomically; other
+    bundles' pins are kept) — the release step after copying a bundle there. Returns the new pins.
+
+    Raises:
+        FileNotFoundError: no such bundled directory.
+    """
+    root = bundled_root()
+    if not (root / name).is_dir():
+        raise FileNotFoundError(f"name: expected a directory {root / name}, found none")
+    path = root / PINS_FILE
+    pins = json.loads(path.read_text()) if path.is_file() else {}
+    pins[name] = hub.sha256_dir(root / name)
+    tmp = path.with_name(f".{PINS_FILE}.tmp")
+    tmp.write_text(json.dumps(pins, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return pins[name]
+
+
 def _resolve_bundled(name: str, env_id: str | None) -> Path:
     path = bundled_root() / name
     if path.is_dir():
@@ -244,6 +286,6 @@ def resolve(source_or_entry: str | os.PathLike | CatalogEntry, *, allow_unpinned
 
 
 register(
-    "DiTWM/Pong-v0", "bundled:pong-v0", game="Pong", max_episode_steps=1000,
+    "DiTWM/Pong-v0", "bundled:pong-v0", game="Pong", max_episode_steps=1000, sha256=bundled_pins("pong-v0"),
     description="Pong world model: DiT dynamics in a frozen autoencoder's latent space.",
 )

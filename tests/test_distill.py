@@ -186,3 +186,24 @@ def test_teacher_must_be_a_dit_bundle(tiny_stage1_store, tmp_path, capsys):
 
     assert cli(["--teacher", str(tmp_path), "--data", str(tiny_stage1_store), "--out", str(tmp_path / "x")]) == 2
     assert "--teacher" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_ddp_two_cpu_processes_keep_identical_weights(tiny_stage1_store, teacher_bundle, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "trainers.distill", "--teacher", str(teacher_bundle), "--data", str(tiny_stage1_store), "--out", str(out),
+           "--steps", "4", "--batch", "8", "--warmup", "2", "--log-every", "2", "--eval-every", "0",
+           "--checkpoint-every", "2", "--eval-windows", "8", "--eval-horizon", "6", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # save_state raises unless every parameter is bit-identical on both ranks (checked at steps 2 and 4)
+    tensors, meta = load_checkpoint(out)
+    assert meta["world_size"] == 2 and meta["step"] == 4
+    assert not torch.equal(tensors["rng.gen.0"], tensors["rng.gen.1"])  # each rank draws its own noise
+    assert res.stdout.count("distill: bundle") == 1 and (out / "bundle" / "config.json").is_file()

@@ -80,3 +80,11 @@ def test_track_policy_moves_the_paddle_towards_the_ball():
     assert [PONG_ACTIONS[a] for a in actions] == ["RIGHT", "LEFT", "NOOP"]
     with pytest.raises(ValueError, match="action_meanings"):
         track_actions(frames, ["NOOP", "FIRE"], np.random.default_rng(0))
+
+
+def test_quickstart_runs_the_bundled_pong_model_offline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    gif = tmp_path / "pong.gif"
+    assert quickstart(["--num-envs", "2", "--steps", "6", "--gif-envs", "1", "--out", str(gif)]) == 0
+    printed = capsys.readouterr().out
+    assert "registry/bundled/pong-v0" in printed and "sampling_steps 1" in printed and gif.stat().st_size > 0

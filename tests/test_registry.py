@@ -127,17 +127,35 @@ def test_import_is_one_way_and_cheap():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_builtin_pong_entry_is_not_shipped_yet_and_says_how_to_pass_checkpoint():
+def test_builtin_pong_entry_ships_pinned_and_a_missing_bundle_says_how_to_pass_checkpoint():
     e = registry.get("DiTWM/Pong-v0")
-    assert (e.env_id, e.game, e.source, e.max_episode_steps, e.sha256) == (
-        "DiTWM/Pong-v0", "Pong", "bundled:pong-v0", 1000, None)
-    assert e in registry.entries() and (catalog.bundled_root() / "README.md").is_file()
+    assert (e.env_id, e.game, e.source, e.max_episode_steps) == ("DiTWM/Pong-v0", "Pong", "bundled:pong-v0", 1000)
+    assert e.sha256 == registry.bundled_pins("pong-v0") == registry.sha256_dir(catalog.bundled_root() / "pong-v0")
+    assert set(e.sha256) >= {"config.json", "dynamics.safetensors", "autoencoder.safetensors", "README.md"}
+    assert registry.resolve(e) == catalog.bundled_root() / "pong-v0"
     with pytest.raises(FileNotFoundError) as ei:
-        registry.resolve(e)
+        registry.resolve(catalog.CatalogEntry("DiTWM/Nope-v0", "Nope", "bundled:nope-v0"))
     msg = str(ei.value)
-    assert "no bundled checkpoint 'pong-v0'" in msg and "checkpoint=" in msg and "DiTWM/Pong-v0" in msg
-    with pytest.raises(FileNotFoundError, match="checkpoint="):
-        registry.resolve("bundled:pong-v0")
+    assert "no bundled checkpoint 'nope-v0'" in msg and "checkpoint=" in msg and "DiTWM/Nope-v0" in msg
+
+
+def test_pin_bundled_writes_pins_json_and_a_damaged_bundled_file_is_caught(tmp_path, monkeypatch):
+    monkeypatch.setattr(catalog, "bundled_root", lambda: tmp_path)
+    write_bundle(tmp_path / "pong-v0")
+    write_bundle(tmp_path / "other-v1")
+    assert registry.bundled_pins("pong-v0") is None  # no pins.json yet
+    pins = registry.pin_bundled("pong-v0")
+    registry.pin_bundled("other-v1")
+    assert pins == PINS and registry.bundled_pins("pong-v0") == PINS and registry.bundled_pins("other-v1") == PINS
+    assert registry.resolve("bundled:pong-v0", sha256=registry.bundled_pins("pong-v0")) == tmp_path / "pong-v0"
+    (tmp_path / "pong-v0" / "config.json").write_text("{}")
+    with pytest.raises(registry.IntegrityError, match="config.json"):
+        registry.resolve("bundled:pong-v0", sha256=registry.bundled_pins("pong-v0"))
+    (tmp_path / "pins.json").write_text("[1]")
+    with pytest.raises(ValueError, match="pins.json"):
+        registry.bundled_pins("pong-v0")
+    with pytest.raises(FileNotFoundError, match="name"):
+        registry.pin_bundled("missing-v0")
 
 
 def test_bundled_source_resolves_to_package_data_dir(tmp_path, monkeypatch):

@@ -54,10 +54,13 @@ def _base_type(tp: Any) -> Any:
 
 
 def build_parser(cls: type, prog: str, description: str = "") -> argparse.ArgumentParser:
-    """An ``argparse`` parser with one ``--flag`` per field of the dataclass ``cls``."""
+    """An ``argparse`` parser with one ``--flag`` per field of the dataclass ``cls`` (required flags first, then
+    the subclass's own fields, then inherited ones such as :class:`LoopArgs`)."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    own = set(getattr(cls, "__annotations__", {}))
+    fields = sorted(dataclasses.fields(cls), key=lambda f: (not f.metadata.get("required", False), f.name not in own))
+    for f in fields:
         flag = "--" + f.name.replace("_", "-")
         tp = _base_type(hints[f.name])
         help_ = f.metadata.get("help", "")
@@ -186,3 +189,33 @@ def catch_stop_signals(on_signal: Callable[[int], None]) -> Callable[[], None]:
 def signal_exit_code(signum: int) -> int:
     """Shell convention for a run stopped by a signal: 143 after SIGTERM, 130 after SIGINT (128 + signum)."""
     return 128 + int(signum)
+
+
+@dataclasses.dataclass(kw_only=True)
+class LoopArgs:
+    """Arguments every gradient-training stage shares (``ditwm pretrain``, ``ditwm distill``): subclass it with
+    ``@dataclass(kw_only=True)`` and add the stage's own fields (a redefined field overrides its default)."""
+
+    grad_clip: float = arg(1.0, "max global gradient norm")
+    ema: float = arg(0.999, "EMA decay of the exported weights")
+    log_every: int = arg(50, "steps between metric log lines")
+    eval_every: int = arg(500, "steps between held-out evaluations (0: only at the end)")
+    eval_windows: int = arg(64, "held-out windows per evaluation")
+    eval_horizon: int = arg(16, "open-loop steps of the evaluation rollout")
+    seed: int = arg(0, "seed of the initialisation, window draw and noise")
+    device: str = arg("cpu", "torch device: cpu, cuda[:i] or auto (torchrun: cuda → cuda:LOCAL_RANK)")
+    compile: bool = arg(False, "torch.compile the training model")
+    threads: int = arg(0, "torch CPU threads per process (0: torch's default)")
+    resume: bool = arg(False, "continue the run in --out from its checkpoint")
+
+
+def adamw(module: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW (betas 0.9, 0.99) with decoupled weight decay on matrices only (biases, norms, gains: none); the
+    fused kernel where available (~3x faster on CPU with torch >= 2.4, and on CUDA)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))

@@ -32,8 +32,8 @@ from dit_envs.models.dit import DiT
 from dit_envs.models.dit_world_model import DiTWorldModel
 from trainers import distributed as dist_
 from trainers.autoencoder import lr_at
-from trainers.common import (ArgError, JsonlLogger, arg, catch_stop_signals, check_out_dir, pick_device, run_cli,
-                             seed_everything, signal_exit_code)
+from trainers.common import (ArgError, JsonlLogger, LoopArgs, adamw, arg, catch_stop_signals, check_out_dir,
+                             pick_device, run_cli, seed_everything, signal_exit_code)
 from trainers.data import EpisodeStore, heldout_mask
 from trainers.distill_objective import DistillNet, make_distill_inputs, sample_gap, step_levels
 from trainers.latents import LatentWindows, load_or_encode
@@ -43,7 +43,7 @@ from trainers.pretrain_state import rank_seed, read_state, restore_state, save_s
 
 
 @dataclass(kw_only=True)
-class Args:
+class Args(LoopArgs):
     teacher: str = arg(help="teacher world-model bundle directory (from ditwm pretrain)")
     data: str = arg(help="episode store the teacher was trained on (distils on its non-held-out episodes)")
     out: str = arg(help="output directory: ckpt/, metrics.jsonl, bundle/ (new or empty unless --resume)")
@@ -53,20 +53,9 @@ class Args:
     warmup: int = arg(200, "linear warm-up steps")
     lr_decay_steps: int = arg(0, "length of the warm-up + cosine schedule (0: --steps)")
     weight_decay: float = arg(0.0, "AdamW decoupled weight decay of matrices")
-    grad_clip: float = arg(1.0, "max global gradient norm")
-    ema: float = arg(0.999, "EMA decay of the exported weights")
     teacher_steps: int = arg(0, "teacher Euler steps N, a power of two (0: the teacher bundle's sampling_steps)")
     sampling_steps: int = arg(1, "default Euler steps stored in the student bundle (1, 2, 4, ... up to N)")
-    log_every: int = arg(50, "steps between metric log lines")
-    eval_every: int = arg(500, "steps between held-out evaluations (0: only at the end)")
-    eval_windows: int = arg(64, "held-out windows per evaluation")
-    eval_horizon: int = arg(16, "open-loop steps of the evaluation rollout")
     checkpoint_every: int = arg(500, "steps between resumable checkpoints")
-    seed: int = arg(0, "seed of the window draw, noise and jumps")
-    device: str = arg("cpu", "torch device: cpu, cuda[:i] or auto (torchrun: cuda → cuda:LOCAL_RANK)")
-    compile: bool = arg(False, "torch.compile the student's training forward")
-    threads: int = arg(0, "torch CPU threads per process (0: torch's default)")
-    resume: bool = arg(False, "continue the run in --out from its checkpoint")
 
 
 @dataclass
@@ -172,12 +161,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     seed_everything(args.seed)  # the student's new step embedding: identical on every rank and every run
     net = DistillNet(make_student(teacher, N)).to(dev)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
-    groups = [{"params": [p for p in net.parameters() if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in net.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-    try:
-        opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), fused=True)
-    except (RuntimeError, TypeError):
-        opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99))
+    opt = adamw(net, args.lr, args.weight_decay)
     gen = torch.Generator(device=dev).manual_seed(rank_seed(args.seed, d.rank))
     mean, std = wm.latent_mean.detach().cpu(), wm.latent_std.detach().cpu()
     windows = LatentWindows(train, K + 1, mean=mean, std=std, num_actions=A, seed=[args.seed, d.rank], device=dev)
@@ -274,7 +258,7 @@ def export_student(out_dir: Path, s: Setup, student: DiT, args: Args, *, step: i
     wm = DiTWorldModel(copy.deepcopy(teacher.autoencoder).cpu().float(), copy.deepcopy(student).cpu().float(),
                        copy.deepcopy(teacher.heads).cpu().float(), sampling_steps=args.sampling_steps)
     wm.set_latent_stats(teacher.latent_mean.cpu().float(), teacher.latent_std.cpu().float())
-    rows = {"teacher": f"{Path(args.teacher).name} (dynamics sha256 {s.teacher_sha256[:12]})",
+    rows = {"teacher": f"{args.teacher} (dynamics sha256 {s.teacher_sha256[:12]})",
             "method": "step-size-conditioned trajectory distillation (shortcut models, Frans et al. 2024)",
             "teacher steps N": s.teacher_steps, "student steps": ", ".join(str(s.teacher_steps // m)
                                                                           for m in step_levels(s.teacher_steps)),

@@ -37,7 +37,8 @@ from dit_envs.models.dit import DIT_PRESETS, DiT, DiTConfig
 from dit_envs.models.heads import HeadsConfig, RewardTermHead
 from trainers import distributed as dist_
 from trainers.autoencoder import load_autoencoder, lr_at
-from trainers.common import ArgError, JsonlLogger, arg, check_out_dir, pick_device, run_cli, seed_everything
+from trainers.common import (ArgError, JsonlLogger, LoopArgs, adamw, arg, check_out_dir, pick_device, run_cli,
+                             seed_everything)
 from trainers.data import EpisodeStore, heldout_mask, segments
 from trainers.latents import LatentWindows, load_or_encode, store_index
 from trainers.pretrain_eval import data_summary, eval_windows, evaluate
@@ -47,7 +48,7 @@ from trainers.pretrain_state import (configs_meta, export_bundle, model_card, ra
 
 
 @dataclass(kw_only=True)
-class Args:
+class Args(LoopArgs):
     data: str = arg(help="episode store directory (trains on its non-held-out episodes)")
     stage1: str = arg("", "stage-1 artifacts (autoencoder.json + autoencoder.safetensors); '' = DATA/stage1")
     out: str = arg(help="output directory: ckpt/, metrics.jsonl, bundle/ (new or empty unless --resume)")
@@ -58,8 +59,6 @@ class Args:
     warmup: int = arg(500, "linear warm-up steps")
     lr_decay_steps: int = arg(0, "length of the warm-up + cosine schedule (0: --steps)")
     weight_decay: float = arg(0.01, "AdamW decoupled weight decay of matrices (biases/norms: none)")
-    grad_clip: float = arg(1.0, "max global gradient norm")
-    ema: float = arg(0.999, "EMA decay of the exported weights")
     context_len: int = arg(0, "K context frames (0: stage 1's agent.json context_len, else 4)")
     seq_len: int = arg(0, "tokens per diffusion-forcing window, 2..K+1 (0: K+1)")
     clean_context: float = arg(0.5, "fraction of samples with a clean context and only the last token noisy")
@@ -71,16 +70,7 @@ class Args:
     rollout_sampling_steps: int = arg(1, "Euler steps per imagined step in the multi-step term")
     sampling_steps: int = arg(4, "Euler steps per env step stored in the bundle")
     start_contexts: int = arg(256, "real start contexts (training episodes) stored in the bundle")
-    log_every: int = arg(50, "steps between metric log lines")
-    eval_every: int = arg(500, "steps between held-out evaluations (0: only at the end)")
-    eval_windows: int = arg(64, "held-out windows per evaluation")
-    eval_horizon: int = arg(16, "open-loop steps of the evaluation rollout")
     checkpoint_every: int = arg(1000, "steps between resumable checkpoints")
-    seed: int = arg(0, "seed of the initialisation, window draw and noise")
-    device: str = arg("cpu", "torch device: cpu, cuda[:i] or auto (torchrun: cuda → cuda:LOCAL_RANK)")
-    compile: bool = arg(False, "torch.compile the training model")
-    threads: int = arg(0, "torch CPU threads per process (0: torch's default)")
-    resume: bool = arg(False, "continue the run in --out from its checkpoint")
 
 
 @dataclass
@@ -198,13 +188,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
                           rollout_weight=args.rollout_weight, rollout_sampling_steps=args.rollout_sampling_steps)
     net = PretrainNet(DiT(dcfg), RewardTermHead(hcfg), args.term_weight).to(dev)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
-    decay = [p for p in net.parameters() if p.dim() >= 2]
-    no_decay = [p for p in net.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    try:  # the fused kernel is ~3x faster on CPU (torch >= 2.4) and on CUDA
-        opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), fused=True)
-    except (RuntimeError, TypeError):
-        opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99))
+    opt = adamw(net, args.lr, args.weight_decay)
     gen = torch.Generator(device=dev).manual_seed(rank_seed(args.seed, d.rank))
     z64 = train.z.astype(np.float64)
     mean, std = torch.from_numpy(z64.mean(0)).float(), torch.from_numpy(z64.std(0)).float().clamp(min=1e-3)

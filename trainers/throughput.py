@@ -7,7 +7,6 @@ is read right after the imagination runs, before the real game starts.
 """
 from __future__ import annotations
 
-import json
 import resource
 import statistics
 import tempfile
