@@ -159,6 +159,17 @@ class DiTBlock(nn.Module):
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, T, D)
         return x, (k, v)
 
+    def keys_values(self, x: torch.Tensor, mod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Only the ``(k, v)`` of :meth:`forward` (``(B, heads, T, D/heads)`` each) for tokens ``x`` ``(B, T, D)``
+        with precomputed modulation ``mod`` ``(B, T, 6D)`` — what the last block of a context pass needs: its
+        queries, attention output and MLP would feed no later layer."""
+        B, T, D = x.shape
+        shift_msa, scale_msa = mod[..., :D], mod[..., D : 2 * D]
+        h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, T, D)
+        kv = F.linear(h, self.qkv.weight[D:], self.qkv.bias[D:])  # (B, T, 2D)
+        k, v = kv.view(B, T, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, T, D/H)
+        return k, v
+
 
 class DiT(nn.Module):
     """Causal DiT predicting the rectified-flow velocity of every latent token (see module docstring).
@@ -278,9 +289,13 @@ class DiT(nn.Module):
         h, _ = self._embed(z, t0, prev_action, offset=0, cond=False)  # (N, L, D)
         table, index = self._cond_table(0.0, None, prev_action)
         cache: KVCache = []
-        for block in self.blocks:
-            h, kv = block(h, None, mod=block.adaLN_modulation(table)[index])  # (N, L, D)
-            cache.append(kv)
+        for i, block in enumerate(self.blocks):
+            mod = block.adaLN_modulation(table)[index]  # (N, L, 6D)
+            if i == len(self.blocks) - 1:  # the last block's outputs feed nothing: keys and values only
+                cache.append(block.keys_values(h, mod))
+            else:
+                h, kv = block(h, None, mod=mod)  # (N, L, D)
+                cache.append(kv)
         return cache
 
     def _cond_table(self, noise_level: float, step_size: float | None,
