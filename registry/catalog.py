@@ -211,14 +211,20 @@ def pin_bundled(name: str) -> dict[str, str]:
     """Compute the pins of ``registry/bundled/<name>/`` and write them into ``pins.json`` (atomically; other
     bundles' pins are kept) — the release step after copying a bundle there. Returns the new pins.
 
+    The catalog reads the pins when ``registry`` is imported: a running process keeps the old ones (re-register
+    the id or restart). Every file is pinned, the model card too: edit a bundled file, then pin again.
+
     Raises:
         FileNotFoundError: no such bundled directory.
+        ValueError: an existing ``pins.json`` that is not a JSON object.
     """
     root = bundled_root()
     if not (root / name).is_dir():
         raise FileNotFoundError(f"name: expected a directory {root / name}, found none")
     path = root / PINS_FILE
     pins = json.loads(path.read_text()) if path.is_file() else {}
+    if not isinstance(pins, dict):
+        raise ValueError(f"{path}: expected an object {{name: {{file: sha256}}}}, got {type(pins).__name__}")
     pins[name] = hub.sha256_dir(root / name)
     tmp = path.with_name(f".{PINS_FILE}.tmp")
     tmp.write_text(json.dumps(pins, indent=2, sort_keys=True) + "\n")

@@ -207,3 +207,28 @@ def test_ddp_two_cpu_processes_keep_identical_weights(tiny_stage1_store, teacher
     assert meta["world_size"] == 2 and meta["step"] == 4
     assert not torch.equal(tensors["rng.gen.0"], tensors["rng.gen.1"])  # each rank draws its own noise
     assert res.stdout.count("distill: bundle") == 1 and (out / "bundle" / "config.json").is_file()
+
+
+def test_distilled_teacher_is_refused(tiny_stage1_store, teacher_bundle, tmp_path, capsys):
+    from trainers.distill import cli
+
+    out = tmp_path / "d"
+    assert main(Args(teacher=str(teacher_bundle), data=str(tiny_stage1_store), out=str(out), steps=2, **TINY)) == 0
+    capsys.readouterr()
+    assert cli(["--teacher", str(out / "bundle"), "--data", str(tiny_stage1_store), "--out", str(tmp_path / "x")]) == 2
+    assert "undistilled" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="shortcut_steps"):
+        make_student(make_student(teacher(), 4), 4)
+
+
+def test_empty_batch_and_untrained_step_count_warning():
+    s = make_student(teacher(), 4)
+    cache = s.context_cache(torch.zeros(0, K, D_Z), torch.zeros(0, K, dtype=torch.int64))
+    assert s.sample_next(torch.zeros(0, D_Z), torch.zeros(0, dtype=torch.int64), cache, 1).shape == (0, D_Z)
+    ctx, ctx_a, a = batch(B=2)
+    cache = s.context_cache(ctx, ctx_a)
+    from dit_envs.models import dit as dit_module
+
+    dit_module._WARNED.clear()  # warned once per process: start from none
+    with pytest.warns(UserWarning, match="untrained step size"):
+        s.sample_next(torch.zeros(2, D_Z), a, cache, 3)

@@ -87,4 +87,9 @@ def test_quickstart_runs_the_bundled_pong_model_offline(tmp_path, monkeypatch, c
     gif = tmp_path / "pong.gif"
     assert quickstart(["--num-envs", "2", "--steps", "6", "--gif-envs", "1", "--out", str(gif)]) == 0
     printed = capsys.readouterr().out
-    assert "registry/bundled/pong-v0" in printed and "sampling_steps 1" in printed and gif.stat().st_size > 0
+    assert "registry/bundled/pong-v0" in printed and "sampling_steps 2" in printed and gif.stat().st_size > 0
+
+
+def test_quickstart_bad_checkpoint_and_non_pong_policy(tiny_bundle, tmp_path, capsys):
+    assert quickstart(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "q.gif")]) == 2
+    assert "--checkpoint" in capsys.readouterr().err and not (tmp_path / "q.gif").exists()

@@ -87,6 +87,9 @@ def validate(args: Args) -> Setup:
         raise ArgError("teacher", f"expected a world-model bundle directory, got {e}") from None
     if not isinstance(bundle.model, DiTWorldModel):
         raise ArgError("teacher", f"expected a 'dit' bundle, got model_type {bundle.config.get('model_type')!r}")
+    if bundle.model.dit.config.shortcut_steps:
+        raise ArgError("teacher", f"expected an undistilled DiT (from ditwm pretrain), got a distilled student "
+                                  f"(shortcut_steps {bundle.model.dit.config.shortcut_steps})")
     n = args.teacher_steps or int(bundle.config.get("sampling_steps", 4))
     try:
         levels = step_levels(n)
@@ -119,6 +122,8 @@ def validate(args: Args) -> Setup:
 def make_student(teacher: DiT, teacher_steps: int) -> DiT:
     """A step-conditioned copy of ``teacher`` (``shortcut_steps = teacher_steps``) that outputs exactly what the
     teacher does until trained (its step embedding ends in zeros)."""
+    if teacher.config.shortcut_steps:
+        raise ValueError(f"teacher: expected an undistilled DiT, got shortcut_steps {teacher.config.shortcut_steps}")
     student = DiT(replace(teacher.config, shortcut_steps=teacher_steps))
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     if unexpected or any(not k.startswith("step_embed.") for k in missing):
@@ -266,7 +271,8 @@ def export_student(out_dir: Path, s: Setup, student: DiT, args: Args, *, step: i
             "lr": args.lr, **{k: f"{v:.4g}" for k, v in final.items()}}
     card = ("## Stage 2b: distillation\n\n| field | value |\n| --- | --- |\n"
             + "\n".join(f"| {k} | {v} |" for k, v in rows.items()) + "\n")
-    teacher_card = (Path(args.teacher) / "README.md").read_text()
+    readme = Path(args.teacher) / "README.md"
+    teacher_card = readme.read_text() if readme.is_file() else ""
     if "\n## " in teacher_card:
         card += "\n" + teacher_card[teacher_card.index("\n## ") + 1:]
     return save_bundle(wm.eval(), out_dir, game=s.bundle.config["game"],

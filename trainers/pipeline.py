@@ -41,7 +41,7 @@ class Args:
     device: str = arg("cpu", "torch device of the training stages (cpu, cuda, auto)")
     threads: int = arg(0, "torch CPU threads per stage (0: torch's default)")
     skip_agent: bool = arg(False, "stop after distillation, evaluation and release (no stage 3)")
-    tiny: bool = arg(False, "smoke test: tiny models, short phases, no fidelity stages (seconds on CPU)")
+    tiny: bool = arg(False, "smoke test: tiny models, small batches, no fidelity stages (give small --*-steps too)")
 
 
 #: extra flags per stage under ``--tiny`` (the tests run the whole recipe with them)
@@ -71,7 +71,7 @@ def _state(out: Path, done: Path) -> str:
 def release_bundle(src: Path, dst: Path) -> Path:
     """Re-save bundle ``src`` with float16 weights (buffers, start contexts and the model card kept) into ``dst``."""
     b = load_bundle(src)
-    card = (src / "README.md").read_text()
+    card = (src / "README.md").read_text() if (src / "README.md").is_file() else ""
     extra = card[card.index("\n## ") + 1:] if "\n## " in card else ""
     import torch
 
@@ -141,8 +141,8 @@ def main(args: Args) -> int:
     rel = out / "release" / f"{args.game.lower()}-v0"
     if not (rel / "config.json").exists():
         release_bundle(dis / "bundle", rel)
-    print(f"pipeline: release bundle {rel} (float16); ship it as registry/bundled/{rel.name} and pin its sha256 "
-          f"(registry.sha256_dir) in the catalog entry")
+    print(f"pipeline: release bundle {rel} (float16); to ship it, copy it to registry/bundled/{rel.name} and run "
+          f"registry.pin_bundled({rel.name!r}) (see registry/bundled/README.md)")
     return 0
 
 

@@ -99,7 +99,14 @@ def main(args: Args) -> int:
         envs = gym.make_vec(args.env_id, num_envs=args.num_envs, obs_type="pixels", **kw)
     except gym.error.Error as e:
         raise ArgError("env_id", f"expected a registered DiT-WM id, got {args.env_id!r} ({e})") from None
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        raise ArgError("checkpoint" if args.checkpoint else "env_id", f"expected a loadable world model, got {e}") \
+            from None
     meanings = list(envs.unwrapped.bundle.config["action_meanings"])
+    if args.policy == "track" and not {"NOOP", "RIGHT", "LEFT"} <= set(meanings):
+        envs.close()
+        raise ArgError("policy", f"expected 'random' for a game without Pong's NOOP/RIGHT/LEFT actions, got 'track' "
+                                 f"with actions {meanings}")
     rng = np.random.default_rng(args.seed)
     obs, _ = envs.reset(seed=args.seed)
     g = min(args.gif_envs, args.num_envs)

@@ -20,6 +20,7 @@ starts as exactly the teacher; step sizes below ``1/N`` use the ``1/N`` embeddin
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dit_envs.models.flow import sample, uniform_times
+
+_WARNED: set[tuple[int, int]] = set()  # (shortcut_steps, sampling steps) already warned about
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 """Per-layer ``(keys, values)``, each float ``(N, heads, L, width/heads)`` for ``L`` context tokens."""
@@ -333,7 +336,8 @@ class DiT(nn.Module):
         """
         L = cache[0][0].shape[2]
         d = None if step_size is None else step_size[:, None]
-        uniform = bool((noise_level == noise_level[0]).all()) and (d is None or bool((d == d[0]).all()))
+        uniform = x.shape[0] > 0 and bool((noise_level == noise_level[0]).all()) and (
+            d is None or bool((d == d[0]).all()))
         if not uniform:  # general path: every token its own conditioning
             h, c = self._embed(x[:, None], noise_level[:, None], prev_action[:, None], offset=L, step_size=d)
             for block, past in zip(self.blocks, cache):
@@ -360,6 +364,12 @@ class DiT(nn.Module):
         Raises:
             ValueError: ``steps`` < 1.
         """
+        n = self.config.shortcut_steps
+        if n and steps < n and n % steps and (n, steps) not in _WARNED:
+            _WARNED.add((n, steps))
+            trained = sorted(n >> k for k in range(n.bit_length()))
+            warnings.warn(f"sampling_steps: this student was distilled for {trained} steps (or more than {n}), got "
+                          f"{steps}: an untrained step size, expect lower fidelity", stacklevel=2)
         times = uniform_times(steps)
         d = torch.full((noise.shape[0],), 1.0 / steps, device=noise.device)
         x = sample(lambda xx, t: self.predict_next(xx, t, prev_action, cache, step_size=d), noise, times)
