@@ -138,7 +138,7 @@ def test_distill_cli_writes_a_student_bundle_that_steps_as_an_env(tiny_stage1_st
     assert [r["step"] for r in recs if "loss" in r] == [2, 4, 6, 8]
     assert all(k in recs[-1] for k in ("eval/gap@1", "eval/gap@2", "eval/mse@1"))
     b = load_bundle(out / "bundle")
-    assert b.config["sampling_steps"] == 1 and b.model.dit.config.shortcut_steps == 4
+    assert b.config["sampling_steps"] == 2 and b.model.dit.config.shortcut_steps == 4
     teach = load_bundle(teacher_bundle)
     assert torch.equal(b.start_z, teach.start_z) and torch.equal(b.model.latent_std, teach.model.latent_std)
     card = (out / "bundle" / "README.md").read_text()
