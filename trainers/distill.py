@@ -36,7 +36,7 @@ from trainers.common import (ArgError, JsonlLogger, LoopArgs, adamw, arg, catch_
                              pick_device, run_cli, seed_everything, signal_exit_code)
 from trainers.data import EpisodeStore, heldout_mask
 from trainers.distill_objective import DistillNet, make_distill_inputs, sample_gap, step_levels
-from trainers.latents import LatentWindows, load_or_encode
+from trainers.latents import LatentWindows, load_latents_on_ranks
 from trainers.pretrain_eval import eval_windows, evaluate
 from trainers.pretrain_objective import PretrainNet, ema_decay_at, ema_update
 from trainers.pretrain_state import rank_seed, read_state, restore_state, save_state
@@ -150,14 +150,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     wm: DiTWorldModel = s.bundle.model.to(dev)
     K, A = wm.context_len, wm.num_actions
     ae_sha = sha256_file(Path(args.teacher) / "autoencoder.safetensors")
-    ds = None
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        ds, reused = load_or_encode(args.data, wm.autoencoder, ae_sha)
-        print(f"distill: latents {ds.path} ({'reused' if reused else 'encoded'}, {len(ds)} rows)")
-    dist_.barrier(d)
-    if ds is None:
-        ds, _ = load_or_encode(args.data, wm.autoencoder, ae_sha, progress=False)
+    ds = load_latents_on_ranks(d, args.data, wm.autoencoder, ae_sha, out, "distill")
     held = heldout_mask(ds.episode)
     train, test = ds.select(~held), ds.select(held)
     if len(train) == 0:

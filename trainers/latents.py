@@ -247,3 +247,21 @@ class LatentWindows:
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
+
+
+def load_latents_on_ranks(d, store_dir: str | Path, autoencoder: torch.nn.Module, encoder_sha256: str,
+                          out: Path, tag: str) -> LatentDataset:
+    """:func:`load_or_encode` for a (possibly distributed) training run: rank 0 creates ``out``, encodes or reuses
+    the cache and prints ``"<tag>: latents <file> (reused|encoded, N rows)"``; the other ranks wait at a barrier
+    (:func:`trainers.distributed.barrier`, ``d`` a :class:`trainers.distributed.Dist`) and then read the cache."""
+    from trainers.distributed import barrier
+
+    ds = None
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        ds, reused = load_or_encode(store_dir, autoencoder, encoder_sha256)
+        print(f"{tag}: latents {ds.path} ({'reused' if reused else 'encoded'}, {len(ds)} rows)")
+    barrier(d)
+    if ds is None:
+        ds, _ = load_or_encode(store_dir, autoencoder, encoder_sha256, progress=False)
+    return ds

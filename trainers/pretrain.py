@@ -42,7 +42,7 @@ from trainers.autoencoder import load_autoencoder, lr_at
 from trainers.common import (ArgError, JsonlLogger, LoopArgs, adamw, arg, check_out_dir, pick_device, run_cli,
                              seed_everything)
 from trainers.data import EpisodeStore, heldout_mask, segments
-from trainers.latents import LatentWindows, load_or_encode, store_index
+from trainers.latents import LatentWindows, load_latents_on_ranks, store_index
 from trainers.pretrain_eval import data_summary, eval_windows, evaluate
 from trainers.pretrain_objective import ObjectiveConfig, PretrainNet, ema_decay_at, ema_update, make_inputs, total_loss
 from trainers.pretrain_state import (configs_meta, export_bundle, model_card, rank_seed, read_state, restore_state,
@@ -170,14 +170,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     out, dev, K = Path(args.out), d.device, s.context_len
     names = list(s.meta["action_meanings"])
     A, ae = len(names), s.autoencoder.to(dev)
-    ds = None
-    if d.is_main:  # rank 0 encodes (or reuses) the latent cache, the others read it
-        out.mkdir(parents=True, exist_ok=True)
-        ds, reused = load_or_encode(args.data, ae, s.encoder_sha256)
-        print(f"pretrain: latents {ds.path} ({'reused' if reused else 'encoded'}, {len(ds)} rows)")
-    dist_.barrier(d)
-    if ds is None:
-        ds, _ = load_or_encode(args.data, ae, s.encoder_sha256, progress=False)
+    ds = load_latents_on_ranks(d, args.data, ae, s.encoder_sha256, out, "pretrain")
     held = heldout_mask(ds.episode)
     train, test = ds.select(~held), ds.select(held)
     summary = data_summary(ds, ~held)
