@@ -34,14 +34,9 @@ def bundle(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def stage1_out(tmp_path_factory) -> Path:
+def stage1_out(tiny_stage1_store) -> Path:
     """A tiny stage-1 run on real Pong (tiny autoencoder: d_z = 32, K = 4, like the tiny DiT bundle)."""
-    from trainers.collect import Args as CArgs, main as cmain
-
-    out = tmp_path_factory.mktemp("s1") / "run"
-    assert cmain(CArgs(agent="rssm", size="tiny", num_envs=2, prefill=64, ae_steps=8, train_every=16,
-                       checkpoint_every=96, chunk_rows=64, steps=128, out=str(out))) == 0
-    return out
+    return tiny_stage1_store
 
 
 # ---- autoreset handling on a hand-made env ------------------------------------------------------------------

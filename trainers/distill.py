@@ -38,7 +38,7 @@ from trainers.data import EpisodeStore, heldout_mask
 from trainers.distill_objective import DistillNet, make_distill_inputs, sample_gap, step_levels
 from trainers.latents import LatentWindows, load_latents_on_ranks
 from trainers.pretrain_eval import eval_windows, evaluate
-from trainers.pretrain_objective import PretrainNet, ema_decay_at, ema_update
+from trainers.pretrain_objective import PretrainNet, optimizer_step
 from trainers.pretrain_state import rank_seed, read_state, restore_state, save_state
 
 
@@ -136,11 +136,7 @@ def make_student(teacher: DiT, teacher_steps: int) -> DiT:
 def main(args: Args) -> int:
     """Distil (or resume), export the student bundle; returns 0, or 143/130 after SIGTERM/SIGINT."""
     setup = validate(args)
-    d = dist_.setup(pick_device(args.device))
-    try:
-        return _run(args, setup, d)
-    finally:
-        dist_.cleanup(d)
+    return dist_.run(pick_device(args.device), lambda d: _run(args, setup, d))
 
 
 def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
@@ -202,18 +198,13 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
             if dist_.any_rank(d, stop["sig"] is not None):
                 break
             lr = lr_at(step, args.lr, args.warmup, args.lr_decay_steps or args.steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
             w = windows.sample(args.batch)
             with autocast:
                 inputs = make_distill_inputs(teacher, w.x[:, :K], w.prev_action[:, :K], w.prev_action[:, K],
                                              teacher_steps=N, generator=gen)
                 loss = model(inputs)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
-            opt.step()
-            ema_update(ema, net, ema_decay_at(step, args.ema))
+            grad_norm = optimizer_step(loss, net, ema, opt, lr=lr, grad_clip=args.grad_clip, step=step,
+                                       ema_decay=args.ema)
             step += 1
             bar.update(1)
             if log is not None and (step % args.log_every == 0 or step == args.steps):

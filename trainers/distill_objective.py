@@ -53,7 +53,7 @@ def teacher_trajectory(teacher: DiT, context: torch.Tensor, context_action: torc
     d = torch.full((noise.shape[0],), 1.0 / steps, device=noise.device)
     for j in range(steps):
         t = torch.full_like(d, 1.0 - j / steps)
-        x = x - (1.0 / steps) * teacher.predict_next(x, t, action, cache, step_size=d).float()  # (B, d_z)
+        x = x - (1.0 / steps) * teacher.predict_next(x, t, action, cache, step_size=d, shared_level=True).float()
         xs.append(x)
     return torch.stack(xs)
 

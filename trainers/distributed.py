@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -59,6 +60,15 @@ def cleanup(d: Dist) -> None:
     """Leave the process group (no-op in a single process)."""
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run(device: torch.device, fn: Callable[[Dist], int]) -> int:
+    """:func:`setup`, then ``fn(dist)``, then :func:`cleanup` even when ``fn`` raises; returns ``fn``'s exit code."""
+    d = setup(device)
+    try:
+        return fn(d)
+    finally:
+        cleanup(d)
 
 
 def barrier(d: Dist) -> None:

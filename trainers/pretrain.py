@@ -39,12 +39,12 @@ from dit_envs.models.dit import DIT_PRESETS, DiT, DiTConfig
 from dit_envs.models.heads import HeadsConfig, RewardTermHead
 from trainers import distributed as dist_
 from trainers.autoencoder import load_autoencoder, lr_at
-from trainers.common import (ArgError, JsonlLogger, LoopArgs, adamw, arg, check_out_dir, pick_device, run_cli,
-                             seed_everything)
+from trainers.common import (ArgError, JsonlLogger, LoopArgs, adamw, arg, catch_stop_signals, check_out_dir,
+                             pick_device, run_cli, seed_everything, signal_exit_code)
 from trainers.data import EpisodeStore, heldout_mask, segments
 from trainers.latents import LatentWindows, load_latents_on_ranks, store_index
 from trainers.pretrain_eval import data_summary, eval_windows, evaluate
-from trainers.pretrain_objective import ObjectiveConfig, PretrainNet, ema_decay_at, ema_update, make_inputs, total_loss
+from trainers.pretrain_objective import ObjectiveConfig, PretrainNet, make_inputs, optimizer_step, total_loss
 from trainers.pretrain_state import (configs_meta, export_bundle, model_card, rank_seed, read_state, restore_state,
                                      save_state)
 
@@ -157,11 +157,7 @@ def validate(args: Args) -> Setup:
 def main(args: Args) -> int:
     """Train (or resume), export the bundle; returns 0, or 143/130 after SIGTERM/SIGINT."""
     setup = validate(args)
-    d = dist_.setup(pick_device(args.device))
-    try:
-        return _run(args, setup, d)
-    finally:
-        dist_.cleanup(d)
+    return dist_.run(pick_device(args.device), lambda d: _run(args, setup, d))
 
 
 def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
@@ -215,8 +211,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
               f"{d.world_size} proc; {'resuming at step ' + str(step) if step else 'from scratch'}")
 
     stop: dict[str, int | None] = {"sig": None}
-    old = {sg: signal.signal(sg, lambda signum, _f: stop.__setitem__("sig", signum))
-           for sg in (signal.SIGTERM, signal.SIGINT)}
+    restore = catch_stop_signals(lambda signum: stop.__setitem__("sig", signum))
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext())
     total = args.lr_decay_steps or args.steps
     bar = tqdm(total=args.steps, initial=step, unit="step", desc=f"pretrain DiT-{args.preset}",
@@ -227,18 +222,13 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
             if dist_.any_rank(d, stop["sig"] is not None):
                 break
             lr = lr_at(step, args.lr, args.warmup, total)  # explicit schedule, set by hand each step
-            for group in opt.param_groups:
-                group["lr"] = lr
             w = windows.sample(args.batch)
             with autocast:
                 inputs = make_inputs(w, cfg, num_actions=A, generator=gen, dit=net.dit, context_len=K, clamp=clamp)
                 terms = model(inputs)
             loss = total_loss(terms, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # DDP averages the gradients across ranks here
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
-            opt.step()
-            ema_update(ema, net, ema_decay_at(step, args.ema))
+            grad_norm = optimizer_step(loss, net, ema, opt, lr=lr, grad_clip=args.grad_clip, step=step,
+                                       ema_decay=args.ema)
             step += 1
             bar.update(1)
             if log is not None and (step % args.log_every == 0 or step == args.steps):
@@ -255,8 +245,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
                 saved = step
     finally:
         bar.close()
-        for sg, h in old.items():
-            signal.signal(sg, h)
+        restore()
     dt = time.perf_counter() - t0
     if step != saved:
         save_state(out, d, net=net, ema=ema, opt=opt, gen=gen, windows=windows, step=step, meta=run_meta)
@@ -267,7 +256,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     if step < args.steps:  # stopped by a signal (on this rank or another one)
         if log is not None:
             log.close()
-        return 143 if stop["sig"] in (None, signal.SIGTERM) else 130
+        return signal_exit_code(stop["sig"] or signal.SIGTERM)
     if d.is_main:
         if ev is not None and not (args.eval_every and step % args.eval_every == 0 and step > s0):
             final = evaluate(ema, ev, context_len=K, sampling_steps=args.sampling_steps, mean=mean_d, std=std_d,

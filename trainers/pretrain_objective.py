@@ -221,3 +221,22 @@ def ema_decay_at(step: int, decay: float) -> float:
     """EMA decay after ``step`` updates: ``min(decay, (1 + step) / (10 + step))`` — short runs do not keep the
     random initialisation in the average."""
     return min(decay, (1.0 + step) / (10.0 + step))
+
+
+def optimizer_step(loss: torch.Tensor, net: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, *, lr: float,
+                   grad_clip: float, step: int, ema_decay: float) -> torch.Tensor:
+    """One update of a stage-2 training loop (``ditwm pretrain``, ``ditwm distill``): set ``lr`` on every param
+    group, back-propagate ``loss`` (DDP averages the gradients across ranks here), clip the global gradient norm to
+    ``grad_clip``, step, and move ``ema`` towards ``net`` with :func:`ema_decay_at` ``(step, ema_decay)``.
+
+    Returns:
+        The float32 scalar gradient norm before clipping.
+    """
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    opt.step()
+    ema_update(ema, net, ema_decay_at(step, ema_decay))
+    return grad_norm

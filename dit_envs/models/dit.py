@@ -319,7 +319,7 @@ class DiT(nn.Module):
 
     def predict_next(
         self, x: torch.Tensor, noise_level: torch.Tensor, prev_action: torch.Tensor, cache: KVCache,
-        step_size: torch.Tensor | None = None,
+        step_size: torch.Tensor | None = None, shared_level: bool = False,
     ) -> torch.Tensor:
         """Velocity of one noisy token placed right after a cached context; equals the last position of
         :meth:`forward` on ``concat(context, x)`` with context noise 0.
@@ -331,13 +331,15 @@ class DiT(nn.Module):
             cache: from :meth:`context_cache` on the same ``N`` envs.
             step_size: optional float ``(N,)`` size of the sampler step about to be taken (step-conditioned
                 models only, see the module docstring).
+            shared_level: the caller guarantees one noise level (and one step size) for all ``N`` tokens, as a
+                sampler does; skips the check (a device sync) that otherwise picks the conditioning-table path.
         Returns:
             float ``(N, d_z)`` velocity (model dtype).
         """
         L = cache[0][0].shape[2]
         d = None if step_size is None else step_size[:, None]
-        uniform = x.shape[0] > 0 and bool((noise_level == noise_level[0]).all()) and (
-            d is None or bool((d == d[0]).all()))
+        uniform = x.shape[0] > 0 and (shared_level or (bool((noise_level == noise_level[0]).all()) and (
+            d is None or bool((d == d[0]).all()))))
         if not uniform:  # general path: every token its own conditioning
             h, c = self._embed(x[:, None], noise_level[:, None], prev_action[:, None], offset=L, step_size=d)
             for block, past in zip(self.blocks, cache):
@@ -372,5 +374,6 @@ class DiT(nn.Module):
                           f"{steps}: an untrained step size, expect lower fidelity", stacklevel=2)
         times = uniform_times(steps)
         d = torch.full((noise.shape[0],), 1.0 / steps, device=noise.device)
-        x = sample(lambda xx, t: self.predict_next(xx, t, prev_action, cache, step_size=d), noise, times)
+        x = sample(lambda xx, t: self.predict_next(xx, t, prev_action, cache, step_size=d, shared_level=True), noise,
+                   times)
         return x.float()
