@@ -15,7 +15,8 @@ No pickle anywhere: weights are safetensors, the rest JSON/Markdown. Every weigh
 sha256 in ``config.json`` before it is parsed (safetensors itself does not detect bit flips). Models are built by
 ``MODEL_LOADERS[config["model_type"]]`` so other model families (e.g. an RSSM) plug in with one dict entry; a
 model to be saved provides ``model_type``, ``num_actions``, ``latent_dim``, ``context_len``, ``sampling_steps``,
-``configs()`` and ``weight_files()`` (see :class:`~dit_envs.models.dit_world_model.DiTWorldModel`).
+``configs()`` and ``weight_files()``, and may provide a sampling ``temperature`` (see
+:class:`~dit_envs.models.dit_world_model.DiTWorldModel`).
 """
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ def _model_card(config: dict, card: str) -> str:
         f"| latent_dim | {config['latent_dim']} |\n"
         f"| context_len | {config['context_len']} |\n"
         f"| sampling_steps | {config['sampling_steps']} |\n"
-        f"| DiT width x depth | {d.get('width', '-')} x {d.get('depth', '-')} |\n"
+        + (f"| temperature | {config['temperature']:g} |\n" if "temperature" in config else "")
+        + f"| DiT width x depth | {d.get('width', '-')} x {d.get('depth', '-')} |\n"
         f"| weights dtype | {config['dtype']} |\n"
         f"| start contexts | {config['num_start_contexts']} |\n"
     )
@@ -171,6 +173,7 @@ def save_bundle(
             "latent_dim": d,
             "context_len": K,
             "sampling_steps": model.sampling_steps,
+            **({"temperature": model.temperature} if hasattr(model, "temperature") else {}),
             "dtype": names[dtype],
             "num_start_contexts": int(start_z.shape[0]),
             "configs": model.configs(),

@@ -103,6 +103,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--episode-steps", type=int, default=0, help="imagined episode truncation (0: the env's default)")
     p.add_argument("--max-steps", type=int, default=27_000, help="per-episode step cap of the real game")
     p.add_argument("--seed", type=int, default=0, help="PPO and env seed")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the bundle's)")
     p.add_argument("--device", default="cpu", help="torch device of the world model and PPO")
     args = p.parse_args(argv)
     for name in ("timesteps", "episodes", "num_envs", "n_steps", "max_steps"):
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         kw["checkpoint"] = args.checkpoint
     if args.episode_steps:
         kw["max_episode_steps"] = args.episode_steps
+    if args.temperature is not None:
+        kw["temperature"] = args.temperature
     venv = to_sb3(gym.make_vec(args.env_id, num_envs=args.num_envs, **kw))
     venv.seed(args.seed)
     policy = "CnnPolicy" if args.obs_type == "pixels" else "MlpPolicy"

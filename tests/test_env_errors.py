@@ -6,8 +6,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
+import torch
+
 import dit_envs  # noqa: F401
 import registry
+from dit_envs.bundle import save_bundle
 from tests.conftest import make_tiny_bundle
 
 
@@ -68,6 +71,7 @@ def test_step_before_reset(bundle):
     (dict(num_envs=0), "num_envs"),
     (dict(obs_type="rgb"), "obs_type"),
     (dict(sampling_steps=0), "sampling_steps"),
+    (dict(temperature=-1.0), "temperature"),
     (dict(max_episode_steps=0), "max_episode_steps"),
     (dict(render_mode="human"), "render_mode"),
     (dict(dtype="int8"), "dtype"),
@@ -86,6 +90,32 @@ def test_sampling_steps_setter_validates(bundle):
     envs.unwrapped.sampling_steps = 1
     envs.reset(seed=0)
     envs.step(np.zeros(2, np.int64))
+
+
+def test_temperature_setting(bundle):
+    envs = gym.make_vec("DiTWM/Pong-v0", num_envs=2, checkpoint=str(bundle), temperature=0.25)
+    assert envs.unwrapped.temperature == 0.25 == envs.unwrapped.bundle.model.temperature
+    with pytest.raises(ValueError, match="temperature.*got -1"):
+        envs.unwrapped.temperature = -1
+    envs.unwrapped.temperature = 0
+    envs.reset(seed=0)
+    envs.step(np.zeros(2, np.int64))
+    assert gym.make("DiTWM/Pong-v0", checkpoint=str(bundle), temperature=0.5).unwrapped.temperature == 0.5
+
+
+def test_temperature_refused_by_a_model_without_one(tmp_path):
+    from dit_envs.envs.real import action_meanings
+    from tests.test_rssm_bundle import make_rssm_model
+
+    rssm = make_rssm_model()
+    path = save_bundle(rssm, tmp_path / "rssm", game="Pong", action_meanings=list(action_meanings("Pong")),
+                       start_z=torch.zeros(1, rssm.context_len, rssm.latent_dim),
+                       start_a=torch.full((1, rssm.context_len), 6, dtype=torch.int64))
+    assert "temperature" not in json.loads((path / "config.json").read_text())
+    envs = gym.make_vec("DiTWM/Pong-v0", num_envs=2, checkpoint=str(path), obs_type="latent")
+    assert envs.unwrapped.temperature is None
+    with pytest.raises(ValueError, match="temperature: the rssm model has no sampling temperature, got 0.5"):
+        gym.make_vec("DiTWM/Pong-v0", num_envs=2, checkpoint=str(path), obs_type="latent", temperature=0.5)
 
 
 def test_bundle_missing_file(copy_of):

@@ -12,7 +12,7 @@ from dit_envs.bundle import save_bundle
 from dit_envs.envs.real import action_meanings, make_real_env
 from trainers.data import EpisodeStore, heldout_mask
 from trainers.evaluate import cli as evaluate_cli
-from trainers.fidelity import Args, action_sensitivity, evaluate, main, select_starts
+from trainers.fidelity import Args, action_sensitivity, ensemble_latent_errors, evaluate, main, select_starts
 from trainers.fidelity_report import build_report
 from tests.conftest import make_tiny_bundle
 
@@ -114,13 +114,14 @@ def test_perfect_model_scores_perfectly(data):
     K, horizons = 4, [1, 8, 24]
     starts, _ = select_starts(data, history=K, horizon=horizons[-1], count=32, seed=0)
     model = ReplayModel(data, K)
-    args = Args(world_model="-", data="-", out="-", history=K, horizons=horizons)
+    args = Args(world_model="-", data="-", out="-", history=K, horizons=horizons, samples=3)
     config = {"model_type": "replay", "game": "Pong", "action_meanings": list(action_meanings("Pong"))}
     rep, res, real_gif = evaluate(model, config, data, starts, args, horizons, torch.device("cpu"))
     assert all(model.real_action_steps[:horizons[-1]]), "the rollout must replay the real actions"
     assert np.array_equal(res["gif_pred"], real_gif)
     for r in rep["horizons"]:
         assert r["latent_mse"] == 0.0 and r["psnr"] == 100.0 and r["autoencoder_psnr"] == 100.0
+        assert r["ensemble"] == {"samples": 3, "latent_mse_of_mean": 0.0, "sample_spread": 0.0}
         for obj in ("ball", "agent_paddle", "opponent_paddle"):
             s = r[obj]
             assert s["miss_rate"] == 0.0 and s["median_px"] == 0.0 and s["within_2px"] == 1.0
@@ -140,8 +141,8 @@ def _run(bundle: Path, store: Path, out: Path, **kw) -> dict:
 
 def test_fidelity_outputs_tiny_dit(tmp_path, store, capsys):
     bundle = make_tiny_bundle(tmp_path / "dit")
-    rep = _run(bundle, store, tmp_path / "out")
-    assert "fidelity" in capsys.readouterr().out
+    rep = _run(bundle, store, tmp_path / "out", samples=2)
+    assert "mean of 2 samples, latent MSE | spread at h: 1:" in capsys.readouterr().out
     assert (tmp_path / "out" / "fidelity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "out" / "rollout.gif").read_bytes()[:6] == b"GIF89a"
     from PIL import Image
@@ -158,11 +159,45 @@ def test_fidelity_outputs_tiny_dit(tmp_path, store, capsys):
             assert set(s) == {"visible", "miss_rate", "ghost_rate", "median_px", "within_2px", "within_3px"}
             for k in ("miss_rate", "ghost_rate", "within_2px", "within_3px"):
                 assert s[k] is None or 0.0 <= s[k] <= 1.0
+        e = r["ensemble"]
+        assert e["samples"] == 2 and e["latent_mse_of_mean"] >= 0 and e["sample_spread"] >= 0
         w = r["reward"]
         assert w["matched"] <= min(w["real_events"], w["predicted_events"])
     s = rep["action_sensitivity"]
     assert s["steps"] == 8 and s["contexts"] == 8 and 0.0 <= s["fraction_apart"] <= 1.0
     assert (s["up_action"], s["down_action"]) == ("RIGHT", "LEFT")
+
+
+class GaussianModel:
+    """Predicts ``offset + N(0, 1)`` latents from its generator, whatever the context: a known sampler."""
+
+    num_actions, latent_dim, context_len, offset = 6, 512, 2, 0.5
+
+    def initial_state(self, context_z, context_a):
+        return {"n": context_z.shape[0]}
+
+    def step(self, state, action, generator=None):
+        z = self.offset + torch.randn(state["n"], self.latent_dim, generator=generator)
+        return state, z, torch.zeros(state["n"]), torch.zeros(state["n"], dtype=torch.bool)
+
+
+def test_ensemble_errors_hand_computed():
+    model, n, H, seeds = GaussianModel(), 3, 2, [5, 6, 7, 8]
+    z = torch.zeros(n, model.context_len + H, model.latent_dim)
+    a = torch.zeros(n, model.context_len + H, dtype=torch.int64)
+    got = ensemble_latent_errors(model, z, a, seeds=seeds, device=torch.device("cpu"))
+    draws = []  # the same draws, by hand: (S, H, N, d)
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        draws.append([(model.offset + torch.randn(n, model.latent_dim, generator=g)).double().numpy()
+                      for _ in range(H)])
+    draws = np.array(draws)
+    assert np.allclose(got["mean_se"], (draws.mean(0) ** 2).mean(-1).T)
+    assert np.allclose(got["spread"], draws.var(0, ddof=1).mean(-1).T)
+    # and the decomposition it is there for: mean error ~ offset^2 + 1/S, spread ~ 1
+    assert abs(got["mean_se"].mean() - (0.25 + 1 / 4)) < 0.05 and abs(got["spread"].mean() - 1.0) < 0.05
+    with pytest.raises(ValueError, match="seeds: expected at least 2"):
+        ensemble_latent_errors(model, z, a, seeds=[1], device=torch.device("cpu"))
 
 
 def test_same_contexts_for_dit_and_rssm(tmp_path, store):
@@ -187,6 +222,8 @@ def test_same_contexts_for_dit_and_rssm(tmp_path, store):
     (["--history", "2"], "--history"),  # below the tiny model's context_len 4
     (["--horizons", "200"], "--data"),  # no held-out episode that long
     (["--sampling-steps", "-1"], "--sampling-steps"),
+    (["--samples", "0"], "--samples"),
+    (["--temperature", "-0.5"], "--temperature"),
 ])
 def test_bad_args_exit_2_and_write_nothing(tmp_path, store, capsys, extra, field):
     bundle = make_tiny_bundle(tmp_path / "dit")

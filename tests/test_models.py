@@ -309,3 +309,25 @@ def test_world_model_validation():
     model.sampling_steps = 1
     assert model.sampling_steps == 1
     model.step(state, torch.tensor([0, 1]), _gen())
+    for bad in (-0.1, float("nan"), float("inf"), "0.5", True, None):
+        with pytest.raises(ValueError, match="temperature: expected a finite real number >= 0, got"):
+            model.temperature = bad
+    assert model.temperature == 1.0
+
+
+def test_temperature_scales_the_initial_noise():
+    """``τ`` multiplies the sampler's initial noise (checked against the sampler called by hand); τ = 0 gives the
+    same future for every seed, τ > 0 different ones."""
+    model = _tiny_world_model(steps=2)
+    z, a = _context(model, 3)
+    state, action = model.initial_state(z, a), torch.tensor([0, 1, 2])
+    model.temperature = 0.5
+    _, got, _, _ = model.step(state, action, _gen(7))
+    noise = torch.randn(3, D_Z, generator=_gen(7))
+    with torch.no_grad():
+        x0 = model.dit.sample_next(0.5 * noise, action, model.dit.context_cache(model.normalize(z), a), 2)
+    assert torch.equal(got, model.denormalize(x0).clamp(-1, 1))
+    model.temperature = 0
+    assert torch.equal(model.step(state, action, _gen(1))[1], model.step(state, action, _gen(2))[1])
+    model.temperature = 1
+    assert not torch.equal(model.step(state, action, _gen(1))[1], model.step(state, action, _gen(2))[1])

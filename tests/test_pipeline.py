@@ -28,6 +28,8 @@ def test_tiny_pipeline_runs_every_stage_then_skips_and_resumes(tmp_path, capsys)
     assert [r["stage"] for r in runs] == ["collect", "pretrain", "distill", "train-agent"]
     rel = load_bundle(out / "release" / "pong-v0")
     assert rel.config["dtype"] == "float16" and rel.model.dit.config.shortcut_steps == 4
+    assert rel.config["temperature"] == 0.5 == rel.model.temperature
+    assert "--temperature 0.5" in " ".join(runs[-1]["argv"])  # stage 3 runs at the release temperature
     assert "Stage 2b: distillation" in (out / "release" / "pong-v0" / "README.md").read_text()
     envs = gym.make_vec("DiTWM/Pong-v0", num_envs=2, checkpoint=str(out / "release" / "pong-v0"))
     envs.reset(seed=0)
@@ -50,14 +52,16 @@ def test_tiny_pipeline_runs_every_stage_then_skips_and_resumes(tmp_path, capsys)
 def test_pipeline_bad_arguments(tmp_path, capsys):
     assert pipeline(["--out", str(tmp_path / "x"), "--env-steps", "0"]) == 2
     assert "--env-steps" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert pipeline(["--out", str(tmp_path / "x"), "--temperature", "-1"]) == 2
+    assert "--temperature" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_quickstart_writes_a_gif_and_prints_steps_per_second(tiny_bundle, tmp_path, capsys):
     gif = tmp_path / "q.gif"
     assert quickstart(["--checkpoint", str(tiny_bundle), "--num-envs", "3", "--steps", "12", "--gif-envs", "2",
-                       "--out", str(gif), "--threads", "1"]) == 0
+                       "--out", str(gif), "--threads", "1", "--temperature", "0.5"]) == 0
     printed = capsys.readouterr().out
-    assert "imagined env steps/s" in printed and "3 envs x 12 steps" in printed
+    assert "imagined env steps/s" in printed and "3 envs x 12 steps" in printed and "temperature 0.5" in printed
     im = Image.open(gif)
     assert 2 <= im.n_frames <= 13 and im.size == (2 * 64 * 3, 64 * 3)  # PIL merges repeated frames
 
@@ -67,6 +71,8 @@ def test_quickstart_bad_arguments(tiny_bundle, tmp_path, capsys):
     assert "--steps" in capsys.readouterr().err and not (tmp_path / "q.gif").exists()
     assert quickstart(["--env-id", "DiTWM/Nope-v0", "--out", str(tmp_path / "q.gif")]) == 2
     assert "--env-id" in capsys.readouterr().err
+    assert quickstart(["--checkpoint", str(tiny_bundle), "--temperature", "-1", "--out", str(tmp_path / "q.gif")]) == 2
+    assert "error: --temperature: expected a finite real number >= 0, got -1.0" in capsys.readouterr().err
 
 
 def test_track_policy_moves_the_paddle_towards_the_ball():

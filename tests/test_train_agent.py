@@ -203,6 +203,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes(bundle, tmp_path):
     (["--world-model", "DiTWM/Nope-v0"], "--world-model"),
     (["--device", "cuda:7"], "--device"),
     (["--lr", "0"], "--lr"),
+    (["--temperature", "-1"], "--temperature"),
 ])
 def test_bad_arguments_exit_2_and_write_nothing(bundle, tmp_path, capsys, argv, field):
     base = {"--world-model": bundle, "--steps": "2", "--init": "scratch", "--out": str(tmp_path / "x")}

@@ -15,7 +15,12 @@ protocol, so the RSSM and the DiT are measured by the same code):
    PSNR of the decoded frame vs the **real** frame (and, as a ceiling, of the decoded real latent), Pong ball
    and paddle position errors (:mod:`trainers.pong_objects`, statistics in :func:`trainers.fidelity_metrics.
    position_stats`), and reward-event precision/recall over all steps ``1..h``.
-5. Action sensitivity: from the same contexts, constant UP (``"RIGHT"``) vs constant DOWN (``"LEFT"``) for 8
+5. With ``--samples S`` > 1, ``S`` more rollouts from the same contexts (generators seeded ``seed + 1 … seed + S``)
+   give the latent MSE of their per-step mean and their spread (across-sample variance). A sampler's expected
+   per-sample MSE is the mean's MSE plus the spread, so this separates a model whose forecast is off from one
+   whose samples are sharp but uncertain — the "double penalty" that per-sample MSE charges a sharp sampler
+   against a model that predicts a blurred average (a ball drawn 5 px off costs twice a ball left out).
+6. Action sensitivity: from the same contexts, constant UP (``"RIGHT"``) vs constant DOWN (``"LEFT"``) for 8
    steps with the same generator seed; the fraction of contexts whose decoded agent paddles end ≥ 2 px apart.
 
 Outputs in ``--out``: ``fidelity.json`` (schema in :func:`trainers.fidelity_report.build_report`),
@@ -51,8 +56,11 @@ class Args:
     history: int = arg(16, "real frames required before each start (>= the model's context_len)")
     seed: int = arg(0, "seed of the context draw and of the model's sampling")
     sampling_steps: int = arg(0, "denoising steps per imagined step (0: the bundle's default)")
+    temperature: float | None = arg(None, "sampling temperature: std of the initial noise (default: the "
+                                          "bundle's; DiT models only)")
     device: str = arg("cpu", "torch device of the world model (cpu, cuda, cuda:1, auto)")
     gif_contexts: int = arg(4, "contexts shown in rollout.gif")
+    samples: int = arg(1, "independent rollouts per context for the sample-mean MSE and spread (1: off)")
     overwrite: bool = arg(False, "write into a non-empty --out, replacing the three output files")
 
 
@@ -161,6 +169,40 @@ def rollout(model, z: torch.Tensor, actions: torch.Tensor, real_frames: np.ndarr
 
 
 @torch.no_grad()
+def ensemble_latent_errors(model, z: torch.Tensor, actions: torch.Tensor, *, seeds: list[int],
+                           device: torch.device) -> dict[str, np.ndarray]:
+    """Open-loop rollouts with the real actions, one per seed, reduced to the sample mean and spread.
+
+    Args:
+        model: a :class:`~dit_envs.models.world_model.WorldModel`; z, actions: as for :func:`rollout`
+            (``(N, K + H, d_z)`` float32 and ``(N, K + H)`` int64 on ``device``).
+        seeds: ``S >= 2`` generator seeds, one rollout each.
+    Returns:
+        float64 numpy ``(N, H)``: ``mean_se`` (squared latent error of the per-step mean of the ``S`` samples,
+        averaged over latent dims) and ``spread`` (across-sample variance with ``ddof=1``, averaged over dims).
+    Raises:
+        ValueError: fewer than 2 seeds.
+    """
+    if len(seeds) < 2:
+        raise ValueError(f"seeds: expected at least 2, got {len(seeds)}")
+    K, H = model.context_len, z.shape[1] - model.context_len
+    total = torch.zeros(z.shape[0], H, z.shape[2], dtype=torch.float64, device=device)
+    total_sq = torch.zeros_like(total)
+    for seed in seeds:
+        gen = torch.Generator(device=device).manual_seed(int(seed))
+        state = model.initial_state(z[:, :K], actions[:, :K])
+        for i in range(H):
+            state, z_pred, _, _ = model.step(state, actions[:, K + i], gen)
+            total[:, i] += z_pred.double()
+            total_sq[:, i] += z_pred.double() ** 2
+    s = len(seeds)
+    mean = total / s
+    spread = ((total_sq - s * mean ** 2) / (s - 1)).clamp_min(0.0).mean(-1)
+    mean_se = ((mean - z[:, K:].double()) ** 2).mean(-1)
+    return {"mean_se": mean_se.cpu().numpy(), "spread": spread.cpu().numpy()}
+
+
+@torch.no_grad()
 def action_sensitivity(model, context_z: torch.Tensor, context_a: torch.Tensor, up: int, down: int, *,
                        seed: int, device: torch.device, steps: int = SENSITIVITY_STEPS) -> dict:
     """Constant ``up`` vs constant ``down`` for ``steps`` imagined steps from the same contexts.
@@ -182,7 +224,7 @@ def action_sensitivity(model, context_z: torch.Tensor, context_a: torch.Tensor, 
 
 
 def _validate(args: Args) -> list[int]:
-    for name in ("contexts", "history", "gif_contexts"):
+    for name in ("contexts", "history", "gif_contexts", "samples"):
         if getattr(args, name) < 1:
             raise ArgError(name, f"expected an integer >= 1, got {getattr(args, name)}")
     if args.sampling_steps < 0:
@@ -195,6 +237,7 @@ def _validate(args: Args) -> list[int]:
 
 def _load_model(args: Args, device: torch.device):
     from dit_envs.bundle import load_bundle
+    from dit_envs.envs.loading import set_temperature
 
     try:
         bundle = load_bundle(args.world_model, device=device)
@@ -208,6 +251,11 @@ def _load_model(args: Args, device: torch.device):
             model.sampling_steps = args.sampling_steps
         except (AttributeError, ValueError) as e:
             raise ArgError("sampling_steps", f"the {bundle.config['model_type']} model refuses it: {e}") from None
+    if args.temperature is not None:
+        try:
+            set_temperature(model, args.temperature)
+        except ValueError as e:
+            raise ArgError("temperature", str(e).removeprefix("temperature: ")) from None
     return bundle
 
 
@@ -251,6 +299,9 @@ def evaluate(model, config: dict, data: dict[str, np.ndarray], starts: np.ndarra
     gen = torch.Generator(device=device).manual_seed(args.seed)
     res = rollout(model, z, actions, frames[:, K:], horizons=horizons, generator=gen, pong=pong,
                   gif_contexts=args.gif_contexts, progress=True)
+    if args.samples > 1:
+        res.update(ensemble_latent_errors(model, z, actions, seeds=[args.seed + 1 + s for s in range(args.samples)],
+                                          device=device))
     sens = None
     if pong and UP_ACTION in meanings and DOWN_ACTION in meanings:
         sens = action_sensitivity(model, z[:, :K], actions[:, :K], meanings.index(UP_ACTION),

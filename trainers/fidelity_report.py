@@ -28,6 +28,9 @@ DEFINITIONS = {
                "ghost_rate = real-invisible frames where the prediction shows it",
     "reward": f"events: real reward != 0, predicted |reward| >= {EVENT_THRESHOLD:g}; a match = same context, "
               "same step, same sign; counted over all steps 1..h",
+    "ensemble": "with --samples S > 1: latent_mse_of_mean = latent MSE at step h of the mean of S more rollouts "
+                "(generator seeds seed+1..seed+S), sample_spread = their across-sample latent variance (ddof 1) "
+                "averaged over contexts and dims; per-sample MSE ~ latent_mse_of_mean + sample_spread",
     "action_sensitivity": "constant UP (RIGHT) vs DOWN (LEFT) for `steps` steps from the same contexts and "
                           "generator seed; fraction of contexts whose decoded agent paddles end >= 2 px apart",
 }
@@ -53,9 +56,10 @@ def build_report(*, args: Any, horizons: list[int], model: Any, config: dict, re
     Schema (``None`` = undefined, e.g. no event / not Pong)::
 
         format_version 1, evaluation "fidelity", world_model (abs path), model_type, game, data (abs path),
-        args {CLI args}, device, context_len, latent_dim, sampling_steps (None if the model has none),
+        args {CLI args}, device, context_len, latent_dim, sampling_steps, temperature (None if the model has none),
         num_contexts, num_candidate_starts, starts [{episode, step}] (first imagined row of each context),
         horizons [{horizon, latent_mse, psnr, autoencoder_psnr,
+                   ensemble {samples, latent_mse_of_mean, sample_spread} | None,
                    reward {real_events, predicted_events, matched, precision, recall},
                    ball / agent_paddle / opponent_paddle {visible, miss_rate, ghost_rate, median_px,
                                                           within_2px, within_3px} | None}],
@@ -68,7 +72,9 @@ def build_report(*, args: Any, horizons: list[int], model: Any, config: dict, re
         args: the CLI :class:`trainers.fidelity.Args`; horizons: sorted unique steps.
         model: the world model (``context_len``, ``latent_dim``, optional ``sampling_steps`` are read).
         config: the bundle's ``config.json`` (``model_type``, ``game``).
-        res: from :func:`trainers.fidelity.rollout`; real_reward: float ``(N, H)`` real rewards of the targets.
+        res: from :func:`trainers.fidelity.rollout` (plus ``mean_se``/``spread`` (N, H) from
+            :func:`trainers.fidelity.ensemble_latent_errors` when ``args.samples > 1``); real_reward: float
+            ``(N, H)`` real rewards of the targets.
         starts: ``{episode, step}`` of each context's first imagined row; candidates: valid start rows.
         sensitivity: from :func:`trainers.fidelity.action_sensitivity` or None.
     """
@@ -80,6 +86,8 @@ def build_report(*, args: Any, horizons: list[int], model: Any, config: dict, re
             "latent_mse": num(res["latent_se"][:, h - 1].mean()),
             "psnr": num(res["psnr"][:, h - 1].mean()),
             "autoencoder_psnr": num(res["ae_psnr"][j]),
+            "ensemble": ({"samples": int(args.samples), "latent_mse_of_mean": num(res["mean_se"][:, h - 1].mean()),
+                          "sample_spread": num(res["spread"][:, h - 1].mean())} if "mean_se" in res else None),
             "reward": reward_event_stats(res["reward_pred"][:, :h], real_reward[:, :h]),
         }
         for obj in OBJECTS:
@@ -104,6 +112,7 @@ def build_report(*, args: Any, horizons: list[int], model: Any, config: dict, re
         "context_len": int(model.context_len),
         "latent_dim": int(model.latent_dim),
         "sampling_steps": getattr(model, "sampling_steps", None),
+        "temperature": getattr(model, "temperature", None),
         "num_contexts": len(starts),
         "num_candidate_starts": int(candidates),
         "starts": starts,
@@ -122,7 +131,8 @@ def _f(x: float | None, fmt: str) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """A compact plain-text table of the report (one row per horizon, then action sensitivity)."""
     lines = [f"fidelity  {report['model_type']}  {report['world_model']}  contexts={report['num_contexts']}  "
-             f"K={report['context_len']}  sampling_steps={report['sampling_steps']}",
+             f"K={report['context_len']}  sampling_steps={report['sampling_steps']}  "
+             f"temperature={report.get('temperature')}",
              f"{'h':>4} {'latMSE':>9} {'PSNR':>6} {'(AE)':>6} | {'ball px':>7} {'<=2px':>5} {'miss':>5} | "
              f"{'paddle':>6} {'<=2px':>5} {'miss':>5} | {'rew P':>5} {'rew R':>5} {'events':>6}"]
     for r in report["horizons"]:
@@ -133,6 +143,11 @@ def format_table(report: dict[str, Any]) -> str:
             f" | {_f(b.get('median_px'), '7.2f')} {_f(b.get('within_2px'), '5.2f')} {_f(b.get('miss_rate'), '5.2f')}"
             f" | {_f(p.get('median_px'), '6.2f')} {_f(p.get('within_2px'), '5.2f')} {_f(p.get('miss_rate'), '5.2f')}"
             f" | {_f(w['precision'], '5.2f')} {_f(w['recall'], '5.2f')} {w['real_events']:>6}")
+    ens = [r for r in report["horizons"] if r.get("ensemble")]
+    if ens:
+        lines.append(f"mean of {ens[0]['ensemble']['samples']} samples, latent MSE | spread at h: " + ", ".join(
+            f"{r['horizon']}: {_f(r['ensemble']['latent_mse_of_mean'], '.2e')} | "
+            f"{_f(r['ensemble']['sample_spread'], '.2e')}" for r in ens))
     s = report["action_sensitivity"]
     if s is not None:
         lines.append(f"action sensitivity ({s['steps']} steps UP vs DOWN): "

@@ -37,6 +37,7 @@ class Args:
     steps: int = arg(300, "vector-env steps")
     policy: str = arg("track", "track: follow the imagined ball; random: uniform actions", choices=POLICIES)
     sampling_steps: int = arg(0, "denoising steps per env step (0: the checkpoint's default)")
+    temperature: float | None = arg(None, "sampling temperature: std of the initial noise (default: the checkpoint's)")
     gif_envs: int = arg(4, "envs shown side by side in the GIF")
     out: str = arg("pong_imagined.gif", "GIF to write")
     seed: int = arg(0, "seed of the env (start contexts, sampling) and of the random policy")
@@ -95,11 +96,18 @@ def main(args: Args) -> int:
     kw = {"checkpoint": args.checkpoint} if args.checkpoint else {}
     if args.sampling_steps:
         kw["sampling_steps"] = args.sampling_steps
+    if args.temperature is not None:
+        kw["temperature"] = args.temperature
     try:
         envs = gym.make_vec(args.env_id, num_envs=args.num_envs, obs_type="pixels", **kw)
     except gym.error.Error as e:
         raise ArgError("env_id", f"expected a registered DiT-WM id, got {args.env_id!r} ({e})") from None
-    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+    except ValueError as e:
+        if str(e).startswith("temperature:"):
+            raise ArgError("temperature", str(e).removeprefix("temperature: ")) from None
+        raise ArgError("checkpoint" if args.checkpoint else "env_id", f"expected a loadable world model, got {e}") \
+            from None
+    except (FileNotFoundError, NotADirectoryError) as e:
         raise ArgError("checkpoint" if args.checkpoint else "env_id", f"expected a loadable world model, got {e}") \
             from None
     meanings = list(envs.unwrapped.bundle.config["action_meanings"])
@@ -130,7 +138,8 @@ def main(args: Args) -> int:
     atomic_write_bytes(Path(args.out), gif_bytes(frames))
     rate = args.steps * args.num_envs / stepping
     print(f"quickstart: {args.env_id} ({envs.unwrapped.bundle.path}), {args.num_envs} envs x {args.steps} steps, "
-          f"policy {args.policy}, sampling_steps {envs.unwrapped.sampling_steps}")
+          f"policy {args.policy}, sampling_steps {envs.unwrapped.sampling_steps}, "
+          f"temperature {envs.unwrapped.temperature}")
     print(f"quickstart: {rate:.0f} imagined env steps/s; imagined reward {float(np.sum(returns) + ep_ret.sum()):+.0f} "
           f"in total ({finished} episodes ended)")
     print(f"quickstart: wrote {args.out} ({len(frames)} frames, {g} envs side by side)")

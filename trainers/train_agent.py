@@ -58,6 +58,8 @@ class Args:
     eval_max_steps: int = arg(27_000, "per-episode step cap of the real game (protocol: 27000)")
     episode_steps: int = arg(0, "imagined episode length before truncation (0: the env's default)")
     sampling_steps: int = arg(0, "denoising steps per imagined step (0: the bundle's default)")
+    temperature: float | None = arg(None, "sampling temperature: std of the initial noise (default: the "
+                                          "bundle's; DiT models only)")
     lr: float = arg(3e-5, "Adam learning rate of actor and critic (DreamerV3: 3e-5)")
     hidden: int = arg(256, "scratch only: MLP width of actor and critic (stage 1's default)")
     device: str = arg("cpu", "torch device of world model and agent (cpu, cuda, auto)")
@@ -140,8 +142,13 @@ def prepare(args: Args) -> Setup:
     try:
         envs = make_imagination_env(args.world_model, args.num_envs, device=dev,
                                     max_episode_steps=args.episode_steps or None,
-                                    sampling_steps=args.sampling_steps or None)
-    except (ValueError, FileNotFoundError, KeyError, OSError) as e:
+                                    sampling_steps=args.sampling_steps or None, temperature=args.temperature)
+    except ValueError as e:
+        if str(e).startswith("temperature:"):
+            raise ArgError("temperature", str(e).removeprefix("temperature: ")) from None
+        raise ArgError("world_model", f"expected a loadable world model, got {args.world_model!r}: "
+                                      f"{e.args[0] if e.args else e}") from None
+    except (FileNotFoundError, KeyError, OSError) as e:
         raise ArgError("world_model", f"expected a loadable world model, got {args.world_model!r}: "
                                       f"{e.args[0] if e.args else e}") from None
     bundle = envs.unwrapped.bundle

@@ -14,7 +14,7 @@ from gymnasium.error import ResetNeeded
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
-from dit_envs.envs.loading import load_for_env
+from dit_envs.envs.loading import load_for_env, set_temperature
 
 OBS_TYPES = ("pixels", "latent")
 
@@ -124,7 +124,8 @@ class ImaginationCore:
 
 
 class CoreSamplingSteps:
-    """``env.sampling_steps``: get/set the denoising steps of the env's world model (validated by the model)."""
+    """``env.sampling_steps`` and ``env.temperature``: get/set the sampler settings of the env's world model
+    (validated by the model; ``temperature`` is None for a model without one, which accepts no other value)."""
 
     core: ImaginationCore
 
@@ -135,6 +136,14 @@ class CoreSamplingSteps:
     @sampling_steps.setter
     def sampling_steps(self, value: int) -> None:
         self.core.model.sampling_steps = value
+
+    @property
+    def temperature(self) -> float | None:
+        return getattr(self.core.model, "temperature", None)
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        set_temperature(self.core.model, value)
 
 
 class DiTWMVectorEnv(CoreSamplingSteps, gym.vector.VectorEnv):
@@ -165,7 +174,9 @@ class DiTWMVectorEnv(CoreSamplingSteps, gym.vector.VectorEnv):
     ## Arguments
     ``num_envs``; ``checkpoint`` (bundle directory, ``hf://org/repo@<commit>``, ``bundled:<name>``; default: the
     id's catalog entry); ``obs_type``; ``max_episode_steps``; ``sampling_steps`` (denoising steps per env step,
-    default from the bundle); ``device``; ``dtype``; ``render_mode`` (``"rgb_array"``); ``autoreset_mode``;
+    default from the bundle); ``temperature`` (standard deviation of the sampler's initial noise, default from
+    the bundle; lower is more faithful and less diverse, 0 deterministic); ``device``; ``dtype``; ``render_mode``
+    (``"rgb_array"``); ``autoreset_mode``;
     ``allow_unpinned`` (accept a Hub branch instead of a commit).
 
     ## Version History
@@ -181,11 +192,13 @@ class DiTWMVectorEnv(CoreSamplingSteps, gym.vector.VectorEnv):
 
     def __init__(self, num_envs: int = 1, *, env_id: str | None = None, checkpoint: Any = None,
                  obs_type: str = "pixels", max_episode_steps: int | None = None, sampling_steps: int | None = None,
-                 device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-                 render_mode: str | None = None, autoreset_mode: AutoresetMode | str = AutoresetMode.SAME_STEP,
+                 temperature: float | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | str | None = None, render_mode: str | None = None,
+                 autoreset_mode: AutoresetMode | str = AutoresetMode.SAME_STEP,
                  allow_unpinned: bool = False, **expect: Any) -> None:
         bundle, horizon = load_for_env(env_id, checkpoint, device=device, dtype=dtype,
-                                       sampling_steps=sampling_steps, allow_unpinned=allow_unpinned, **expect)
+                                       sampling_steps=sampling_steps, temperature=temperature,
+                                       allow_unpinned=allow_unpinned, **expect)
         self.core = ImaginationCore(bundle, num_envs, obs_type,
                                     horizon if max_episode_steps is None else max_episode_steps)
         if render_mode not in (None, "rgb_array"):

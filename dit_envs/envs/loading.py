@@ -19,9 +19,21 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+def set_temperature(model: Any, value: float) -> None:
+    """Set ``model.temperature`` (validated by the model).
+
+    Raises:
+        ValueError: the model has no sampling temperature (names its ``model_type``), or a bad value.
+    """
+    if not hasattr(model, "temperature"):
+        raise ValueError(f"temperature: the {getattr(model, 'model_type', type(model).__name__)} model has no "
+                         f"sampling temperature, got {value!r}")
+    model.temperature = value
+
+
 def load_for_env(env_id: str | None, checkpoint: Any = None, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype | str | None = None, sampling_steps: int | None = None,
-                 allow_unpinned: bool = False, **expect: Any) -> tuple[Any, int]:
+                 temperature: float | None = None, allow_unpinned: bool = False, **expect: Any) -> tuple[Any, int]:
     """Load the bundle an env should run and check it against what the env id promises.
 
     Args:
@@ -31,13 +43,16 @@ def load_for_env(env_id: str | None, checkpoint: Any = None, *, device: str | to
         device, dtype: where and in which float dtype the model runs (``dtype`` None keeps the stored one
             upcast to float32).
         sampling_steps: denoising steps per env step (>= 1); None keeps the bundle's default.
+        temperature: sampling temperature (finite, >= 0; a model without one, like the RSSM, accepts only None);
+            None keeps the bundle's default.
         allow_unpinned: accept an ``hf://`` source that names a branch instead of a 40-hex commit.
         expect: extra fields the bundle must match (``latent_dim``, ``obs_shape``, ...).
     Returns:
         ``(bundle, max_episode_steps)`` — the :class:`dit_envs.bundle.Bundle` and the id's truncation horizon.
     Raises:
         ValueError: no ``env_id`` and no ``checkpoint``; a bundle field that disagrees with the id (names it);
-            bad ``dtype``/``sampling_steps``. FileNotFoundError / registry.IntegrityError from resolving.
+            bad ``dtype``/``sampling_steps``/``temperature``. FileNotFoundError / registry.IntegrityError from
+            resolving.
     """
     from dit_envs.bundle import load_bundle
 
@@ -55,5 +70,7 @@ def load_for_env(env_id: str | None, checkpoint: Any = None, *, device: str | to
     bundle = load_bundle(path, device=device, dtype=_dtype(dtype), expect=want)
     if sampling_steps is not None:
         bundle.model.sampling_steps = sampling_steps
+    if temperature is not None:
+        set_temperature(bundle.model, temperature)
     horizon = entry.max_episode_steps if entry is not None else 1000
     return bundle, horizon

@@ -9,6 +9,8 @@ termination head then reads ``(z_t, a_t, z_{t+1})``.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict
 from typing import Callable
 
@@ -41,6 +43,8 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
         dit: :class:`DiT` over the autoencoder's latents, standardised.
         heads: :class:`RewardTermHead` over raw autoencoder latents.
         sampling_steps: Euler steps per env step (runtime-settable, see :attr:`sampling_steps`).
+        temperature: standard deviation of the sampler's initial noise (runtime-settable, see
+            :attr:`temperature`).
     Attributes:
         num_actions, latent_dim, context_len: as in the WorldModel protocol.
         latent_mean, latent_std: float32 ``(d_z,)`` buffers; the DiT sees ``(z − mean) / std``.
@@ -51,7 +55,8 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
     model_type = "dit"
 
     def __init__(
-        self, autoencoder: FrameAutoencoder, dit: DiT, heads: RewardTermHead, *, sampling_steps: int = 4
+        self, autoencoder: FrameAutoencoder, dit: DiT, heads: RewardTermHead, *, sampling_steps: int = 4,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         dc, hc = dit.config, heads.config
@@ -71,13 +76,35 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
         self.register_buffer("latent_mean", torch.zeros(dc.latent_dim))
         self.register_buffer("latent_std", torch.ones(dc.latent_dim))
         self.sampling_steps = sampling_steps
+        self.temperature = temperature
+
+    @property
+    def temperature(self) -> float:
+        """Sampling temperature ``τ``: the initial noise of every sample is ``τ·ε``, ``ε ~ N(0, I)``.
+
+        ``τ = 1`` samples the learned distribution; ``τ < 1`` trades diversity for fidelity, as the temperature
+        of Glow (Kingma & Dhariwal 2018, §6) or the truncation trick of BigGAN (Brock et al. 2019) do; ``τ = 0``
+        is deterministic (the same future for every seed). Stored in bundles as ``config.json["temperature"]``.
+
+        Raises:
+            ValueError: a value that is not a finite real number >= 0 (names ``temperature`` and the value).
+        """
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"temperature: expected a finite real number >= 0, got {value!r}")
+        self._temperature = float(value)
 
     @classmethod
     def build(
-        cls, autoencoder: AutoencoderConfig, dit: DiTConfig, heads: HeadsConfig, *, sampling_steps: int = 4
+        cls, autoencoder: AutoencoderConfig, dit: DiTConfig, heads: HeadsConfig, *, sampling_steps: int = 4,
+        temperature: float = 1.0,
     ) -> "DiTWorldModel":
         """A freshly initialised model from the three configs."""
-        return cls(FrameAutoencoder(autoencoder), DiT(dit), RewardTermHead(heads), sampling_steps=sampling_steps)
+        return cls(FrameAutoencoder(autoencoder), DiT(dit), RewardTermHead(heads), sampling_steps=sampling_steps,
+                   temperature=temperature)
 
     # ----- configuration ---------------------------------------------------------------------------------------
     @property
@@ -143,7 +170,11 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"configs: cannot build the networks from config.json ({e!r})") from e
-        model = cls.build(ae, dc, hc, sampling_steps=config.get("sampling_steps", 4))
+        try:
+            model = cls.build(ae, dc, hc, sampling_steps=config.get("sampling_steps", 4),
+                              temperature=config.get("temperature", 1.0))
+        except ValueError as e:
+            raise ValueError(f"config.json: {e}") from e
         load_weight_files(model, model.weight_files(), read)
         return model
 
@@ -213,6 +244,8 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
             raise ValueError(f"generator: expected a generator on {self.device}, got one on {generator.device}")
         cache = self.dit.context_cache(self.normalize(z), a)
         noise = torch.randn(N, self.latent_dim, generator=generator, device=self.device, dtype=torch.float32)
+        if self.temperature != 1.0:
+            noise = noise * self.temperature
         x0 = self.dit.sample_next(noise, action, cache, self.sampling_steps)  # (N, d_z)
         z_next = self.denormalize(x0).clamp(-1.0, 1.0)  # the encoder's tanh range
         reward, terminated = self.heads.predict(z[:, -1], action, z_next)
