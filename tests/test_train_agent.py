@@ -225,6 +225,10 @@ def test_resume_with_other_world_model_is_refused(bundle, tmp_path, capsys):
                      "--out", str(tmp_path / "r")]) == 2
     assert "--world-model" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == before
+    assert cli.main(["train-agent", "--world-model", str(bundle), "--steps", "4", "--init", "scratch", "--resume",
+                     "--temperature", "0.5", "--out", str(tmp_path / "r")]) == 2
+    assert "error: --temperature: expected None (the run being resumed), got 0.5" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == before
 
 
 # ---- real-game evaluation -----------------------------------------------------------------------------------

@@ -135,9 +135,9 @@ def prepare(args: Args) -> Setup:
             _, meta = load_checkpoint(out)
         except FileNotFoundError as e:
             raise ArgError("out", f"expected a readable checkpoint to resume, got {e}") from None
-        for name in ("world_model", "init", "hidden"):
-            if meta["args"][name] != getattr(args, name):
-                raise ArgError(name, f"expected {meta['args'][name]!r} (the run being resumed), "
+        for name in ("world_model", "init", "hidden", "temperature"):  # temperature: absent in older runs
+            if meta["args"].get(name) != getattr(args, name):
+                raise ArgError(name, f"expected {meta['args'].get(name)!r} (the run being resumed), "
                                      f"got {getattr(args, name)!r}")
     try:
         envs = make_imagination_env(args.world_model, args.num_envs, device=dev,
