@@ -233,6 +233,20 @@ def test_bad_args_exit_2_and_write_nothing(tmp_path, store, capsys, extra, field
     assert f"error: {field}:" in capsys.readouterr().err
 
 
+def test_temperature_on_a_model_without_one_exits_2(tmp_path, store, capsys):
+    from tests.test_rssm_bundle import make_rssm_model
+
+    rssm = make_rssm_model()
+    path = save_bundle(rssm, tmp_path / "rssm", game="Pong", action_meanings=list(action_meanings("Pong")),
+                       start_z=torch.zeros(1, rssm.context_len, rssm.latent_dim),
+                       start_a=torch.full((1, rssm.context_len), 6, dtype=torch.int64))
+    out = tmp_path / "out"
+    rc = evaluate_cli(["fidelity", "--world-model", str(path), "--data", str(store), "--out", str(out),
+                       "--temperature", "0.5"])
+    assert rc == 2 and not out.exists()
+    assert "error: --temperature: the rssm model has no sampling temperature, got 0.5" in capsys.readouterr().err
+
+
 def test_bad_paths_exit_2(tmp_path, store, capsys):
     bundle = make_tiny_bundle(tmp_path / "dit")
     base = ["fidelity", "--out", str(tmp_path / "out")]

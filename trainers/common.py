@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -33,6 +34,27 @@ class ArgError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"--{field.replace('_', '-')}: {message}")
         self.field = field
+
+
+def check_temperature(value: float | None) -> None:
+    """Validate a ``--temperature`` flag (None keeps the bundle's), the rule of ``DiTWorldModel.temperature``.
+
+    Raises:
+        ArgError: ``value`` is not None and not a finite number >= 0 (names ``temperature``).
+    """
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise ArgError("temperature", f"expected a finite real number >= 0, got {value}")
+
+
+def setting_arg_error(e: ValueError, field: str, message: str) -> ArgError:
+    """The :class:`ArgError` for a ``ValueError`` raised while loading or configuring a world model: named after
+    the sampler setting its message starts with (``"temperature: ..."``, ``"sampling_steps: ..."``, as the models
+    and :func:`dit_envs.envs.loading.load_for_env` word them), else ``field`` with ``message``."""
+    text = str(e)
+    for name in ("temperature", "sampling_steps"):
+        if text.startswith(f"{name}: "):
+            return ArgError(name, text.removeprefix(f"{name}: "))
+    return ArgError(field, message)
 
 
 def arg(default: Any = _REQUIRED, help: str = "", **kw: Any) -> Any:

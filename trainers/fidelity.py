@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainers.common import ArgError, arg, check_out_dir, pick_device, run_cli
+from trainers.common import ArgError, arg, check_out_dir, check_temperature, pick_device, run_cli, setting_arg_error
 from trainers.data import EpisodeStore, heldout_mask, segments
 from trainers.fidelity_metrics import psnr, sensitivity_stats
 from trainers.pong_objects import locate_pong_objects
@@ -231,6 +231,7 @@ def _validate(args: Args) -> list[int]:
         raise ArgError("sampling_steps", f"expected 0 (bundle default) or an integer >= 1, got {args.sampling_steps}")
     if not args.horizons or min(args.horizons) < 1:
         raise ArgError("horizons", f"expected one or more integers >= 1, got {args.horizons}")
+    check_temperature(args.temperature)
     check_out_dir(args.out, resume=args.overwrite)
     return sorted(set(int(h) for h in args.horizons))
 
@@ -254,8 +255,8 @@ def _load_model(args: Args, device: torch.device):
     if args.temperature is not None:
         try:
             set_temperature(model, args.temperature)
-        except ValueError as e:
-            raise ArgError("temperature", str(e).removeprefix("temperature: ")) from None
+        except ValueError as e:  # a model without a temperature (the RSSM)
+            raise setting_arg_error(e, "temperature", str(e)) from None
     return bundle
 
 

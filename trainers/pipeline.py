@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from pathlib import Path
 from dit_envs.bundle import load_bundle, save_bundle
 from dit_envs.io import atomic_write_json
 from trainers.cli import COMMANDS
-from trainers.common import ArgError, arg, pick_device, run_cli
+from trainers.common import ArgError, arg, check_temperature, pick_device, run_cli
 
 
 @dataclass(kw_only=True)
@@ -104,8 +103,7 @@ def main(args: Args) -> int:
             raise ArgError(name, f"expected an integer >= 1, got {getattr(args, name)}")
     if args.threads < 0:
         raise ArgError("threads", f"expected an integer >= 0, got {args.threads}")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise ArgError("temperature", f"expected a finite real number >= 0, got {args.temperature}")
+    check_temperature(args.temperature)
     pick_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

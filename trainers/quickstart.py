@@ -22,7 +22,7 @@ from PIL import Image
 
 import dit_envs  # noqa: F401  (registers the DiTWM ids)
 from dit_envs.io import atomic_write_bytes
-from trainers.common import ArgError, arg, run_cli
+from trainers.common import ArgError, arg, check_temperature, run_cli, setting_arg_error
 from trainers.pong_objects import locate_pong_objects
 
 POLICIES = ("track", "random")
@@ -89,6 +89,7 @@ def main(args: Args) -> int:
             raise ArgError(name, f"expected an integer >= 0, got {getattr(args, name)}")
     if args.policy not in POLICIES:
         raise ArgError("policy", f"expected one of {POLICIES}, got {args.policy!r}")
+    check_temperature(args.temperature)
     if not Path(args.out).absolute().parent.is_dir():
         raise ArgError("out", f"expected a file in an existing directory, got {args.out}")
     if args.threads:
@@ -103,10 +104,8 @@ def main(args: Args) -> int:
     except gym.error.Error as e:
         raise ArgError("env_id", f"expected a registered DiT-WM id, got {args.env_id!r} ({e})") from None
     except ValueError as e:
-        if str(e).startswith("temperature:"):
-            raise ArgError("temperature", str(e).removeprefix("temperature: ")) from None
-        raise ArgError("checkpoint" if args.checkpoint else "env_id", f"expected a loadable world model, got {e}") \
-            from None
+        raise setting_arg_error(e, "checkpoint" if args.checkpoint else "env_id",
+                                f"expected a loadable world model, got {e}") from None
     except (FileNotFoundError, NotADirectoryError) as e:
         raise ArgError("checkpoint" if args.checkpoint else "env_id", f"expected a loadable world model, got {e}") \
             from None

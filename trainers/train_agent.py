@@ -35,8 +35,8 @@ from dit_envs.io import load_tensors
 from trainers.agent import ActorCritic, AgentConfig
 from trainers.agent_io import load_agent, make_imagination_env, save_agent, stage1_dir
 from trainers.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
-from trainers.common import (ArgError, JsonlLogger, arg, catch_stop_signals, check_out_dir, pick_device, run_cli,
-                             seed_everything, signal_exit_code)
+from trainers.common import (ArgError, JsonlLogger, arg, catch_stop_signals, check_out_dir, check_temperature,
+                             pick_device, run_cli, seed_everything, setting_arg_error, signal_exit_code)
 from trainers.policy import evaluate_policy
 from trainers.rollout import collect_rollout, rollout_loss
 from trainers.train_agent_report import plot_curves
@@ -127,6 +127,7 @@ def prepare(args: Args) -> Setup:
             raise ArgError(name, f"expected an integer >= 0, got {getattr(args, name)}")
     if not args.lr > 0:
         raise ArgError("lr", f"expected a learning rate > 0, got {args.lr}")
+    check_temperature(args.temperature)
     dev = pick_device(args.device)
     out = check_out_dir(args.out, args.resume)
     init_dir = _init_dir(args)
@@ -144,10 +145,8 @@ def prepare(args: Args) -> Setup:
                                     max_episode_steps=args.episode_steps or None,
                                     sampling_steps=args.sampling_steps or None, temperature=args.temperature)
     except ValueError as e:
-        if str(e).startswith("temperature:"):
-            raise ArgError("temperature", str(e).removeprefix("temperature: ")) from None
-        raise ArgError("world_model", f"expected a loadable world model, got {args.world_model!r}: "
-                                      f"{e.args[0] if e.args else e}") from None
+        raise setting_arg_error(e, "world_model", f"expected a loadable world model, got {args.world_model!r}: "
+                                                  f"{e.args[0] if e.args else e}") from None
     except (FileNotFoundError, KeyError, OSError) as e:
         raise ArgError("world_model", f"expected a loadable world model, got {args.world_model!r}: "
                                       f"{e.args[0] if e.args else e}") from None
