@@ -1,16 +1,20 @@
-"""Closed-loop reward statistics of random play: imagination vs the real game.
+"""Closed-loop reward statistics of a fixed policy (random or ball-tracking): imagination vs the real game.
 
 Open-loop fidelity (``ditwm evaluate fidelity``) scores reward events over 64 steps from real contexts; an agent
-trained in imagination lives in long closed-loop episodes instead. This script plays the same uniform-random
-policy for ``--steps`` steps in ``--num-envs`` imagined games (no truncation) and in as many real games, and
-prints per 1000 steps: reward events won (+) and lost (−) and episode ends. A world model that an agent can learn
-from reproduces these rates; one that under-produces the agent's wins gives a policy nothing to learn scoring
-from, and one that under-produces losses can be exploited.
+trained in imagination lives in long closed-loop episodes instead. This script plays the same policy for
+``--steps`` steps in ``--num-envs`` imagined games (no truncation) and in as many real games, and prints per 1000
+steps: reward events won (+) and lost (−) and episode ends. ``--policy random`` plays uniform-random actions;
+``--policy track`` moves the paddle towards the ball seen in the (imagined or real) frame
+(:func:`trainers.quickstart.track_actions`), a competent policy whose returns and points the world model must
+reproduce for an agent to learn them. A world model that an agent can learn from reproduces these rates; one that
+under-produces the agent's wins gives a policy nothing to learn scoring from, and one that under-produces losses
+can be exploited.
 
 Run::
 
     python examples/reward_rates.py                       # the bundled DiTWM/Pong-v0
     python examples/reward_rates.py --world-model runs/pipeline/distill/bundle --sampling-steps 1
+    python examples/reward_rates.py --policy track        # ball-tracking play (pixel observations)
 """
 from __future__ import annotations
 
@@ -24,21 +28,37 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout without install
 
 import dit_envs  # noqa: E402  (registers the DiTWM ids)
+from trainers.quickstart import track_actions  # noqa: E402
+
+POLICIES = ("random", "track")
 
 
-def play_random(envs: gym.vector.VectorEnv, steps: int, seed: int) -> dict[str, float]:
-    """Uniform-random actions for ``steps`` batched steps → events per 1000 env steps.
+def play(envs: gym.vector.VectorEnv, steps: int, seed: int, policy: str = "random",
+         action_meanings: list[str] | None = None) -> dict[str, float]:
+    """Play ``policy`` for ``steps`` batched steps → events per 1000 env steps.
 
+    Args:
+        envs: a vector env with a discrete action space; pixel observations ``(N, 3, 64, 64)`` for ``"track"``.
+        policy: ``"random"`` (uniform actions) or ``"track"`` (:func:`~trainers.quickstart.track_actions`).
+        action_meanings: the game's action names (needed by ``"track"``).
     Returns:
         ``{"wins", "losses", "episode_ends"}``: counts of reward > 0, reward < 0 and terminations, per 1000 env
         steps (summed over envs).
+    Raises:
+        ValueError: an unknown ``policy``.
     """
+    if policy not in POLICIES:
+        raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
     rng = np.random.default_rng(seed)
-    envs.reset(seed=seed)
+    obs, _ = envs.reset(seed=seed)
     wins = losses = ends = 0
     n = envs.num_envs
     for _ in range(steps):
-        _, reward, term, _, _ = envs.step(rng.integers(0, envs.single_action_space.n, n))
+        if policy == "track":
+            action = track_actions(np.asarray(obs), action_meanings, rng)
+        else:
+            action = rng.integers(0, envs.single_action_space.n, n)
+        obs, reward, term, _, _ = envs.step(action)
         wins += int((np.asarray(reward) > 0).sum())
         losses += int((np.asarray(reward) < 0).sum())
         ends += int(np.asarray(term).sum())
@@ -54,11 +74,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p.add_argument("--sampling-steps", type=int, default=0, help="denoising steps (0: the bundle's default)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the bundle's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--policy", choices=POLICIES, default="random",
+                   help="random: uniform actions; track: follow the ball (pixel observations)")
     a = p.parse_args(argv)
     for name in ("num_envs", "steps"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(a, name)}")
-    kw = {"num_envs": a.num_envs, "obs_type": "latent", "max_episode_steps": a.steps + 1}
+    kw = {"num_envs": a.num_envs, "obs_type": "pixels" if a.policy == "track" else "latent",
+          "max_episode_steps": a.steps + 1}
     if a.sampling_steps:
         kw["sampling_steps"] = a.sampling_steps
     if a.temperature is not None:
@@ -68,12 +91,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     else:
         imagined = gym.make_vec("DiTWM/Pong-v0", checkpoint=a.world_model, **kw)
     game = imagined.bundle.config["game"]
-    rates = {"imagined": play_random(imagined, a.steps, a.seed)}
+    meanings = list(imagined.bundle.config["action_meanings"])
+    rates = {"imagined": play(imagined, a.steps, a.seed, a.policy, meanings)}
     real = dit_envs.make_real_env(game, num_envs=a.num_envs, seed=a.seed)
-    rates["real"] = play_random(real, a.steps, a.seed)
+    rates["real"] = play(real, a.steps, a.seed, a.policy, meanings)
     real.close()
     imagined.close()
-    print(f"random play, {a.num_envs} games x {a.steps} steps, events per 1000 steps ({game}, {a.world_model}, "
+    print(f"{a.policy} play, {a.num_envs} games x {a.steps} steps, events per 1000 steps ({game}, {a.world_model}, "
           f"sampling_steps {imagined.sampling_steps}, temperature {imagined.temperature}):")
     print(f"{'':>9} {'wins':>7} {'losses':>7} {'ends':>7}")
     for name, r in rates.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -27,3 +28,24 @@ def test_reward_rates_tiny(capsys):
 def test_reward_rates_bad_args():
     with pytest.raises(SystemExit):
         _load("reward_rates").main(["--steps", "0"])
+
+
+def test_ball_returns_finds_real_returns_and_scores_a_model(tiny_stage1_store, tiny_bundle, capsys):
+    out = _load("ball_returns").main(["--data", str(tiny_stage1_store), "--world-model", str(tiny_bundle),
+                                      "--max-events", "4"])
+    assert set(out) == {"train", "held-out"}
+    for r in out.values():
+        assert r["misses"] <= 4
+        for k in ("return_recall", "false_return_rate"):
+            assert np.isnan(r[k]) or 0.0 <= r[k] <= 1.0
+    assert "imagined return recall" in capsys.readouterr().out
+
+
+def test_ball_return_events_on_a_synthetic_track():
+    find = _load("ball_returns").find_events
+    col = np.array([30, 40, 50, 55, 50, 40, 30, 40, 50, 56, 58, 60, np.nan, np.nan], float)
+    ep = np.zeros(len(col), np.int64)
+    returns, misses = find(col, ep, context_len=2, lead=1)
+    assert returns.tolist() == [3] and misses.tolist() == [10]
+    returns, _ = find(col, ep, context_len=3, lead=2)  # the return at row 3 has no room for 3 + 2 rows before it
+    assert returns.tolist() == []

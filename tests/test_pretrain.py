@@ -59,8 +59,11 @@ def test_tiny_run_writes_a_bundle_that_steps_as_an_env(store, tmp_path, capsys):
     assert meta["step"] == 10 and meta["world_size"] == 1
 
 
-def test_resume_in_new_process_is_bit_exact(store, tmp_path):
+@pytest.mark.parametrize("prioritised", [False, True])
+def test_resume_in_new_process_is_bit_exact(store, tmp_path, prioritised):
     kw = dict(lr_decay_steps=12, rollout_steps=3)  # the multi-step term too: it draws from the same RNG streams
+    if prioritised:  # error priorities refreshed at steps 4 and 8, the run split at 6: they must be checkpointed
+        kw.update(priority_fraction=0.5, priority_alpha=2.0, priority_every=4)
     assert run(store, tmp_path / "full", 12, **kw) == 0
     cmd = [sys.executable, "-m", "trainers.cli", "pretrain", "--data", str(store), "--out", str(tmp_path / "split"),
            *flags(steps=6, **TINY, **kw)]
@@ -71,8 +74,19 @@ def test_resume_in_new_process_is_bit_exact(store, tmp_path):
     b, mb = load_checkpoint(tmp_path / "split")
     assert ma["step"] == mb["step"] == 12 and ma["samplers"] == mb["samplers"]
     assert a.keys() == b.keys()
+    assert ("windows.priority" in a) == prioritised
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_pixel_term_and_priorities_are_logged(store, tmp_path):
+    out = tmp_path / "px"
+    assert run(store, out, 6, pixel_weight=10.0, priority_fraction=0.5, priority_every=2, log_every=1) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["pixel"] > 0 for r in rows if "flow" in r)
+    refreshes = [r for r in rows if "priority_mean_error" in r]
+    assert [r["step"] for r in refreshes] == [2, 4] and all(0 < r["priority_top1pct_mass"] <= 1 for r in refreshes)
+    assert (out / "bundle" / "config.json").is_file()
 
 
 def test_sigterm_writes_checkpoint_and_exits_143(store, tmp_path):
@@ -145,6 +159,9 @@ def test_replicas_equal_detects_any_difference(differ):
     (["--steps", "0"], "--steps"),
     (["--seq-len", "9"], "--seq-len"),
     (["--rollout-steps", "1"], "--rollout-steps"),
+    (["--priority-fraction", "1.5"], "--priority-fraction"),
+    (["--priority-every", "0"], "--priority-every"),
+    (["--priority-alpha", "-1"], "--priority-alpha"),
     (["--clean-context", "1.5"], "--clean-context"),
     (["--stage1", "/nonexistent"], "--stage1"),
     (["--rollout-steps", "100000"], "--data"),

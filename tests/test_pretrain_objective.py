@@ -107,3 +107,42 @@ def test_ema_update_and_decay_warmup():
     ema_update(a, b, 0.0)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert ema_decay_at(0, 0.999) == 0.1 and ema_decay_at(10**6, 0.999) == 0.999
+
+
+def _decoder():
+    from dit_envs.models.autoencoder import AutoencoderConfig, FrameAutoencoder
+    torch.manual_seed(1)
+    return FrameAutoencoder(AutoencoderConfig(base_channels=4, max_channels=8, latent_channels=2, latent_size=2,
+                                              res_blocks=0))
+
+
+def test_pixel_term_is_zero_at_the_target_trains_only_the_dit_and_leaves_the_state_dict_alone():
+    n, w = net(), windows()
+    keys = set(n.state_dict())
+    mean, std = torch.full((D_Z,), 0.1), torch.full((D_Z,), 0.5)
+    n.set_decoder(_decoder(), mean, std)
+    assert set(n.state_dict()) == keys and all(p is not q for p in n.parameters() for q in n.decoder.parameters())
+    z, z_prev, t = w.z[:, -1], w.z[:, -2], torch.zeros(6)
+    x_true = (z - mean) / std
+    assert n.pixel_loss(x_true, t, z, z_prev).item() < 1e-10
+    x = (x_true + 0.5 * torch.randn(6, D_Z)).requires_grad_(True)
+    loss = n.pixel_loss(x, t, z, z_prev)
+    loss.backward()
+    assert loss.item() > 0 and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in n.decoder.parameters())
+    assert n.pixel_loss(x, torch.ones(6), z, z_prev).item() == 0.0  # pure noise: weight 1 − t = 0
+
+
+def test_pixel_term_joins_the_loss_when_configured():
+    n, w = net(), windows(L=K + 3)
+    n.set_decoder(_decoder(), torch.zeros(D_Z), torch.ones(D_Z))
+    cfg = ObjectiveConfig(seq_len=K + 1, rollout_steps=3, pixel_weight=2.0)
+    clamp = lambda x: x.clamp(-3, 3)  # noqa: E731
+    inp = make_inputs(w, cfg, num_actions=A, generator=torch.Generator().manual_seed(0), dit=n.dit, context_len=K,
+                      clamp=clamp)
+    terms = n(inp)
+    assert {"flow", "rollout", "pixel"} <= set(terms) and terms["pixel"] > 0
+    base = total_loss({k: v for k, v in terms.items() if k != "pixel"}, cfg)
+    assert torch.allclose(total_loss(terms, cfg), base + 2.0 * terms["pixel"])
+    assert "pixel" not in net()(make_inputs(w, ObjectiveConfig(seq_len=K + 1), num_actions=A,
+                                            generator=torch.Generator().manual_seed(0)))

@@ -203,6 +203,12 @@ class SequenceSampler:
     def num_windows(self) -> int:
         return int(self._cum[-1])
 
+    def all_window_starts(self) -> np.ndarray:
+        """The first row of every valid window, int64 ``(num_windows,)``, in row order (window ``k`` of
+        :meth:`window_starts`'s uniform draw is entry ``k``)."""
+        n = np.diff(np.concatenate([[0], self._cum]))
+        return np.repeat(self._starts, n) + (np.arange(self.num_windows) - np.repeat(self._cum - n, n))
+
     def window_starts(self, batch_size: int) -> np.ndarray:
         """Row index of the first row of ``batch_size`` uniformly drawn windows, int64 ``(B,)``."""
         k = self.rng.integers(0, self.num_windows, size=batch_size)

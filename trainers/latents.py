@@ -239,8 +239,39 @@ class LatentWindows:
                        reward=self.reward[idx], terminated=self.terminated[idx])
 
     def sample(self, batch: int) -> Windows:
-        """``batch`` uniformly drawn windows (advances the sampler's RNG)."""
-        return self.windows(self.sampler.window_starts(batch))
+        """``batch`` drawn windows (advances the sampler's RNG): uniformly, or with :meth:`set_priorities` a
+        fraction of them in proportion to the priorities (:mod:`trainers.priority`)."""
+        return self.windows(self.draw_starts(batch))
+
+    def draw_starts(self, batch: int) -> np.ndarray:
+        """Row index of the first row of ``batch`` drawn windows, int64 ``(B,)``; the first
+        ``round(fraction·batch)`` are the prioritised draws."""
+        n = int(round(self.priority_fraction * batch)) if self.priority is not None else 0
+        uniform = self.sampler.window_starts(batch - n)
+        if n == 0:
+            return uniform
+        k = np.searchsorted(self._cdf, self.sampler.rng.random(n) * self._cdf[-1], side="right")
+        return np.concatenate([self._all[np.minimum(k, len(self._cdf) - 1)], uniform])
+
+    priority: np.ndarray | None = None
+    priority_fraction: float = 0.0
+
+    def set_priorities(self, probs: np.ndarray | None, fraction: float) -> None:
+        """Draw ``fraction`` of every batch with probabilities ``probs`` float ``(num_windows,)`` over
+        :meth:`SequenceSampler.all_window_starts` (None: uniform only).
+
+        Raises:
+            ValueError: ``probs`` of another length, negative or summing to 0; ``fraction`` outside ``[0, 1]``.
+        """
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction: expected a number in [0, 1], got {fraction}")
+        if probs is not None:
+            probs = np.asarray(probs, np.float64)
+            if probs.shape != (self.sampler.num_windows,) or (probs < 0).any() or not probs.sum() > 0:
+                raise ValueError(f"probs: expected {self.sampler.num_windows} non-negative numbers with a positive "
+                                 f"sum, got shape {probs.shape}")
+            self._cdf, self._all = np.cumsum(probs), self.sampler.all_window_starts()
+        self.priority, self.priority_fraction = probs, fraction
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()

@@ -75,3 +75,27 @@ def locate_pong_objects(frames: np.ndarray) -> PongObjects:
     ball_row = _centroid_rows(ball, MAX_BALL_PIXELS) + FIELD_TOP
     ball_col = _centroid_rows(ball.transpose(0, 2, 1), MAX_BALL_PIXELS)
     return PongObjects(ball=np.stack([ball_row, ball_col], axis=1), agent_y=agent_y, opponent_y=opponent_y)
+
+
+def ball_reversals(ball_col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where the ball turns round: at the agent's side (moving right, then left — a return by the agent's paddle)
+    and at the opponent's side (moving left, then right).
+
+    Args:
+        ball_col: float ``(T,)`` ball column per consecutive frame of one episode (NaN where not visible).
+    Returns:
+        ``(agent, opponent)`` bool ``(T,)``: frame ``i`` is the apex, i.e. frames ``i−1, i, i+1`` all show the ball
+        and its column rises then falls (agent) or falls then rises (opponent).
+    Raises:
+        ValueError: ``ball_col`` not one-dimensional.
+    """
+    c = np.asarray(ball_col, np.float64)
+    if c.ndim != 1:
+        raise ValueError(f"ball_col: expected shape (T,), got {c.shape}")
+    agent, opponent = np.zeros(len(c), bool), np.zeros(len(c), bool)
+    if len(c) >= 3:
+        prev, mid, nxt = c[:-2], c[1:-1], c[2:]
+        with np.errstate(invalid="ignore"):
+            agent[1:-1] = (mid > prev) & (nxt < mid)
+            opponent[1:-1] = (mid < prev) & (nxt > mid)
+    return agent, opponent

@@ -9,6 +9,12 @@ to 2.88e-3; it trains at 9.2 steps/s at batch 32 on 2 idle CPU threads);
 a reward/termination head learns from real transitions (:mod:`trainers.pretrain_objective`). Only non-held-out
 episodes train (:func:`trainers.data.heldout_mask`); held-out ones are evaluated (:mod:`trainers.pretrain_eval`).
 
+Two options target rare, small events (in Pong: the agent's paddle returning the ball, under 1 % of the windows of
+our stage-1 store, a few pixels in the frame), both off by default: ``--pixel-weight`` adds a motion-weighted
+pixel loss through the frozen decoder (:class:`trainers.pretrain_objective.PretrainNet`), and
+``--priority-fraction`` draws part of each batch in proportion to the model's own one-step error (prioritised
+replay, :mod:`trainers.priority`).
+
 nanoGPT-style straight-line loop: AdamW with an explicit warm-up + cosine schedule (:func:`trainers.autoencoder.
 lr_at`), gradient clipping, EMA weights; metrics to ``OUT/metrics.jsonl`` every ``--log-every`` steps, evaluation
 every ``--eval-every``, resumable checkpoints in ``OUT/ckpt`` every ``--checkpoint-every`` (:mod:`trainers.
@@ -45,6 +51,7 @@ from trainers.data import EpisodeStore, heldout_mask, segments
 from trainers.latents import LatentWindows, load_latents_on_ranks, store_index
 from trainers.pretrain_eval import data_summary, eval_windows, evaluate
 from trainers.pretrain_objective import ObjectiveConfig, PretrainNet, make_inputs, optimizer_step, total_loss
+from trainers.priority import one_step_errors, priority_probabilities
 from trainers.pretrain_state import (configs_meta, export_bundle, model_card, rank_seed, read_state, restore_state,
                                      save_state)
 
@@ -72,6 +79,14 @@ class Args(LoopArgs):
     rollout_sampling_steps: int = arg(1, "Euler steps per imagined step in the multi-step term")
     sampling_steps: int = arg(4, "Euler steps per env step stored in the bundle")
     start_contexts: int = arg(256, "real start contexts (training episodes) stored in the bundle")
+    pixel_weight: float = arg(0.0, "weight of the decoded-pixel term (motion-weighted pixel MSE of the model's clean "
+                                    "estimate through the frozen decoder; 0: off)")
+    motion_boost: float = arg(100.0, "extra weight of moving pixels in the pixel term")
+    priority_fraction: float = arg(0.0, "fraction of each batch drawn in proportion to the model's own one-step "
+                                        "error^alpha (prioritised replay, trainers.priority); 0: uniform windows")
+    priority_alpha: float = arg(1.0, "exponent alpha of the prioritised draw")
+    priority_every: int = arg(2000, "steps between recomputations of every window's error (EMA model); the first "
+                                    "at this step, uniform draws before it")
     checkpoint_every: int = arg(1000, "steps between resumable checkpoints")
 
 
@@ -97,16 +112,18 @@ def _positive(args: Args, names: tuple[str, ...], strict: bool = True) -> None:
 def validate(args: Args) -> Setup:
     """Check every argument; raise :class:`ArgError` (names the flag) before anything is written."""
     _positive(args, ("steps", "batch", "lr", "grad_clip", "term_weight", "log_every", "checkpoint_every",
-                     "sampling_steps", "start_contexts", "eval_windows", "eval_horizon", "rollout_sampling_steps"))
+                     "sampling_steps", "start_contexts", "eval_windows", "eval_horizon", "rollout_sampling_steps",
+                     "priority_every"))
     _positive(args, ("warmup", "lr_decay_steps", "weight_decay", "context_len", "seq_len", "eval_every", "threads",
-                     "rollout_weight"), strict=False)
+                     "rollout_weight", "priority_alpha", "pixel_weight", "motion_boost"), strict=False)
     if args.preset not in DIT_PRESETS:
         raise ArgError("preset", f"expected one of {tuple(DIT_PRESETS)}, got {args.preset!r}")
     for name, hi in (("ema", 1.0), ("action_dropout", 1.0)):
         if not 0.0 <= getattr(args, name) < hi:
             raise ArgError(name, f"expected a number in [0, 1), got {getattr(args, name)}")
-    if not 0.0 <= args.clean_context <= 1.0:
-        raise ArgError("clean_context", f"expected a number in [0, 1], got {args.clean_context}")
+    for name in ("clean_context", "priority_fraction"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ArgError(name, f"expected a number in [0, 1], got {getattr(args, name)}")
     if args.rollout_steps == 1 or args.rollout_steps < 0:
         raise ArgError("rollout_steps", f"expected 0 (off) or an integer >= 2, got {args.rollout_steps}")
     pick_device(args.device)
@@ -176,7 +193,8 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     hcfg = HeadsConfig(latent_dim=ae.latent_dim, num_actions=A, hidden=dcfg.width)
     cfg = ObjectiveConfig(seq_len=s.seq_len, clean_context=args.clean_context, action_dropout=args.action_dropout,
                           term_weight=args.term_weight, rollout_steps=args.rollout_steps,
-                          rollout_weight=args.rollout_weight, rollout_sampling_steps=args.rollout_sampling_steps)
+                          rollout_weight=args.rollout_weight, rollout_sampling_steps=args.rollout_sampling_steps,
+                          pixel_weight=args.pixel_weight, motion_boost=args.motion_boost)
     net = PretrainNet(DiT(dcfg), RewardTermHead(hcfg), args.term_weight).to(dev)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     opt = adamw(net, args.lr, args.weight_decay)
@@ -191,11 +209,28 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     step = 0
     if state is not None:
         step = restore_state(*state, d, net=net, ema=ema, opt=opt, gen=gen, windows=windows, seed=args.seed)
+        if args.priority_fraction and "windows.priority" in state[0]:
+            windows.set_priorities(state[0]["windows.priority"].numpy(), args.priority_fraction)
     mean_d, std_d = windows.mean, windows.std
 
     def clamp(x: torch.Tensor) -> torch.Tensor:  # a sample → the encoder's tanh range, as inference does
         return ((x * std_d + mean_d).clamp(-1.0, 1.0) - mean_d) / std_d
 
+    def refresh_priorities() -> dict[str, float]:
+        """Every window's one-step error under the EMA model → the prioritised draw (identical on all ranks)."""
+        t = time.perf_counter()
+        x_all = (windows.z.float() - mean_d) / std_d
+        err = one_step_errors(ema.dit, x_all, windows.prev_action, windows.sampler.all_window_starts(),
+                              context_len=K, sampling_steps=args.rollout_sampling_steps, clamp=clamp,
+                              seed=rank_seed(args.seed, 0, step))
+        probs = priority_probabilities(err, args.priority_alpha)
+        windows.set_priorities(probs, args.priority_fraction)
+        top = np.sort(probs)[::-1][: max(1, len(probs) // 100)].sum()
+        return {"priority_mean_error": float(err.mean()), "priority_top1pct_mass": float(top),
+                "priority_refresh_s": time.perf_counter() - t}
+
+    if args.pixel_weight:
+        net.set_decoder(ae, mean_d, std_d, motion_boost=args.motion_boost)
     model: torch.nn.Module = torch.compile(net) if args.compile else net
     if d.enabled:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -221,6 +256,11 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
         while step < args.steps:
             if dist_.any_rank(d, stop["sig"] is not None):
                 break
+            if args.priority_fraction and step >= args.priority_every and (
+                    windows.priority is None or step % args.priority_every == 0):
+                pm = refresh_priorities()
+                if log is not None:
+                    log.log(step, **pm)
             lr = lr_at(step, args.lr, args.warmup, total)  # explicit schedule, set by hand each step
             w = windows.sample(args.batch)
             with autocast:

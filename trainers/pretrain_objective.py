@@ -17,6 +17,13 @@ A training batch is ``B`` windows of ``L`` consecutive rows of one episode (:cla
   sampler), then train the flow loss of the real row ``K+n−1`` given that partly imagined context. The model
   learns to predict ``z_{t+n}`` from its own ``n−1``-step rollout — to pull drifting rollouts back towards real
   dynamics instead of compounding their errors.
+* **pixel** (optional, ``pixel_weight > 0``) — the flow term's last token and the multi-step target are
+  decoded by the frozen stage-1 decoder from the model's clean estimate ``x̂0 = x_t − t·v`` and compared with
+  the decoded real latent in pixel space, each pixel weighted ``1 + motion_boost`` where the real frame moved
+  since the previous one (the ball, the paddles, the score), else 1, and each sample by ``1 − t``. A latent MSE
+  barely notices a misplaced 2-pixel ball; this term makes the small moving objects count (the same idea as the
+  stage-1 autoencoder's foreground weighting, and as perceptual/pixel losses on decoded latents, e.g. Rombach et
+  al. 2022's decoder-space training).
 * **heads** — :class:`~dit_envs.models.heads.RewardTermHead` on the real transitions ``(z_{i−1}, a_i, z_i)``
   of every window (rows ``i ≥ 1`` are always real transitions: windows never cross an episode start). Two-hot
   reward cross-entropy plus termination BCE with ``pos_weight = term_weight`` (terminations are rare: one per
@@ -48,6 +55,10 @@ class ObjectiveConfig:
         rollout_steps: ``N`` of the multi-step term (0 = off, else ≥ 2).
         rollout_weight: weight of the multi-step term.
         rollout_sampling_steps: Euler steps of each imagined step in the multi-step term.
+        pixel_weight: weight of the decoded-pixel term (0 = off).
+        motion_boost: extra weight of the pixels that moved, in the pixel term.
+        motion_threshold: a pixel "moved" when a channel of the decoded real frame changed by more than this
+            (units of [0, 1] intensity).
     """
 
     seq_len: int = 5
@@ -60,6 +71,9 @@ class ObjectiveConfig:
     rollout_steps: int = 0
     rollout_weight: float = 1.0
     rollout_sampling_steps: int = 1
+    pixel_weight: float = 0.0
+    motion_boost: float = 100.0
+    motion_threshold: float = 0.1
 
 
 @dataclass
@@ -92,6 +106,32 @@ class PretrainNet(nn.Module):
     def __init__(self, dit: DiT, heads: RewardTermHead, term_weight: float = 10.0) -> None:
         super().__init__()
         self.dit, self.heads, self.term_weight = dit, heads, term_weight
+        self.__dict__["decoder"] = None
+
+    def set_decoder(self, decoder: nn.Module, mean: torch.Tensor, std: torch.Tensor, *, motion_boost: float = 100.0,
+                    motion_threshold: float = 0.1) -> None:
+        """Enable the pixel term: ``decoder`` is the frozen stage-1 autoencoder (kept outside the module tree: not
+        trained, not in the state dict, not seen by DDP); ``mean``/``std`` float ``(d_z,)`` the latent
+        standardisation; ``motion_boost``/``motion_threshold`` as in :class:`ObjectiveConfig`."""
+        self.__dict__["decoder"] = decoder.requires_grad_(False).eval()
+        self.motion_boost, self.motion_threshold = motion_boost, motion_threshold
+        dev = next(self.dit.parameters()).device
+        self.register_buffer("lat_mean", mean.float().clone().to(dev), persistent=False)
+        self.register_buffer("lat_std", std.float().clone().to(dev), persistent=False)
+
+    def pixel_loss(self, x0_hat: torch.Tensor, t: torch.Tensor, z: torch.Tensor, z_prev: torch.Tensor) -> torch.Tensor:
+        """Motion-weighted pixel MSE between decoded ``x0_hat`` (standardised ``(B, d_z)``) and the decoded real
+        latent ``z`` (raw ``(B, d_z)``; ``z_prev`` the real latent before it), each sample weighted ``1 − t``
+        (``t`` ``(B,)``). Returns a float32 scalar."""
+        dec = self.__dict__["decoder"]
+        img = dec.decode((x0_hat.float() * self.lat_std + self.lat_mean)).float()  # (B, 3, 64, 64)
+        with torch.no_grad():
+            real, prev = dec.decode(z.float()).float(), dec.decode(z_prev.float()).float()
+            moved = ((real - prev).abs().amax(dim=1, keepdim=True) > self.motion_threshold).float()  # (B, 1, H, W)
+            w = 1.0 + self.motion_boost * moved
+        sq = ((img - real) ** 2).mean(dim=1, keepdim=True)  # (B, 1, H, W)
+        per = (w * sq).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3))  # (B,)
+        return ((1.0 - t.float()) * per).mean()
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """All loss terms of one batch (see :func:`make_inputs` for the keys).
@@ -101,9 +141,18 @@ class PretrainNet(nn.Module):
         """
         v = self.dit(inputs["xt"], inputs["t"], inputs["prev_action"])  # (B, T, d_z)
         out = {"flow": flow_matching_loss(v, inputs["x0"], inputs["noise"], inputs["mask"])}
+        pixel = self.__dict__["decoder"] is not None and "px_z" in inputs
+        if pixel:
+            t = inputs["t"][:, -1]  # (B,)
+            out["pixel"] = self.pixel_loss(inputs["xt"][:, -1] - t[:, None] * v[:, -1], t, inputs["px_z"],
+                                           inputs["px_prev"])
         if "ro_xt" in inputs:
             v_ro = self.dit(inputs["ro_xt"], inputs["ro_t"], inputs["ro_prev_action"])  # (B, K+1, d_z)
             out["rollout"] = flow_matching_loss(v_ro[:, -1], inputs["ro_x0"], inputs["ro_noise"])
+            if pixel:
+                t = inputs["ro_t"][:, -1]
+                out["pixel"] = 0.5 * (out["pixel"] + self.pixel_loss(
+                    inputs["ro_xt"][:, -1] - t[:, None] * v_ro[:, -1], t, inputs["ro_px_z"], inputs["ro_px_prev"]))
         m = inputs["h_mask"]  # (B, L-1) real transitions (a null previous action marks none)
         a = torch.where(m > 0, inputs["h_action"], torch.zeros_like(inputs["h_action"]))
         r_logits, t_logit = self.heads(inputs["h_z"], a, inputs["h_z_next"])  # (B, L-1, bins), (B, L-1)
@@ -117,8 +166,10 @@ class PretrainNet(nn.Module):
 
 
 def total_loss(terms: dict[str, torch.Tensor], cfg: ObjectiveConfig) -> torch.Tensor:
-    """``flow + rollout_weight·rollout + reward_weight·(reward + term)``, a float32 scalar."""
+    """``flow + rollout_weight·rollout + reward_weight·(reward + term) + pixel_weight·pixel``, a float32 scalar."""
     loss = terms["flow"] + cfg.reward_weight * (terms["reward"] + terms["term"])
+    if "pixel" in terms:
+        loss = loss + cfg.pixel_weight * terms["pixel"]
     if "rollout" in terms:
         loss = loss + cfg.rollout_weight * terms["rollout"]
     return loss
@@ -188,6 +239,8 @@ def make_inputs(w: Windows, cfg: ObjectiveConfig, *, num_actions: int, generator
         "h_reward": w.reward[:, 1:], "h_term": w.terminated[:, 1:].float(),
         "h_mask": (w.prev_action[:, 1:] < num_actions).float(),
     }
+    if cfg.pixel_weight:
+        out.update({"px_z": w.z[:, T - 1], "px_prev": w.z[:, T - 2]})
     if cfg.rollout_steps:
         if dit is None or clamp is None or context_len < 1:
             raise ValueError("dit/context_len/clamp: expected for rollout_steps > 0, got none")
@@ -204,17 +257,21 @@ def make_inputs(w: Windows, cfg: ObjectiveConfig, *, num_actions: int, generator
             "ro_prev_action": torch.cat([ctx_a, target_a[:, None]], dim=1),  # (B, K+1)
             "ro_x0": target, "ro_noise": eps,
         })
+        if cfg.pixel_weight:
+            out.update({"ro_px_z": w.z[:, K + n - 1], "ro_px_prev": w.z[:, K + n - 2]})
     return out
 
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """``ema ← decay·ema + (1 − decay)·model`` for parameters; buffers are copied."""
+    """``ema ← decay·ema + (1 − decay)·model`` for parameters; ``ema``'s buffers are copied from the model's
+    buffers of the same name."""
     e_params = [p for p in ema.parameters()]
     m_params = [p.detach() for p in model.parameters()]
     torch._foreach_lerp_(e_params, m_params, 1.0 - decay)
-    for be, bm in zip(ema.buffers(), model.buffers()):
-        be.copy_(bm)
+    mb = dict(model.named_buffers())
+    for name, be in ema.named_buffers():  # by name: the model may hold more (e.g. PretrainNet.set_decoder's)
+        be.copy_(mb[name])
 
 
 def ema_decay_at(step: int, decay: float) -> float:

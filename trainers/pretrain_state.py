@@ -51,6 +51,8 @@ def save_state(out: Path, d: Dist, *, net: PretrainNet, ema: PretrainNet, opt: t
         tensors.update({f"rng.gen.{r}": g for r, g in enumerate(gens)})
         tensors["rng.torch_cpu"] = torch.get_rng_state()
         tensors["latent_mean"], tensors["latent_std"] = windows.mean, windows.std
+        if windows.priority is not None:  # identical on every rank (trainers.priority)
+            tensors["windows.priority"] = torch.from_numpy(windows.priority)
         py = random.getstate()
         save_checkpoint(out, tensors, {**meta, "step": int(step), "world_size": d.world_size, "samplers": samplers,
                                        "opt": opt_meta, "python_rng": [py[0], list(py[1]), py[2]]})
