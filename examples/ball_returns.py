@@ -5,7 +5,8 @@ For every frame of an episode store where the real ball turns round at the agent
 steps before it, imagines ``--lead + 3`` steps with the real actions, and we check whether its ball turns round at
 the agent's side too (*return recall*). The same is done from contexts before real misses (the ball past the
 paddle's column moving right), where a bounce is wrong (*false-return rate*). Both are split into training and
-held-out episodes (:func:`trainers.data.heldout_mask`).
+held-out episodes (:func:`trainers.data.heldout_mask`). Both are also given for the real future frames passed through
+the frozen autoencoder: the ceiling a perfect dynamics model would reach through this decoder and ball detector.
 
 An agent trained in imagination can only learn to return the ball if the world model bounces it where the real
 game does: the return recall is the number to watch when imagination-trained Pong agents do not transfer.
@@ -92,6 +93,23 @@ def bounce_rate(model, frames: np.ndarray, actions: np.ndarray, ball_col: np.nda
     return hits / len(events)
 
 
+@torch.no_grad()
+def ceiling_rate(model, frames: np.ndarray, ball_col: np.ndarray, events: np.ndarray, *, lead: int,
+                 tail: int = 3) -> float:
+    """The same fraction as :func:`bounce_rate` for a perfect dynamics model: the real future frames passed through
+    the world model's frozen autoencoder (``decode(encode(x))``), so a bounce lost here is lost to the decoder or to
+    the ball detector, not to the dynamics. NaN without events."""
+    if len(events) == 0:
+        return float("nan")
+    hits = 0
+    for e in events:
+        end = e - lead
+        rec = model.decode(model.encode(torch.from_numpy(frames[end + 1:end + lead + tail + 1]))).cpu().numpy()
+        cols = np.concatenate([ball_col[end - 1:end + 1], locate_pong_objects(rec).ball[:, 1]])
+        hits += bool(ball_reversals(cols)[0].any())
+    return hits / len(events)
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="episode store of Pong frames")
@@ -123,12 +141,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         kw = dict(lead=a.lead, seed=a.seed)
         out[split] = {"returns": len(r), "return_recall": bounce_rate(model, data["obs"], data["action"], col, r, **kw),
                       "misses": len(m), "false_return_rate": bounce_rate(model, data["obs"], data["action"], col, m,
-                                                                         **kw)}
+                                                                         **kw),
+                      "ceiling_recall": ceiling_rate(model, data["obs"], col, r, lead=a.lead),
+                      "ceiling_false_rate": ceiling_rate(model, data["obs"], col, m, lead=a.lead)}
     print(f"ball returns ({a.world_model}, sampling_steps {model.sampling_steps}, temperature "
           f"{getattr(model, 'temperature', None)}, lead {a.lead}):")
     for split, r in out.items():
         print(f"{split:>9}: {r['returns']} real returns, imagined return recall {r['return_recall']:.2f}; "
-              f"{r['misses']} real misses, imagined false-return rate {r['false_return_rate']:.2f}")
+              f"{r['misses']} real misses, imagined false-return rate {r['false_return_rate']:.2f} (through the "
+              f"autoencoder alone: {r['ceiling_recall']:.2f} / {r['ceiling_false_rate']:.2f})")
     return out
 
 

@@ -1,7 +1,7 @@
 """Does the imagined Pong paddle answer the actions? Mean paddle move per action while a ball-tracking policy plays.
 
 Plays ``--num-envs`` imagined games of ``DiTWM/Pong-v0`` (or ``--checkpoint``) for ``--steps`` steps with the
-quickstart's tracking policy (:func:`trainers.quickstart.track_actions`) and locates the objects in every frame
+quickstart's tracking policy (:func:`trainers.pong_objects.track_actions`) and locates the objects in every frame
 (:mod:`trainers.pong_objects`). Prints, per action, the mean row change of the agent's paddle over the step it was
 taken (negative = up; in Pong's minimal set RIGHT moves up, LEFT down) and the fraction of frames with a ball.
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 
 import dit_envs  # noqa: E402,F401  (registers the DiTWM ids)
 from trainers.pong_objects import locate_pong_objects  # noqa: E402
-from trainers.quickstart import track_actions  # noqa: E402
+from trainers.pong_objects import track_actions  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

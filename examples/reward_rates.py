@@ -5,7 +5,7 @@ trained in imagination lives in long closed-loop episodes instead. This script p
 ``--steps`` steps in ``--num-envs`` imagined games (no truncation) and in as many real games, and prints per 1000
 steps: reward events won (+) and lost (−) and episode ends. ``--policy random`` plays uniform-random actions;
 ``--policy track`` moves the paddle towards the ball seen in the (imagined or real) frame
-(:func:`trainers.quickstart.track_actions`), a competent policy whose returns and points the world model must
+(:func:`trainers.pong_objects.track_actions`), a competent policy whose returns and points the world model must
 reproduce for an agent to learn them. A world model that an agent can learn from reproduces these rates; one that
 under-produces the agent's wins gives a policy nothing to learn scoring from, and one that under-produces losses
 can be exploited.
@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout without install
 
 import dit_envs  # noqa: E402  (registers the DiTWM ids)
-from trainers.quickstart import track_actions  # noqa: E402
+from trainers.pong_objects import track_actions  # noqa: E402
 
 POLICIES = ("random", "track")
 
@@ -39,7 +39,7 @@ def play(envs: gym.vector.VectorEnv, steps: int, seed: int, policy: str = "rando
 
     Args:
         envs: a vector env with a discrete action space; pixel observations ``(N, 3, 64, 64)`` for ``"track"``.
-        policy: ``"random"`` (uniform actions) or ``"track"`` (:func:`~trainers.quickstart.track_actions`).
+        policy: ``"random"`` (uniform actions) or ``"track"`` (:func:`~trainers.pong_objects.track_actions`).
         action_meanings: the game's action names (needed by ``"track"``).
     Returns:
         ``{"wins", "losses", "episode_ends"}``: counts of reward > 0, reward < 0 and terminations, per 1000 env

@@ -66,3 +66,37 @@ def test_unwritable_out_is_a_file(tmp_path, capsys):
 def test_unknown_command(capsys):
     assert ditwm.main(["nope"]) == 2
     assert "command" in capsys.readouterr().err
+
+
+def test_collect_track_plays_the_tracking_action(tmp_path):
+    from trainers.pong_objects import locate_pong_objects, track_actions
+    out = tmp_path / "track"
+    assert main(Args(steps=300, out=str(out), num_envs=3, agent="track", epsilon=0.0, seed=3)) == 0
+    store = EpisodeStore(out)
+    assert store.read_meta()["collector"]["agent"] == "track"
+    d = store.load()
+    rows = np.flatnonzero(d["step"] > 0)  # the action of row t was chosen on the frame of row t-1
+    prev = d["obs"][rows - 1]
+    seen = ~np.isnan(locate_pong_objects(prev).agent_y)  # elsewhere the policy plays a random action
+    expected = track_actions(prev, store.read_meta()["action_meanings"], np.random.default_rng(0))
+    assert seen.mean() > 0.9 and (d["action"][rows][seen] == expected[seen]).all()
+
+
+def test_collect_track_epsilon_mixes_in_random_actions(tmp_path):
+    out = tmp_path / "eps"
+    assert main(Args(steps=600, out=str(out), num_envs=3, agent="track", epsilon=1.0, seed=3)) == 0
+    a = EpisodeStore(out).load()["action"]
+    counts = np.bincount(a[a >= 0], minlength=6)
+    assert (counts > 50).all()  # uniform play uses all 6 actions; tracking alone only NOOP/RIGHT/LEFT
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--agent", "track", "--epsilon", "1.5"], "--epsilon"),
+    (["--agent", "track", "--game", "Breakout"], "--agent"),
+])
+def test_track_bad_input_exit_2(tmp_path, capsys, argv, field):
+    out = tmp_path / "new"
+    assert ditwm.main(["collect", *argv, "--steps", "10", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert field in err and len(err.splitlines()) == 1
+    assert not out.exists()

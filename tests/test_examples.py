@@ -36,7 +36,7 @@ def test_ball_returns_finds_real_returns_and_scores_a_model(tiny_stage1_store, t
     assert set(out) == {"train", "held-out"}
     for r in out.values():
         assert r["misses"] <= 4
-        for k in ("return_recall", "false_return_rate"):
+        for k in ("return_recall", "false_return_rate", "ceiling_recall", "ceiling_false_rate"):
             assert np.isnan(r[k]) or 0.0 <= r[k] <= 1.0
     assert "imagined return recall" in capsys.readouterr().out
 

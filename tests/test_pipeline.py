@@ -12,7 +12,8 @@ import dit_envs  # noqa: F401  (registers DiTWM/*)
 from dit_envs.bundle import load_bundle
 from tests.conftest import PONG_ACTIONS, random_frames
 from trainers.pipeline import cli as pipeline
-from trainers.quickstart import cli as quickstart, track_actions
+from trainers.pong_objects import track_actions
+from trainers.quickstart import cli as quickstart
 
 TINY = ["--tiny", "--env-steps", "192", "--pretrain-steps", "6", "--distill-steps", "4", "--agent-steps", "2",
         "--threads", "1"]

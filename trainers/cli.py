@@ -8,6 +8,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("trainers.quickstart", "play DiTWM/Pong-v0 in imagination, write a GIF, print imagined steps/s"),
     "collect": ("trainers.collect", "fill an episode store from the real game"),
+    "merge-stores": ("trainers.merge", "merge episode stores (e.g. stage-1 and scripted play) for stage 2"),
     "train-autoencoder": ("trainers.autoencoder", "stage 1: train the frame autoencoder, report ball/paddle survival"),
     "pretrain": ("trainers.pretrain", "stage 2: train the DiT world model on frozen stage-1 latents"),
     "distill": ("trainers.distill", "stage 2b: distil the DiT into a 1-, 2- or 4-step sampler"),

@@ -1,7 +1,10 @@
 """``ditwm collect``: fill an episode store from the real game (DESIGN.md §2 protocol).
 
-``--agent random`` plays uniformly random actions from the minimal action set; ``--agent rssm`` (stage 1)
-trains the DreamerV3-style agent online while it collects. Every transition goes to the store
+``--agent random`` plays uniformly random actions from the minimal action set; ``--agent track`` (Pong only)
+moves the agent's paddle towards the ball (:func:`trainers.pong_objects.track_actions`) and plays a uniformly random
+action instead with probability ``--epsilon``: scripted exploration that shows the world model what a weak stage-1
+agent rarely does (the paddle returning the ball; our 100k-step stage-1 store holds 193 returns); ``--agent rssm``
+(stage 1) trains the DreamerV3-style agent online while it collects. Every transition goes to the store
 (:mod:`trainers.data`). SIGINT/SIGTERM flush what is buffered and exit (143 for SIGTERM, 130 for SIGINT); ``--resume`` continues
 an interrupted store with new episodes until ``--steps`` transitions are stored.
 """
@@ -18,15 +21,18 @@ from tqdm import tqdm
 from dit_envs.envs.real import PROTOCOL, make_real_env, rom_id
 from trainers.common import ArgError, arg, catch_stop_signals, check_out_dir, pick_device, run_cli, signal_exit_code
 from trainers.data import EpisodeStore
+from trainers.pong_objects import track_actions
 
-AGENTS = ("random", "rssm")
+AGENTS = ("random", "track", "rssm")
 
 
 @dataclass(kw_only=True)
 class Args:
     game: str = arg("Pong", "Atari game name, as in ALE/<Game>-v5")
-    agent: str = arg("random", "who plays: 'random' (uniform over the minimal action set) or 'rssm' (stage 1: "
+    agent: str = arg("random", "who plays: 'random' (uniform over the minimal action set), 'track' (Pong: follow "
+                               "the ball, a random action with probability --epsilon) or 'rssm' (stage 1: "
                                "DreamerV3-style agent learning while it collects)", choices=AGENTS)
+    epsilon: float = arg(0.25, "track: probability of a uniformly random action instead of the tracking one")
     steps: int = arg(help="number of real env transitions to store in total (all envs together)")
     out: str = arg(help="episode store directory (new or empty unless --resume)")
     num_envs: int = arg(8, "parallel real games")
@@ -51,6 +57,11 @@ def validate(args: Args) -> None:
         raise ArgError("game", str(e).removeprefix("game: ")) from None
     if args.agent not in AGENTS:
         raise ArgError("agent", f"expected one of {AGENTS}, got {args.agent!r}")
+    if not 0.0 <= args.epsilon <= 1.0:
+        raise ArgError("epsilon", f"expected a number in [0, 1], got {args.epsilon}")
+    if args.agent == "track" and args.game != "Pong":
+        raise ArgError("agent", f"expected 'random' or 'rssm' for game {args.game!r} ('track' plays Pong only), "
+                                f"got 'track'")
     if args.agent == "rssm":
         pick_device(args.device)
     for name in ("steps", "num_envs", "chunk_rows", "prefill", "ae_steps", "train_every", "checkpoint_every"):
@@ -109,10 +120,13 @@ def main(args: Args) -> int:
     try:
         while done_steps < args.steps and stop["signal"] is None:
             action = rng.integers(0, len(env.action_meanings), size=n)
+            if args.agent == "track":
+                tracked = track_actions(obs, list(env.action_meanings), rng)
+                action = np.where(rng.random(n) < args.epsilon, action, tracked)
             nxt, reward, term, trunc, info = env.step(action)
             done = term | trunc
             last_iter = done_steps + n >= args.steps
-            frame = nxt.copy()
+            frame, obs = nxt.copy(), nxt
             for i in np.flatnonzero(done):
                 frame[i] = info["final_obs"][i]
             store.add(obs=frame, action=action, reward=reward, terminated=term,

@@ -99,3 +99,27 @@ def ball_reversals(ball_col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             agent[1:-1] = (mid > prev) & (nxt < mid)
             opponent[1:-1] = (mid < prev) & (nxt > mid)
     return agent, opponent
+
+
+def track_actions(frames: np.ndarray, action_meanings: list[str], rng: np.random.Generator) -> np.ndarray:
+    """Ball-tracking Pong actions for uint8 frames ``(N, 3, 64, 64)`` → int64 ``(N,)``.
+
+    Moves the agent paddle (right, green) up (``RIGHT``) or down (``LEFT``) towards the ball's row, or towards the
+    field's centre while no ball is visible; ``NOOP`` within 2 px. A random action where the paddle is not found.
+
+    Raises:
+        ValueError: ``action_meanings`` lacks ``NOOP``, ``RIGHT`` or ``LEFT``.
+    """
+    try:
+        noop, up, down = (action_meanings.index(n) for n in ("NOOP", "RIGHT", "LEFT"))
+    except ValueError:
+        raise ValueError(f"action_meanings: expected NOOP, RIGHT and LEFT (Pong), got {action_meanings}") from None
+    objs = locate_pong_objects(frames)
+    target = np.where(np.isnan(objs.ball[:, 0]), 34.0, objs.ball[:, 0])
+    diff = objs.agent_y - target
+    out = np.full(len(frames), noop, np.int64)
+    out[diff > 2] = up
+    out[diff < -2] = down
+    lost = np.isnan(objs.agent_y)
+    out[lost] = rng.integers(0, len(action_meanings), int(lost.sum()))
+    return out

@@ -23,7 +23,7 @@ from PIL import Image
 import dit_envs  # noqa: F401  (registers the DiTWM ids)
 from dit_envs.io import atomic_write_bytes
 from trainers.common import ArgError, arg, check_temperature, run_cli, setting_arg_error
-from trainers.pong_objects import locate_pong_objects
+from trainers.pong_objects import track_actions
 
 POLICIES = ("track", "random")
 
@@ -42,30 +42,6 @@ class Args:
     out: str = arg("pong_imagined.gif", "GIF to write")
     seed: int = arg(0, "seed of the env (start contexts, sampling) and of the random policy")
     threads: int = arg(0, "torch CPU threads (0: torch's default)")
-
-
-def track_actions(frames: np.ndarray, action_meanings: list[str], rng: np.random.Generator) -> np.ndarray:
-    """Ball-tracking Pong actions for uint8 frames ``(N, 3, 64, 64)`` → int64 ``(N,)``.
-
-    Moves the agent paddle (right, green) up (``RIGHT``) or down (``LEFT``) towards the ball's row, or towards the
-    field's centre while no ball is visible; ``NOOP`` within 2 px. A random action where the paddle is not found.
-
-    Raises:
-        ValueError: ``action_meanings`` lacks ``NOOP``, ``RIGHT`` or ``LEFT``.
-    """
-    try:
-        noop, up, down = (action_meanings.index(n) for n in ("NOOP", "RIGHT", "LEFT"))
-    except ValueError:
-        raise ValueError(f"action_meanings: expected NOOP, RIGHT and LEFT (Pong), got {action_meanings}") from None
-    objs = locate_pong_objects(frames)
-    target = np.where(np.isnan(objs.ball[:, 0]), 34.0, objs.ball[:, 0])
-    diff = objs.agent_y - target
-    out = np.full(len(frames), noop, np.int64)
-    out[diff > 2] = up
-    out[diff < -2] = down
-    lost = np.isnan(objs.agent_y)
-    out[lost] = rng.integers(0, len(action_meanings), int(lost.sum()))
-    return out
 
 
 def gif_bytes(frames: list[np.ndarray], scale: int = 3, frame_ms: int = 66) -> bytes:
