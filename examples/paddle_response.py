@@ -21,8 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout without install
 
 import dit_envs  # noqa: E402,F401  (registers the DiTWM ids)
-from trainers.pong_objects import locate_pong_objects  # noqa: E402
-from trainers.pong_objects import track_actions  # noqa: E402
+from trainers.pong_objects import locate_pong_objects, track_actions  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -7,7 +7,7 @@ import pytest
 from trainers import cli as ditwm
 from trainers.collect import Args, main as collect
 from trainers.data import HELDOUT_EVERY, EpisodeStore, heldout_mask
-from trainers.merge import episode_offsets
+from trainers.merge import next_offset
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +17,13 @@ def two_stores(tmp_path_factory):
     assert collect(Args(steps=240, out=str(a), num_envs=12, chunk_rows=64)) == 0  # episodes 0..11
     assert collect(Args(steps=90, out=str(b), num_envs=3, agent="track", seed=1, chunk_rows=64)) == 0
     return a, b
+
+
+def episode_offsets(max_episode):
+    offsets = [0]
+    for m in max_episode[:-1]:
+        offsets.append(next_offset(offsets[-1], m))
+    return offsets
 
 
 def test_episode_offsets_are_multiples_of_the_heldout_period():
@@ -29,6 +36,8 @@ def test_merge_keeps_rows_splits_and_provenance(two_stores, tmp_path, capsys):
     out = tmp_path / "mix"
     assert ditwm.main(["merge-stores", "--sources", str(a), str(b), "--out", str(out)]) == 0
     assert "from 2 stores" in capsys.readouterr().out
+    rows = [m["rows"] for m in EpisodeStore(out).read_meta()["merged_from"]]
+    assert rows == [len(EpisodeStore(p).load()["step"]) for p in (a, b)]
     da, db, dm = (EpisodeStore(p).load() for p in (a, b, out))
     assert len(dm["step"]) == len(da["step"]) + len(db["step"])
     meta = EpisodeStore(out).read_meta()

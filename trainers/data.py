@@ -110,26 +110,29 @@ class EpisodeStore:
     def chunk_paths(self) -> list[Path]:
         return sorted(self.chunk_dir.glob("chunk-*.npz"))
 
+    @staticmethod
+    def read_chunk(path: Path) -> dict[str, np.ndarray] | None:
+        """One chunk file's rows ``{field: array}`` (dtypes/shapes of :data:`FIELDS`), or None with a warning naming
+        the file when it is unreadable or malformed."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                part = {k: z[k] for k in FIELDS}
+            n = len(part["step"])
+            for k, (dtype, shape) in FIELDS.items():
+                if part[k].dtype != dtype or part[k].shape != (n, *shape):
+                    raise ValueError(f"field {k} has {part[k].dtype} {part[k].shape}")
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            warnings.warn(f"episode store: skipping unreadable chunk {path} ({type(e).__name__}: {e})", stacklevel=3)
+            return None
+        return part
+
     def load(self) -> dict[str, np.ndarray]:
         """All readable rows, sorted by ``(episode, step)``; unreadable chunks are skipped with a warning.
 
         Returns:
             ``{field: array}`` with the dtypes/shapes of :data:`FIELDS` and a common leading length.
         """
-        parts: list[dict[str, np.ndarray]] = []
-        for path in self.chunk_paths():
-            try:
-                with np.load(path, allow_pickle=False) as z:
-                    part = {k: z[k] for k in FIELDS}
-                n = len(part["step"])
-                for k, (dtype, shape) in FIELDS.items():
-                    if part[k].dtype != dtype or part[k].shape != (n, *shape):
-                        raise ValueError(f"field {k} has {part[k].dtype} {part[k].shape}")
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-                warnings.warn(f"episode store: skipping unreadable chunk {path} ({type(e).__name__}: {e})",
-                              stacklevel=2)
-                continue
-            parts.append(part)
+        parts = [part for part in map(self.read_chunk, self.chunk_paths()) if part is not None]
         if not parts:
             return {k: np.zeros((0, *shape), dtype) for k, (dtype, shape) in FIELDS.items()}
         data = {k: np.concatenate([p[k] for p in parts]) for k in FIELDS}

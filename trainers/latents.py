@@ -230,6 +230,8 @@ class LatentWindows:
         self.prev_action = torch.from_numpy(np.where(ds.action < 0, num_actions, ds.action)).to(device)
         self.reward = torch.from_numpy(ds.reward).to(device)
         self.terminated = torch.from_numpy(ds.terminated).to(device)
+        self.priority: np.ndarray | None = None  # float64 (num_windows,) from set_priorities, or uniform draws
+        self.priority_fraction = 0.0
 
     def windows(self, starts: np.ndarray) -> Windows:
         """Windows starting at the given row indices int64 ``(B,)``."""
@@ -252,9 +254,6 @@ class LatentWindows:
             return uniform
         k = np.searchsorted(self._cdf, self.sampler.rng.random(n) * self._cdf[-1], side="right")
         return np.concatenate([self._all[np.minimum(k, len(self._cdf) - 1)], uniform])
-
-    priority: np.ndarray | None = None
-    priority_fraction: float = 0.0
 
     def set_priorities(self, probs: np.ndarray | None, fraction: float) -> None:
         """Draw ``fraction`` of every batch with probabilities ``probs`` float ``(num_windows,)`` over

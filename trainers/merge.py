@@ -6,7 +6,8 @@ Stage 2 trains on one store, so the stores are merged: every chunk is copied wit
 previous stores' ids, by a multiple of :data:`trainers.data.HELDOUT_EVERY`, so that each source keeps exactly its
 own held-out episodes (:func:`trainers.data.heldout_mask`) and the fidelity evaluator, run on the first source,
 holds out the same contexts as before. ``meta.json`` is the first source's, with a ``merged_from`` list naming
-every source, its collector and its episode offset.
+every source, its collector, its episode offset and its row count. Unreadable chunks are skipped with a warning,
+as :meth:`trainers.data.EpisodeStore.load` does.
 
 The output is written into a temporary sibling directory and renamed into place at the end, so a killed merge
 leaves no half-written store.
@@ -14,14 +15,13 @@ leaves no half-written store.
 from __future__ import annotations
 
 import shutil
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from trainers.common import ArgError, arg, check_out_dir, run_cli
-from trainers.data import FIELDS, HELDOUT_EVERY, EpisodeStore
+from trainers.data import HELDOUT_EVERY, EpisodeStore
 
 #: meta fields that must agree between merged stores (frames and actions must mean the same thing)
 SAME = ("game", "action_meanings", "protocol", "format_version")
@@ -34,14 +34,10 @@ class Args:
     out: str = arg(help="the merged store's directory (new or empty)")
 
 
-def episode_offsets(max_episode: list[int]) -> list[int]:
-    """Episode-id offset of each source: the first 0, each next one the smallest multiple of ``HELDOUT_EVERY``
-    past every id so far. ``max_episode``: the largest episode id of each source (−1 when empty)."""
-    offsets, end = [], 0
-    for m in max_episode:
-        offsets.append(end)
-        end = -(-(end + m + 1) // HELDOUT_EVERY) * HELDOUT_EVERY
-    return offsets
+def next_offset(offset: int, highest: int) -> int:
+    """The episode-id offset of the next source: the smallest multiple of ``HELDOUT_EVERY`` past every id so far
+    (``offset``: this source's offset, ``highest``: its largest episode id, −1 when empty)."""
+    return -(-(offset + highest + 1) // HELDOUT_EVERY) * HELDOUT_EVERY
 
 
 def merge_stores(sources: list[str | Path], out: str | Path) -> dict:
@@ -62,33 +58,33 @@ def merge_stores(sources: list[str | Path], out: str | Path) -> dict:
         for s, m in zip(sources[1:], metas[1:]):
             if m.get(k) != metas[0].get(k):
                 raise ValueError(f"{k}: expected {metas[0].get(k)!r} (as in {sources[0]}), got {m.get(k)!r} in {s}")
-    highest = []
-    for s in sources:
-        eps = [np.load(p, allow_pickle=False)["episode"] for p in EpisodeStore(s).chunk_paths()]
-        highest.append(int(max((e.max() for e in eps if len(e)), default=-1)))
-    offsets = episode_offsets(highest)
     out = Path(out)
     tmp = out.parent / f".{out.name}.merging"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "chunks").mkdir(parents=True)
-    index = 0
-    for s, off in zip(sources, offsets):
-        for path in EpisodeStore(s).chunk_paths():
-            try:
-                with np.load(path, allow_pickle=False) as z:
-                    part = {k: z[k] for k in FIELDS}
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-                continue  # EpisodeStore.load skips (and names) unreadable chunks the same way
-            part["episode"] = part["episode"] + off
-            np.savez_compressed(tmp / "chunks" / f"chunk-{index:08d}.npz", **part)
-            index += 1
-    meta = {k: v for k, v in metas[0].items() if k != "format_version"}
-    meta["merged_from"] = [{"store": str(s), "episode_offset": off, "collector": m.get("collector")}
-                           for s, off, m in zip(sources, offsets, metas)]
-    EpisodeStore(tmp).write_meta(**meta)
-    if out.exists():
-        out.rmdir()  # empty (checked by the CLI), replaced by the finished merge
-    tmp.rename(out)
+    try:
+        index, offset, merged_from = 0, 0, []
+        for s, m in zip(sources, metas):  # one pass: a source's offset only needs the previous sources' ids
+            rows, highest = 0, -1
+            for part in map(EpisodeStore.read_chunk, EpisodeStore(s).chunk_paths()):
+                if part is None or not len(part["step"]):
+                    continue
+                highest = max(highest, int(part["episode"].max()))
+                rows += len(part["step"])
+                part["episode"] = part["episode"] + offset
+                np.savez_compressed(tmp / "chunks" / f"chunk-{index:08d}.npz", **part)
+                index += 1
+            merged_from.append({"store": str(s), "episode_offset": offset, "rows": rows,
+                                "collector": m.get("collector")})
+            offset = next_offset(offset, highest)
+        meta = {k: v for k, v in metas[0].items() if k != "format_version"}
+        EpisodeStore(tmp).write_meta(**meta, merged_from=merged_from)
+        if out.exists():
+            out.rmdir()  # empty (checked by the CLI), replaced by the finished merge
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
+        raise
     return EpisodeStore(out).read_meta()
 
 
@@ -101,7 +97,7 @@ def main(args: Args) -> int:
         meta = merge_stores(args.sources, args.out)
     except ValueError as e:
         raise ArgError("sources", str(e)) from None
-    rows = len(EpisodeStore(args.out).load()["step"])
+    rows = sum(m["rows"] for m in meta["merged_from"])
     offs = ", ".join(f"{m['store']} +{m['episode_offset']}" for m in meta["merged_from"])
     print(f"merge-stores: {args.out} holds {rows} rows from {len(args.sources)} stores (episode offsets: {offs})")
     return 0
