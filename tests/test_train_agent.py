@@ -203,6 +203,8 @@ def test_sigterm_checkpoints_exits_143_and_resumes(bundle, tmp_path):
     (["--world-model", "DiTWM/Nope-v0"], "--world-model"),
     (["--device", "cuda:7"], "--device"),
     (["--lr", "0"], "--lr"),
+    (["--gamma", "1.5"], "--gamma"),
+    (["--entropy-coef", "-1"], "--entropy-coef"),
     (["--temperature", "-1"], "--temperature"),
 ])
 def test_bad_arguments_exit_2_and_write_nothing(bundle, tmp_path, capsys, argv, field):
@@ -228,6 +230,9 @@ def test_resume_with_other_world_model_is_refused(bundle, tmp_path, capsys):
     assert cli.main(["train-agent", "--world-model", str(bundle), "--steps", "4", "--init", "scratch", "--resume",
                      "--temperature", "0.5", "--out", str(tmp_path / "r")]) == 2
     assert "error: --temperature: expected None (the run being resumed), got 0.5" in capsys.readouterr().err
+    assert cli.main(["train-agent", "--world-model", str(bundle), "--steps", "4", "--init", "scratch", "--resume",
+                     "--gamma", "0.99", "--out", str(tmp_path / "r")]) == 2
+    assert "error: --gamma: expected 0.997 (the run being resumed), got 0.99" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == before
 
 

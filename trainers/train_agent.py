@@ -61,6 +61,9 @@ class Args:
     temperature: float | None = arg(None, "sampling temperature: std of the initial noise (default: the "
                                           "bundle's; DiT models only)")
     lr: float = arg(3e-5, "Adam learning rate of actor and critic (DreamerV3: 3e-5)")
+    gamma: float = arg(0.997, "discount of the λ-returns (DreamerV3: 0.997, a 333-step horizon)")
+    entropy_coef: float = arg(3e-4, "entropy bonus η of the actor loss (DreamerV3: 3e-4, on advantages divided "
+                                    "by max(1, return range))")
     hidden: int = arg(256, "scratch only: MLP width of actor and critic (stage 1's default)")
     device: str = arg("cpu", "torch device of world model and agent (cpu, cuda, auto)")
     seed: int = arg(0, "seed of envs, policy sampling and (scratch) initialisation")
@@ -127,6 +130,10 @@ def prepare(args: Args) -> Setup:
             raise ArgError(name, f"expected an integer >= 0, got {getattr(args, name)}")
     if not args.lr > 0:
         raise ArgError("lr", f"expected a learning rate > 0, got {args.lr}")
+    if not 0.0 < args.gamma <= 1.0:
+        raise ArgError("gamma", f"expected a discount in (0, 1], got {args.gamma}")
+    if not args.entropy_coef >= 0:
+        raise ArgError("entropy_coef", f"expected a number >= 0, got {args.entropy_coef}")
     check_temperature(args.temperature)
     dev = pick_device(args.device)
     out = check_out_dir(args.out, args.resume)
@@ -136,8 +143,8 @@ def prepare(args: Args) -> Setup:
             _, meta = load_checkpoint(out)
         except FileNotFoundError as e:
             raise ArgError("out", f"expected a readable checkpoint to resume, got {e}") from None
-        for name in ("world_model", "init", "hidden", "temperature"):  # temperature: absent in older runs
-            if meta["args"].get(name) != getattr(args, name):
+        for name in ("world_model", "init", "hidden", "temperature", "gamma", "entropy_coef"):  # older runs: default
+            if meta["args"].get(name, Args.__dataclass_fields__[name].default) != getattr(args, name):
                 raise ArgError(name, f"expected {meta['args'].get(name)!r} (the run being resumed), "
                                      f"got {getattr(args, name)!r}")
     try:
@@ -157,7 +164,8 @@ def prepare(args: Args) -> Setup:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
             ac = ActorCritic(AgentConfig(obs_dim=k_env * d_z, num_actions=n_act, hidden=args.hidden,
-                                         horizon=args.horizon, lr=args.lr))
+                                         horizon=args.horizon, lr=args.lr, gamma=args.gamma,
+                                         entropy_coef=args.entropy_coef))
         k, init = k_env, "scratch"
     else:
         try:
@@ -172,7 +180,8 @@ def prepare(args: Args) -> Setup:
             raise ArgError("init", f"expected a stage-1 agent of {bundle.config['game']!r} (the world model's "
                                    f"game), got one of {meta['game']!r}")
         _warn_if_other_encoder(init_dir, bundle.model)
-        ac.config = dataclasses.replace(cfg, horizon=args.horizon, lr=args.lr)
+        ac.config = dataclasses.replace(cfg, horizon=args.horizon, lr=args.lr, gamma=args.gamma,
+                                        entropy_coef=args.entropy_coef)
         init = f"stage1:{init_dir}"
     return Setup(envs, ac.to(dev).train(), k, init, bundle.config["game"], list(bundle.config["action_meanings"]),
                  dev)
