@@ -86,27 +86,34 @@ def bounce_rate(model, frames: np.ndarray, actions: np.ndarray, ball_col: np.nda
         for j in range(1, lead + tail + 1):
             state, z_next, _, _ = model.step(state, torch.from_numpy(actions[end + j]), generator=gen)
             imagined.append(model.decode(z_next).cpu().numpy())
-        seq = np.stack(imagined, axis=1)  # (B, lead+tail, 3, 64, 64)
-        for b in range(len(end)):
-            cols = np.concatenate([ball_col[end[b] - 1:end[b] + 1], locate_pong_objects(seq[b]).ball[:, 1]])
-            hits += bool(ball_reversals(cols)[0].any())
+        hits += count_bounces(np.stack(imagined, axis=1), ball_col, end)  # (B, lead+tail, 3, 64, 64)
     return hits / len(events)
+
+
+def count_bounces(seq: np.ndarray, ball_col: np.ndarray, end: np.ndarray) -> int:
+    """How many of the ``B`` future frame sequences ``seq`` uint8 ``(B, L, 3, 64, 64)`` turn the ball round at the
+    agent's side, each preceded by the real ball columns of its last two context rows ``end[b] − 1, end[b]``."""
+    hits = 0
+    for b in range(len(end)):
+        cols = np.concatenate([ball_col[end[b] - 1:end[b] + 1], locate_pong_objects(seq[b]).ball[:, 1]])
+        hits += bool(ball_reversals(cols)[0].any())
+    return hits
 
 
 @torch.no_grad()
 def ceiling_rate(model, frames: np.ndarray, ball_col: np.ndarray, events: np.ndarray, *, lead: int,
-                 tail: int = 3) -> float:
+                 tail: int = 3, batch: int = 64) -> float:
     """The same fraction as :func:`bounce_rate` for a perfect dynamics model: the real future frames passed through
     the world model's frozen autoencoder (``decode(encode(x))``), so a bounce lost here is lost to the decoder or to
     the ball detector, not to the dynamics. NaN without events."""
     if len(events) == 0:
         return float("nan")
-    hits = 0
-    for e in events:
-        end = e - lead
-        rec = model.decode(model.encode(torch.from_numpy(frames[end + 1:end + lead + tail + 1]))).cpu().numpy()
-        cols = np.concatenate([ball_col[end - 1:end + 1], locate_pong_objects(rec).ball[:, 1]])
-        hits += bool(ball_reversals(cols)[0].any())
+    hits, steps = 0, lead + tail
+    for i in range(0, len(events), batch):
+        end = events[i:i + batch] - lead  # (B,) last context row
+        rows = (end[:, None] + np.arange(1, steps + 1)[None]).reshape(-1)  # (B·(lead+tail),)
+        rec = model.decode(model.encode(torch.from_numpy(frames[rows]))).cpu().numpy()
+        hits += count_bounces(rec.reshape(len(end), steps, *rec.shape[1:]), ball_col, end)
     return hits / len(events)
 
 
