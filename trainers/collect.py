@@ -117,11 +117,12 @@ def main(args: Args) -> int:
     t0, start_steps = time.perf_counter(), done_steps
     bar = tqdm(total=args.steps, initial=done_steps, unit="step", desc=f"collect {args.game}",
                disable=not sys.stderr.isatty())
+    meanings = list(env.action_meanings)
     try:
         while done_steps < args.steps and stop["signal"] is None:
-            action = rng.integers(0, len(env.action_meanings), size=n)
+            action = rng.integers(0, len(meanings), size=n)
             if args.agent == "track":
-                tracked = track_actions(obs, list(env.action_meanings), rng)
+                tracked = track_actions(obs, meanings, rng)
                 action = np.where(rng.random(n) < args.epsilon, action, tracked)
             nxt, reward, term, trunc, info = env.step(action)
             done = term | trunc
