@@ -10,9 +10,9 @@ policy plays ``--eval-episodes`` real games through the world model's own frozen
 bundle (``rssm:STAGE1_DIR``) or a DiT — so the RSSM → DiT swap is measured with everything else equal.
 
 Step sizes. ``--lr``, ``--gamma`` and ``--entropy-coef`` default to DreamerV3's (3e-5, 0.997, 3e-4), tuned for
-long GPU runs. In a CPU budget on Pong (README, results) they learned nothing in 300 updates, lr 3e-4 collapsed the
-policy, and lr 1e-4, γ 0.99 (a 100-step horizon: Pong's points are decided within one rally) with η 3e-3 learned to
-return the ball within 2 000 updates of 64 envs.
+long GPU runs. In a CPU budget on Pong (README, results) they learned nothing in 300 updates; lr 3e-4 with η 3e-4
+learned nothing in 600 updates (γ 0.997) or collapsed the policy (γ 0.99); lr 1e-4, γ 0.99 (a 100-step horizon:
+Pong's points are decided within one rally) with η 3e-3 learned to return the ball within 2 000 updates of 64 envs.
 
 Outputs in ``--out``: ``metrics.jsonl`` (train records every 10 updates, ``eval_*`` records), ``curves.png``
 (real-game and imagined returns), ``ckpt/`` (atomic training state for ``--resume``), and at the end
