@@ -85,7 +85,7 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
     for f in fields:
         flag = "--" + f.name.replace("_", "-")
         tp = _base_type(hints[f.name])
-        help_ = f.metadata.get("help", "")
+        help_ = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
         required = f.metadata.get("required", False)
         default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
         if tp is bool:
@@ -96,7 +96,7 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
         else:
             choices = f.metadata.get("choices")
             p.add_argument(flag, type=tp, default=default, required=required, choices=choices,
-                           help=f"{help_} (default: {default})" if not required else help_)
+                           help=f"{help_} (default: {str(default).replace('%', '%%')})" if not required else help_)
     return p
 
 
