@@ -52,6 +52,19 @@ def test_merge_keeps_rows_splits_and_provenance(two_stores, tmp_path, capsys):
     assert not list(tmp_path.glob(".*merging"))
 
 
+def test_a_merged_store_merges_again_with_nested_provenance(two_stores, tmp_path):
+    a, b = two_stores
+    assert ditwm.main(["merge-stores", "--sources", str(a), str(b), "--out", str(tmp_path / "ab")]) == 0
+    assert ditwm.main(["merge-stores", "--sources", str(tmp_path / "ab"), str(b), "--out", str(tmp_path / "abb")]) == 0
+    meta = EpisodeStore(tmp_path / "abb").read_meta()
+    outer = meta["merged_from"]
+    assert [m["store"] for m in outer] == [str(tmp_path / "ab"), str(b)] and "merged_from" not in outer[1]
+    assert [m["store"] for m in outer[0]["merged_from"]] == [str(a), str(b)]
+    dab, dabb = (EpisodeStore(tmp_path / p).load() for p in ("ab", "abb"))
+    assert len(dabb["step"]) == len(dab["step"]) + len(EpisodeStore(b).load()["step"])
+    assert len(np.unique(dabb["episode"])) == len(np.unique(dab["episode"])) + 3
+
+
 def test_merge_refuses_other_games_and_non_stores(two_stores, tmp_path, capsys):
     a, b = two_stores
     other = tmp_path / "other"

@@ -165,6 +165,7 @@ def test_replicas_equal_detects_any_difference(differ):
     (["--clean-context", "1.5"], "--clean-context"),
     (["--stage1", "/nonexistent"], "--stage1"),
     (["--rollout-steps", "100000"], "--data"),
+    (["--init", "/nonexistent"], "--init"),
 ])
 def test_bad_arguments_exit_2_and_write_nothing(store, tmp_path, capsys, extra, field):
     from trainers import cli
@@ -175,6 +176,30 @@ def test_bad_arguments_exit_2_and_write_nothing(store, tmp_path, capsys, extra, 
     assert field in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     assert sorted(p.name for p in store.iterdir()) == before
+
+
+def test_init_fine_tunes_from_an_earlier_run(store, tmp_path, capsys):
+    from trainers import cli
+
+    assert run(store, tmp_path / "base", 6) == 0
+    base, _ = load_checkpoint(tmp_path / "base")
+    # A vanishing learning rate: the fine-tuned weights and their EMA stay the base run's EMA weights.
+    assert run(store, tmp_path / "ft", 3, init=str(tmp_path / "base"), lr=1e-12, weight_decay=0.0) == 0
+    assert f"from {tmp_path / 'base'}" in capsys.readouterr().out
+    ft, meta = load_checkpoint(tmp_path / "ft")
+    assert meta["step"] == 3 and meta["args"]["init"] == str(tmp_path / "base")
+    assert torch.equal(ft["latent_mean"], base["latent_mean"]) and torch.equal(ft["latent_std"], base["latent_std"])
+    ema_keys = [k for k in base if k.startswith("ema.")]
+    assert ema_keys
+    for k in ema_keys:
+        assert torch.allclose(ft["net." + k[4:]], base[k], atol=1e-6), k
+        assert torch.allclose(ft[k], base[k], atol=1e-6), k
+    # Another preset or K than the --init run's is refused before anything is written.
+    for extra, field in ((["--preset", "S"], "--preset"), (["--context-len", "3"], "--context-len")):
+        argv = ["pretrain", "--data", str(store), "--out", str(tmp_path / "bad"), "--steps", "2",
+                "--init", str(tmp_path / "base"), *flags(**{**TINY, "preset": "tiny"}), *extra]
+        assert cli.main(argv) == 2
+        assert field in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_bad_store_and_non_empty_out(tmp_path, capsys):

@@ -169,6 +169,13 @@ def test_stage1_init_on_rssm_and_dit(stage1_out, bundle, tmp_path, capsys):
     assert run(bundle, tmp_path / "dit", 2, init=f"stage1:{stage1_out}") == 0
     assert "autoencoder" in capsys.readouterr().err
     assert load_agent(tmp_path / "dit")[1]["init"] == f"stage1:{s1}"
+    # policy:DIR continues a train-agent run (here in the same bundle; a vanishing step keeps its actor).
+    assert run(bundle, tmp_path / "cont", 1, init=f"policy:{tmp_path / 'dit'}", lr=1e-12, eval_every=0) == 0
+    ac2, meta2 = load_agent(tmp_path / "cont")
+    assert meta2["init"] == f"policy:{tmp_path / 'dit'}" and meta2["updates"] == 1
+    for (k, v0), v1 in zip(load_agent(tmp_path / "dit")[0].actor.state_dict().items(),
+                           ac2.actor.state_dict().values()):
+        assert torch.allclose(v0, v1, atol=1e-6), k
     # The stage-1 policy itself on the real game, through its own autoencoder (default --encoder).
     assert cli.main(["evaluate", "agent", "--policy", str(stage1_out), "--episodes", "2", "--max-steps", "5"]) == 0
     assert json.loads((s1 / "eval_real.json").read_text())["lengths"] == [5, 5]
@@ -262,6 +269,39 @@ def test_evaluate_agent_cli(bundle, tmp_path, capsys):
     assert cli.main(["evaluate", "agent", "--policy", str(tmp_path / "p"), "--encoder", str(tmp_path / "nothing"),
                      "--episodes", "1"]) == 2
     assert "--encoder" in capsys.readouterr().err
+
+
+def test_collect_with_a_trained_policy_replays_its_sampled_actions(bundle, tmp_path, capsys):
+    """`ditwm collect --agent policy`: every stored action is the policy's sample on the stack of the latents of
+    the frames stored before it (same generator), so the store is the data of that policy."""
+    from dit_envs.bundle import load_bundle
+    from trainers.data import EpisodeStore
+    from trainers.policy import LatentStack
+
+    assert run(bundle, tmp_path / "p", 1, eval_every=0) == 0
+    out = tmp_path / "store"
+    assert cli.main(["collect", "--agent", "policy", "--policy", str(tmp_path / "p"), "--epsilon", "0",
+                     "--steps", "60", "--num-envs", "2", "--seed", "4", "--out", str(out)]) == 0
+    store = EpisodeStore(out)
+    assert store.read_meta()["collector"]["policy"] == str(tmp_path / "p")
+    d = store.load()
+    assert sorted(np.unique(d["episode"])) == [0, 1]  # 30 steps: no real Pong episode ends
+    obs = np.stack([d["obs"][d["episode"] == i] for i in (0, 1)], 1)  # (31, 2, 3, 64, 64)
+    acts = np.stack([d["action"][d["episode"] == i] for i in (0, 1)], 1)[1:]
+    encoder = load_bundle(bundle).model
+    ac, _ = load_agent(tmp_path / "p")
+    gen, stack = torch.Generator().manual_seed(4), LatentStack(2, 4, 32)
+    with torch.no_grad():
+        stack.reset(encoder.encode(torch.from_numpy(obs[0])))
+        for t in range(30):
+            assert acts[t].tolist() == ac.actor.act(stack.flat(), gen, greedy=False).tolist(), t
+            stack.push(encoder.encode(torch.from_numpy(obs[t + 1])))
+    # Bad input: no --policy, or one that does not load; exit 2 naming the flag, nothing written.
+    for argv in ([], ["--policy", str(tmp_path / "none")]):
+        assert cli.main(["collect", "--agent", "policy", *argv, "--steps", "8", "--out", str(tmp_path / "x")]) == 2
+        assert "--policy" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert cli.main(["collect", "--policy", str(tmp_path / "p"), "--steps", "8", "--out", str(tmp_path / "x")]) == 2
+    assert "--policy" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 # ---- the SB3 example ----------------------------------------------------------------------------------------

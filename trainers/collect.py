@@ -4,7 +4,11 @@
 moves the agent's paddle towards the ball (:func:`trainers.pong_objects.track_actions`) and plays a uniformly random
 action instead with probability ``--epsilon``: scripted exploration that shows the world model what a weak stage-1
 agent rarely does (the paddle returning the ball; our 100k-step stage-1 store holds 193 returns); ``--agent rssm``
-(stage 1) trains the DreamerV3-style agent online while it collects. Every transition goes to the store
+(stage 1) trains the DreamerV3-style agent online while it collects; ``--agent policy --policy DIR`` plays a trained
+latent-stack policy (a ``ditwm train-agent`` run, sampled actions, a random one with probability ``--epsilon``) on
+the latents of its frozen encoder: the data of a DIAMOND-style alternation (Alonso et al. 2024: collect with the
+current agent, fine-tune the world model with ``ditwm pretrain --init``, train the agent on in imagination again),
+which shows the model the states where its imagination and the real game part. Every transition goes to the store
 (:mod:`trainers.data`). SIGINT/SIGTERM flush what is buffered and exit (143 for SIGTERM, 130 for SIGINT); ``--resume`` continues
 an interrupted store with new episodes until ``--steps`` transitions are stored.
 """
@@ -23,7 +27,7 @@ from trainers.common import ArgError, arg, catch_stop_signals, check_out_dir, pi
 from trainers.data import EpisodeStore
 from trainers.pong_objects import track_actions
 
-AGENTS = ("random", "track", "rssm")
+AGENTS = ("random", "track", "rssm", "policy")
 
 
 @dataclass(kw_only=True)
@@ -31,8 +35,11 @@ class Args:
     game: str = arg("Pong", "Atari game name, as in ALE/<Game>-v5")
     agent: str = arg("random", "who plays: 'random' (uniform over the minimal action set), 'track' (Pong: follow "
                                "the ball, a random action with probability --epsilon) or 'rssm' (stage 1: "
-                               "DreamerV3-style agent learning while it collects)", choices=AGENTS)
-    epsilon: float = arg(0.25, "track: probability of a uniformly random action instead of the tracking one")
+                               "DreamerV3-style agent learning while it collects) or 'policy' (a trained --policy)", choices=AGENTS)
+    epsilon: float = arg(0.25, "track, policy: probability of a uniformly random action instead of the agent's")
+    policy: str = arg("", "policy: the policy directory (agent.safetensors + agent.json, e.g. a train-agent --out)")
+    encoder: str = arg("", "policy: its frozen encoder (bundle dir / env id / stage-1 dir; default: the world model "
+                           "recorded in its agent.json)")
     steps: int = arg(help="number of real env transitions to store in total (all envs together)")
     out: str = arg(help="episode store directory (new or empty unless --resume)")
     num_envs: int = arg(8, "parallel real games")
@@ -62,8 +69,11 @@ def validate(args: Args) -> None:
     if args.agent == "track" and args.game != "Pong":
         raise ArgError("agent", f"expected 'random' or 'rssm' for game {args.game!r} ('track' plays Pong only), "
                                 f"got 'track'")
-    if args.agent == "rssm":
+    if args.agent in ("rssm", "policy"):
         pick_device(args.device)
+    if (args.agent == "policy") != bool(args.policy):
+        raise ArgError("policy", f"expected a policy directory with --agent policy and none otherwise, got "
+                                 f"{args.policy!r} with --agent {args.agent}")
     for name in ("steps", "num_envs", "chunk_rows", "prefill", "ae_steps", "train_every", "checkpoint_every"):
         if getattr(args, name) <= 0:
             raise ArgError(name, f"expected an integer > 0, got {getattr(args, name)}")
@@ -81,6 +91,47 @@ def validate(args: Args) -> None:
                                    f"got {args.game!r}")
 
 
+class _PolicyAgent:
+    """A trained latent-stack policy on the real game: frozen encoder → rolling stack of ``K`` latents → actor.
+
+    Actions are sampled from the policy (seeded by ``--seed``), not greedy: collection explores.
+    Raises:
+        ArgError: naming ``policy``, ``encoder`` or ``game`` (:func:`trainers.evaluate_agent.load_latent_policy`).
+    """
+
+    def __init__(self, args: Args) -> None:
+        import torch
+
+        from trainers.evaluate_agent import load_latent_policy
+        from trainers.policy import LatentStack
+
+        self.torch, self.dev = torch, pick_device(args.device)
+        self.encoder, self.actor, k, _, _ = load_latent_policy(args.policy, args.encoder, args.game, self.dev)
+        d_z = int(self.encoder.encode(torch.zeros(1, 3, 64, 64, dtype=torch.uint8, device=self.dev)).shape[1])
+        self.stack = LatentStack(args.num_envs, k, d_z, self.dev)
+        self.gen = torch.Generator(device=self.dev).manual_seed(args.seed)
+
+    def _encode(self, frames: np.ndarray):
+        with self.torch.no_grad():
+            return self.encoder.encode(self.torch.as_tensor(frames, device=self.dev))
+
+    def reset(self, obs: np.ndarray, mask: np.ndarray) -> None:
+        """Fill the stacks of the envs in ``mask`` with their first frame (uint8 ``(N, 3, 64, 64)``)."""
+        self.stack.reset(self._encode(obs[mask]), mask)
+
+    def observe(self, obs: np.ndarray, done: np.ndarray) -> None:
+        """Push the frames after a step; envs that autoreset (``done``) restart their stack on the new episode."""
+        z = self._encode(obs)
+        self.stack.push(z)
+        if done.any():
+            self.stack.reset(z[self.torch.as_tensor(done, device=self.dev)], done)
+
+    def act(self) -> np.ndarray:
+        """Sampled actions, int64 ``(N,)``."""
+        with self.torch.no_grad():
+            return self.actor.act(self.stack.flat(), self.gen, greedy=False).cpu().numpy()
+
+
 def _existing(store: EpisodeStore) -> tuple[int, int]:
     """(stored transitions, next free episode id) of a store being resumed."""
     data = store.load()
@@ -96,6 +147,7 @@ def main(args: Args) -> int:
         from trainers.stage1_cli import run_rssm
 
         return run_rssm(args)
+    policy = _PolicyAgent(args) if args.agent == "policy" else None
     out = Path(args.out)
     store = EpisodeStore(out, chunk_rows=args.chunk_rows)
     env = make_real_env(args.game, args.num_envs)
@@ -105,6 +157,8 @@ def main(args: Args) -> int:
     n = args.num_envs
     rng = np.random.default_rng([args.seed, next_ep])  # a resumed run draws fresh actions
     obs, _ = env.reset(seed=args.seed + next_ep)
+    if policy is not None:
+        policy.reset(obs, np.ones(args.num_envs, bool))
     episode = np.arange(next_ep, next_ep + n, dtype=np.int64)
     next_ep += n
     step = np.zeros(n, np.int64)
@@ -124,6 +178,8 @@ def main(args: Args) -> int:
             if args.agent == "track":
                 tracked = track_actions(obs, meanings, rng)
                 action = np.where(rng.random(n) < args.epsilon, action, tracked)
+            elif policy is not None:
+                action = np.where(rng.random(n) < args.epsilon, action, policy.act())
             nxt, reward, term, trunc, info = env.step(action)
             done = term | trunc
             last_iter = done_steps + n >= args.steps
@@ -133,6 +189,8 @@ def main(args: Args) -> int:
             store.add(obs=frame, action=action, reward=reward, terminated=term,
                       truncated=trunc | (last_iter & ~done), episode=episode, step=step + 1)
             step += 1
+            if policy is not None:
+                policy.observe(nxt, done)
             if done.any():
                 k = int(done.sum())
                 episode[done] = np.arange(next_ep, next_ep + k)

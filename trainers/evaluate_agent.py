@@ -57,10 +57,51 @@ def _default_encoder(policy_dir: Path, meta: dict) -> str:
                               f"got none")
 
 
+def load_latent_policy(policy: str, encoder: str = "", game: str = "",
+                       device: str | torch.device = "cpu") -> tuple[object, torch.nn.Module, int, str, Path]:
+    """Load a trained latent-stack policy and the frozen encoder it reads.
+
+    Args:
+        policy: a policy directory (``agent.safetensors`` + ``agent.json``; a ``ditwm collect --agent rssm`` OUT
+            is accepted for its ``stage1/``). encoder: a bundle dir / env id / ``rssm:STAGE1_DIR`` / stage-1 dir,
+            or "" for the policy dir's own autoencoder, else the world model recorded in its ``agent.json``.
+        game: the game the caller expects, or "" for any.
+    Returns:
+        ``(encoder with encode(uint8 (N,3,64,64)) -> float32 (N, d_z), actor with act(obs (N, K·d_z), generator,
+        greedy) -> int64 (N,), K, game, policy_dir)``.
+    Raises:
+        ArgError: naming ``policy``, ``encoder`` or ``game`` (unloadable, or latents / game that do not fit).
+    """
+    from trainers.agent_io import load_agent, load_encoder
+
+    policy_dir = Path(policy)
+    if not (policy_dir / "agent.json").is_file() and (policy_dir / "stage1" / "agent.json").is_file():
+        policy_dir = policy_dir / "stage1"  # a `ditwm collect --agent rssm` OUT directory
+    try:
+        ac, meta = load_agent(policy_dir, device)
+    except (FileNotFoundError, ValueError) as e:
+        raise ArgError("policy", f"expected a policy directory or 'random', got {policy!r}: {e}") from None
+    own, k = meta.get("game", "Pong"), int(meta["context_len"])
+    if game and game != own:
+        raise ArgError("game", f"expected {own!r} (the policy's game) or nothing, got {game!r}")
+    game = own
+    spec = encoder or _default_encoder(policy_dir, meta)
+    try:
+        enc, d_z, enc_game = load_encoder(spec, device)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+        raise ArgError("encoder", f"expected a bundle or stage-1 dir, got {spec!r}: {e.args[0] if e.args else e}"
+                       ) from None
+    if k * d_z != ac.config.obs_dim:
+        raise ArgError("encoder", f"expected latents of d_z={ac.config.obs_dim // k} (policy obs_dim "
+                                  f"{ac.config.obs_dim} = K {k} x d_z), got d_z={d_z} from {spec!r}")
+    if enc_game is not None and enc_game != game:
+        raise ArgError("encoder", f"expected an encoder of {game!r} (the policy's game), got one of {enc_game!r}")
+    return enc, ac.actor, k, game, policy_dir
+
+
 def setup(args: Args, dev: torch.device):
     """Validate and load → ``(encoder, actor, K, game, policy_dir or None)``. Raises :class:`ArgError` (names it)."""
     from dit_envs.envs.real import action_meanings, rom_id
-    from trainers.agent_io import load_agent, load_encoder
 
     if args.episodes < 1:
         raise ArgError("episodes", f"expected an integer >= 1, got {args.episodes}")
@@ -73,28 +114,7 @@ def setup(args: Args, dev: torch.device):
         except ValueError as e:
             raise ArgError("game", str(e).removeprefix("game: ")) from None
         return NullEncoder(), RandomPolicy(len(action_meanings(game))), 1, game, None
-    policy_dir = Path(args.policy)
-    if not (policy_dir / "agent.json").is_file() and (policy_dir / "stage1" / "agent.json").is_file():
-        policy_dir = policy_dir / "stage1"  # a `ditwm collect --agent rssm` OUT directory
-    try:
-        ac, meta = load_agent(policy_dir, dev)
-    except (FileNotFoundError, ValueError) as e:
-        raise ArgError("policy", f"expected a policy directory or 'random', got {args.policy!r}: {e}") from None
-    game, k = meta.get("game", "Pong"), int(meta["context_len"])
-    if args.game and args.game != game:
-        raise ArgError("game", f"expected {game!r} (the policy's game) or nothing, got {args.game!r}")
-    spec = args.encoder or _default_encoder(policy_dir, meta)
-    try:
-        encoder, d_z, enc_game = load_encoder(spec, dev)
-    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
-        raise ArgError("encoder", f"expected a bundle or stage-1 dir, got {spec!r}: {e.args[0] if e.args else e}"
-                       ) from None
-    if k * d_z != ac.config.obs_dim:
-        raise ArgError("encoder", f"expected latents of d_z={ac.config.obs_dim // k} (policy obs_dim "
-                                  f"{ac.config.obs_dim} = K {k} x d_z), got d_z={d_z} from {spec!r}")
-    if enc_game is not None and enc_game != game:
-        raise ArgError("encoder", f"expected an encoder of {game!r} (the policy's game), got one of {enc_game!r}")
-    return encoder, ac.actor, k, game, policy_dir
+    return load_latent_policy(args.policy, args.encoder, args.game, dev)
 
 
 def main(args: Args) -> int:

@@ -62,6 +62,9 @@ class Args(LoopArgs):
     stage1: str = arg("", "stage-1 artifacts (autoencoder.json + autoencoder.safetensors); '' = DATA/stage1")
     out: str = arg(help="output directory: ckpt/, metrics.jsonl, bundle/ (new or empty unless --resume)")
     steps: int = arg(help="optimiser steps in total")
+    init: str = arg("", "fine-tune: start from the EMA weights and latent standardisation of an earlier pretrain "
+                        "OUT (its ckpt; same encoder, preset and K), with a fresh optimiser and schedule ('': "
+                        "from scratch)")
     preset: str = arg("S", "DiT size preset", choices=tuple(DIT_PRESETS))
     batch: int = arg(32, "windows per step per process")
     lr: float = arg(6e-4, "peak learning rate (AdamW, linear warm-up then cosine decay to a tenth)")
@@ -100,6 +103,7 @@ class Setup:
     context_len: int
     seq_len: int
     window: int
+    init_state: tuple[dict, dict] | None = None
 
 
 def _positive(args: Args, names: tuple[str, ...], strict: bool = True) -> None:
@@ -168,7 +172,22 @@ def validate(args: Args) -> Setup:
             want = ck["args"]["preset"] if name == "preset" else ck.get("context_len")
             if want != have:
                 raise ArgError(name, f"expected {want!r} (the checkpoint's), got {have!r}")
-    return Setup(meta=meta, autoencoder=ae, encoder_sha256=sha, context_len=k, seq_len=seq_len, window=window)
+    init_state = None
+    if args.init:
+        try:
+            init_state = read_state(Path(args.init))
+        except FileNotFoundError as e:
+            raise ArgError("init", f"expected a pretrain output directory with a checkpoint, got {e}") from None
+        ck = init_state[1]
+        if ck.get("encoder_sha256") != sha:
+            raise ArgError("init", f"expected a run on this stage-1 autoencoder (sha256 {sha}), got one on "
+                                   f"{ck.get('encoder_sha256')}")
+        for name, have, want in (("preset", args.preset, ck["args"]["preset"]),
+                                 ("context_len", k, ck.get("context_len"))):
+            if want != have:
+                raise ArgError(name, f"expected {want!r} (the --init run's), got {have!r}")
+    return Setup(meta=meta, autoencoder=ae, encoder_sha256=sha, context_len=k, seq_len=seq_len, window=window,
+                 init_state=init_state)
 
 
 def main(args: Args) -> int:
@@ -203,6 +222,15 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     mean, std = torch.from_numpy(z64.mean(0)).float(), torch.from_numpy(z64.std(0)).float().clamp(min=1e-3)
     resume = args.resume and ((out / "ckpt").exists() or (out / "ckpt.prev").exists())
     state = read_state(out) if resume else None
+    if state is None and s.init_state is not None:  # fine-tuning: the EMA weights become the starting point
+        init_t, init_meta = s.init_state
+        if init_meta["configs"] != configs_meta(net):
+            raise ArgError("init", f"expected a run with this network config {configs_meta(net)}, got "
+                                   f"{init_meta['configs']}")
+        ema_w = {k[len("ema."):]: v for k, v in init_t.items() if k.startswith("ema.")}
+        net.load_state_dict(ema_w)
+        ema.load_state_dict(ema_w)
+        mean, std = init_t["latent_mean"], init_t["latent_std"]
     if state is not None:  # the model was trained with the checkpoint's standardisation: keep it
         mean, std = state[0]["latent_mean"], state[0]["latent_std"]
     windows = LatentWindows(train, s.window, mean=mean, std=std, num_actions=A, seed=[args.seed, d.rank], device=dev)
@@ -243,7 +271,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     if d.is_main:
         print(f"pretrain: DiT-{args.preset} {n_params / 1e6:.2f} M params, K {K}, d_z {ae.latent_dim}, {A} actions; "
               f"{summary['train_rows']} train / {summary['heldout_rows']} held-out rows; batch {args.batch} x "
-              f"{d.world_size} proc; {'resuming at step ' + str(step) if step else 'from scratch'}")
+              f"{d.world_size} proc; {'resuming at step ' + str(step) if step else 'from ' + args.init if args.init else 'from scratch'}")
 
     stop: dict[str, int | None] = {"sig": None}
     restore = catch_stop_signals(lambda signum: stop.__setitem__("sig", signum))

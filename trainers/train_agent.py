@@ -55,8 +55,9 @@ class Args:
     world_model: str = arg(help="DiTWM/<Game>-v<k>, a bundle directory or hf:// source, or rssm:STAGE1_DIR")
     steps: int = arg(help="actor-critic updates in total (each: --horizon batched steps of --num-envs envs)")
     out: str = arg(help="run directory (new or empty unless --resume)")
-    init: str = arg("auto", "stage1:DIR (start from the frozen stage-1 actor-critic), scratch, or auto (the "
-                            "stage-1 dir of an rssm: world model or of a bundle inside one)")
+    init: str = arg("auto", "stage1:DIR (start from the frozen stage-1 actor-critic), policy:DIR (from a policy "
+                            "directory, e.g. an earlier train-agent --out: continue it in another world model), "
+                            "scratch, or auto (the stage-1 dir of an rssm: world model or of a bundle inside one)")
     num_envs: int = arg(256, "parallel imagined envs")
     horizon: int = arg(15, "imagined steps per update (DreamerV3: 15)")
     eval_every: int = arg(100, "updates between real-game evaluations and checkpoints (0: only at the end)")
@@ -93,8 +94,8 @@ def _init_dir(args: Args) -> Path | None:
     """The stage-1 directory to start from, or None for ``scratch``. Raises :class:`ArgError` (``init``)."""
     if args.init == "scratch":
         return None
-    if args.init.startswith("stage1:"):
-        src = Path(args.init[len("stage1:"):])
+    if args.init.startswith(("stage1:", "policy:")):
+        src = Path(args.init.split(":", 1)[1])
     elif args.init == "auto":
         wm = args.world_model
         src = Path(wm[len("rssm:"):]) if wm.startswith("rssm:") else Path(wm).parent
@@ -102,7 +103,7 @@ def _init_dir(args: Args) -> Path | None:
             raise ArgError("init", f"expected stage1:DIR or scratch (no stage-1 agent next to the world model "
                                    f"{wm!r}), got 'auto'")
     else:
-        raise ArgError("init", f"expected stage1:DIR, scratch or auto, got {args.init!r}")
+        raise ArgError("init", f"expected stage1:DIR, policy:DIR, scratch or auto, got {args.init!r}")
     try:
         return stage1_dir(src)
     except FileNotFoundError as e:
@@ -181,15 +182,15 @@ def prepare(args: Args) -> Setup:
             raise ArgError("init", str(e)) from None
         k, cfg = int(meta["context_len"]), ac.config
         if cfg.num_actions != n_act or k * d_z != cfg.obs_dim or k > k_env:
-            raise ArgError("init", f"expected a stage-1 agent for {n_act} actions and K<={k_env} latents of "
+            raise ArgError("init", f"expected an agent for {n_act} actions and K<={k_env} latents of "
                                    f"d_z={d_z}, got num_actions={cfg.num_actions}, obs_dim={cfg.obs_dim}, K={k}")
         if meta.get("game", bundle.config["game"]) != bundle.config["game"]:
-            raise ArgError("init", f"expected a stage-1 agent of {bundle.config['game']!r} (the world model's "
+            raise ArgError("init", f"expected an agent of {bundle.config['game']!r} (the world model's "
                                    f"game), got one of {meta['game']!r}")
         _warn_if_other_encoder(init_dir, bundle.model)
         ac.config = dataclasses.replace(cfg, horizon=args.horizon, lr=args.lr, gamma=args.gamma,
                                         entropy_coef=args.entropy_coef)
-        init = f"stage1:{init_dir}"
+        init = f"{'policy' if args.init.startswith('policy:') else 'stage1'}:{init_dir}"
     return Setup(envs, ac.to(dev).train(), k, init, bundle.config["game"], list(bundle.config["action_meanings"]),
                  dev)
 
