@@ -6,7 +6,10 @@ trained in imagination lives in long closed-loop episodes instead. This script p
 steps: reward events won (+) and lost (−) and episode ends. ``--policy random`` plays uniform-random actions;
 ``--policy track`` moves the paddle towards the ball seen in the (imagined or real) frame
 (:func:`trainers.pong_objects.track_actions`), a competent policy whose returns and points the world model must
-reproduce for an agent to learn them. A world model that an agent can learn from reproduces these rates; one that
+reproduce for an agent to learn them. ``--policy DIR`` plays a trained latent-stack policy (a ``ditwm train-agent``
+run; sampled actions, as it trains): on the imagined game it reads the env's latent observations, on the real game
+the latents of its frozen encoder, so the two rows show how far the model's imagination of *that* agent's play is
+from the real game (an agent that exploits its model imagines fewer losses than it suffers). A world model that an agent can learn from reproduces these rates; one that
 under-produces the agent's wins gives a policy nothing to learn scoring from, and one that under-produces losses
 can be exploited.
 
@@ -15,6 +18,7 @@ Run::
     python examples/reward_rates.py                       # the bundled DiTWM/Pong-v0
     python examples/reward_rates.py --world-model runs/pipeline/distill/bundle --sampling-steps 1
     python examples/reward_rates.py --policy track        # ball-tracking play (pixel observations)
+    python examples/reward_rates.py --policy runs/agent --world-model runs/dit/bundle --sampling-steps 4
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout without install
 
@@ -33,13 +38,43 @@ from trainers.pong_objects import track_actions  # noqa: E402
 POLICIES = ("random", "track")
 
 
+class LatentPolicy:
+    """A trained latent-stack policy (``ditwm train-agent`` output) for :func:`play`: sampled actions int64 ``(N,)``.
+
+    Imagined envs give it their latent observations ``(N, K_env, d_z)`` (it reads the last ``K``); real envs give
+    uint8 frames ``(N, 3, 64, 64)``, which its frozen encoder turns into a rolling stack
+    (:class:`trainers.policy.StackedPolicy`, restarted at episode ends).
+    """
+
+    def __init__(self, policy_dir: str, encoder: str = "", seed: int = 0) -> None:
+        from trainers.evaluate_agent import load_latent_policy
+
+        self.encoder, self.actor, self.k, _, _ = load_latent_policy(policy_dir, encoder)
+        self.seed, self.gen, self.real = seed, torch.Generator().manual_seed(seed), None
+
+    @torch.no_grad()
+    def __call__(self, obs: np.ndarray, done: np.ndarray | None) -> np.ndarray:
+        from trainers.policy import StackedPolicy
+
+        if np.asarray(obs).dtype != np.uint8:  # imagined latents (N, K_env, d_z)
+            flat = torch.as_tensor(np.asarray(obs))[:, -self.k:].flatten(1).float()
+            return self.actor.act(flat, self.gen, greedy=False).numpy()
+        if self.real is None or done is None:
+            self.real = StackedPolicy(self.encoder, self.actor, len(obs), self.k, self.seed)
+            self.real.reset(obs)
+        else:
+            self.real.observe(obs, done)
+        return self.real.act()
+
+
 def play(envs: gym.vector.VectorEnv, steps: int, seed: int, policy: str = "random",
          action_meanings: list[str] | None = None) -> dict[str, float]:
     """Play ``policy`` for ``steps`` batched steps → events per 1000 env steps.
 
     Args:
         envs: a vector env with a discrete action space; pixel observations ``(N, 3, 64, 64)`` for ``"track"``.
-        policy: ``"random"`` (uniform actions) or ``"track"`` (:func:`~trainers.pong_objects.track_actions`).
+        policy: ``"random"`` (uniform actions), ``"track"`` (:func:`~trainers.pong_objects.track_actions`) or a
+            :class:`LatentPolicy`.
         action_meanings: the game's action names (needed by ``"track"``).
     Returns:
         ``{"wins", "losses", "episode_ends"}``: counts of reward > 0, reward < 0 and terminations, per 1000 env
@@ -47,18 +82,22 @@ def play(envs: gym.vector.VectorEnv, steps: int, seed: int, policy: str = "rando
     Raises:
         ValueError: an unknown ``policy``.
     """
-    if policy not in POLICIES:
-        raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
+    if not isinstance(policy, LatentPolicy) and policy not in POLICIES:
+        raise ValueError(f"policy: expected one of {POLICIES} or a LatentPolicy, got {policy!r}")
     rng = np.random.default_rng(seed)
     obs, _ = envs.reset(seed=seed)
     wins = losses = ends = 0
     n = envs.num_envs
+    done = None
     for _ in range(steps):
-        if policy == "track":
+        if isinstance(policy, LatentPolicy):
+            action = policy(obs, done)
+        elif policy == "track":
             action = track_actions(np.asarray(obs), action_meanings, rng)
         else:
             action = rng.integers(0, envs.single_action_space.n, n)
-        obs, reward, term, _, _ = envs.step(action)
+        obs, reward, term, trunc, _ = envs.step(action)
+        done = np.asarray(term) | np.asarray(trunc)
         wins += int((np.asarray(reward) > 0).sum())
         losses += int((np.asarray(reward) < 0).sum())
         ends += int(np.asarray(term).sum())
@@ -74,9 +113,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p.add_argument("--sampling-steps", type=int, default=0, help="denoising steps (0: the bundle's default)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the bundle's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--policy", choices=POLICIES, default="random",
-                   help="random: uniform actions; track: follow the ball (pixel observations)")
+    p.add_argument("--policy", default="random",
+                   help="random: uniform actions; track: follow the ball (pixel observations); or a policy "
+                        "directory (a train-agent run; latent observations)")
+    p.add_argument("--encoder", default="", help="policy DIR: its frozen encoder (default: its agent.json's)")
     a = p.parse_args(argv)
+    policy = a.policy
+    if policy not in POLICIES:
+        if not (Path(policy) / "agent.json").is_file():
+            p.error(f"--policy: expected random, track or a policy directory with agent.json, got {policy!r}")
+        policy = LatentPolicy(policy, a.encoder, a.seed)
     for name in ("num_envs", "steps"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(a, name)}")
@@ -92,9 +138,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         imagined = gym.make_vec("DiTWM/Pong-v0", checkpoint=a.world_model, **kw)
     game = imagined.bundle.config["game"]
     meanings = list(imagined.bundle.config["action_meanings"])
-    rates = {"imagined": play(imagined, a.steps, a.seed, a.policy, meanings)}
+    rates = {"imagined": play(imagined, a.steps, a.seed, policy, meanings)}
     real = dit_envs.make_real_env(game, num_envs=a.num_envs, seed=a.seed)
-    rates["real"] = play(real, a.steps, a.seed, a.policy, meanings)
+    rates["real"] = play(real, a.steps, a.seed, policy, meanings)
     real.close()
     imagined.close()
     print(f"{a.policy} play, {a.num_envs} games x {a.steps} steps, events per 1000 steps ({game}, {a.world_model}, "

@@ -28,6 +28,28 @@ def test_reward_rates_tiny(capsys):
 def test_reward_rates_bad_args():
     with pytest.raises(SystemExit):
         _load("reward_rates").main(["--steps", "0"])
+    with pytest.raises(SystemExit):
+        _load("reward_rates").main(["--policy", "/nonexistent"])
+
+
+def test_reward_rates_of_a_trained_policy(tiny_bundle, tmp_path, capsys):
+    """A train-agent policy plays the imagined game on latents and the real one through its encoder; its actions
+    are its own samples (the same generator draws the same actions on the same latents)."""
+    import torch
+
+    from trainers.train_agent import Args, main as train_agent
+
+    assert train_agent(Args(world_model=str(tiny_bundle), out=str(tmp_path / "p"), steps=1, init="scratch",
+                            num_envs=2, horizon=2, eval_every=0, eval_episodes=1, eval_max_steps=2)) == 0
+    mod = _load("reward_rates")
+    rates = mod.main(["--policy", str(tmp_path / "p"), "--world-model", str(tiny_bundle), "--num-envs", "2",
+                      "--steps", "20"])
+    assert set(rates) == {"imagined", "real"} and "events per 1000 steps" in capsys.readouterr().out
+    pol, ref = mod.LatentPolicy(str(tmp_path / "p"), seed=3), mod.LatentPolicy(str(tmp_path / "p"), seed=3)
+    z = torch.randn(5, 4, 32).numpy()
+    assert (pol(z, None) == ref.actor.act(torch.from_numpy(z).flatten(1), ref.gen, greedy=False).numpy()).all()
+    frames = np.zeros((2, 3, 64, 64), np.uint8)
+    assert pol(frames, None).shape == (2,) and pol.real.stack.stack.shape == (2, 4, 32)
 
 
 def test_ball_returns_finds_real_returns_and_scores_a_model(tiny_stage1_store, tiny_bundle, capsys):

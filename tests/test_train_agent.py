@@ -290,7 +290,7 @@ def test_collect_with_a_trained_policy_replays_its_sampled_actions(bundle, tmp_p
     acts = np.stack([d["action"][d["episode"] == i] for i in (0, 1)], 1)[1:]
     encoder = load_bundle(bundle).model
     ac, _ = load_agent(tmp_path / "p")
-    gen, stack = torch.Generator().manual_seed(4), LatentStack(2, 4, 32)
+    gen, stack = torch.Generator().manual_seed(4), LatentStack(2, 4, 32)  # the seed of a fresh store
     with torch.no_grad():
         stack.reset(encoder.encode(torch.from_numpy(obs[0])))
         for t in range(30):

@@ -35,7 +35,8 @@ class Args:
     game: str = arg("Pong", "Atari game name, as in ALE/<Game>-v5")
     agent: str = arg("random", "who plays: 'random' (uniform over the minimal action set), 'track' (Pong: follow "
                                "the ball, a random action with probability --epsilon) or 'rssm' (stage 1: "
-                               "DreamerV3-style agent learning while it collects) or 'policy' (a trained --policy)", choices=AGENTS)
+                               "DreamerV3-style agent learning while it collects) or 'policy' (a trained --policy)",
+                    choices=AGENTS)
     epsilon: float = arg(0.25, "track, policy: probability of a uniformly random action instead of the agent's")
     policy: str = arg("", "policy: the policy directory (agent.safetensors + agent.json, e.g. a train-agent --out)")
     encoder: str = arg("", "policy: its frozen encoder (bundle dir / env id / stage-1 dir; default: the world model "
@@ -91,45 +92,18 @@ def validate(args: Args) -> None:
                                    f"got {args.game!r}")
 
 
-class _PolicyAgent:
-    """A trained latent-stack policy on the real game: frozen encoder → rolling stack of ``K`` latents → actor.
+def _policy_agent(args: Args):
+    """The ``--agent policy`` player: :class:`trainers.policy.StackedPolicy` of the loaded policy and encoder.
 
-    Actions are sampled from the policy (seeded by ``--seed``), not greedy: collection explores.
     Raises:
         ArgError: naming ``policy``, ``encoder`` or ``game`` (:func:`trainers.evaluate_agent.load_latent_policy`).
     """
+    from trainers.evaluate_agent import load_latent_policy
+    from trainers.policy import StackedPolicy
 
-    def __init__(self, args: Args) -> None:
-        import torch
-
-        from trainers.evaluate_agent import load_latent_policy
-        from trainers.policy import LatentStack
-
-        self.torch, self.dev = torch, pick_device(args.device)
-        self.encoder, self.actor, k, _, _ = load_latent_policy(args.policy, args.encoder, args.game, self.dev)
-        d_z = int(self.encoder.encode(torch.zeros(1, 3, 64, 64, dtype=torch.uint8, device=self.dev)).shape[1])
-        self.stack = LatentStack(args.num_envs, k, d_z, self.dev)
-        self.gen = torch.Generator(device=self.dev).manual_seed(args.seed)
-
-    def _encode(self, frames: np.ndarray):
-        with self.torch.no_grad():
-            return self.encoder.encode(self.torch.as_tensor(frames, device=self.dev))
-
-    def reset(self, obs: np.ndarray, mask: np.ndarray) -> None:
-        """Fill the stacks of the envs in ``mask`` with their first frame (uint8 ``(N, 3, 64, 64)``)."""
-        self.stack.reset(self._encode(obs[mask]), mask)
-
-    def observe(self, obs: np.ndarray, done: np.ndarray) -> None:
-        """Push the frames after a step; envs that autoreset (``done``) restart their stack on the new episode."""
-        z = self._encode(obs)
-        self.stack.push(z)
-        if done.any():
-            self.stack.reset(z[self.torch.as_tensor(done, device=self.dev)], done)
-
-    def act(self) -> np.ndarray:
-        """Sampled actions, int64 ``(N,)``."""
-        with self.torch.no_grad():
-            return self.actor.act(self.stack.flat(), self.gen, greedy=False).cpu().numpy()
+    dev = pick_device(args.device)
+    encoder, actor, k, _, _ = load_latent_policy(args.policy, args.encoder, args.game, dev)
+    return StackedPolicy(encoder, actor, args.num_envs, k, device=dev)
 
 
 def _existing(store: EpisodeStore) -> tuple[int, int]:
@@ -147,7 +121,7 @@ def main(args: Args) -> int:
         from trainers.stage1_cli import run_rssm
 
         return run_rssm(args)
-    policy = _PolicyAgent(args) if args.agent == "policy" else None
+    policy = _policy_agent(args) if args.agent == "policy" else None
     out = Path(args.out)
     store = EpisodeStore(out, chunk_rows=args.chunk_rows)
     env = make_real_env(args.game, args.num_envs)
@@ -157,8 +131,9 @@ def main(args: Args) -> int:
     n = args.num_envs
     rng = np.random.default_rng([args.seed, next_ep])  # a resumed run draws fresh actions
     obs, _ = env.reset(seed=args.seed + next_ep)
-    if policy is not None:
-        policy.reset(obs, np.ones(args.num_envs, bool))
+    if policy is not None:  # sampled actions (collection explores), fresh draws in a resumed run
+        policy.gen.manual_seed(args.seed + 1_000_003 * next_ep)
+        policy.reset(obs)
     episode = np.arange(next_ep, next_ep + n, dtype=np.int64)
     next_ep += n
     step = np.zeros(n, np.int64)

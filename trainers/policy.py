@@ -38,6 +38,45 @@ class LatentStack:
         return self.stack.flatten(1)
 
 
+class StackedPolicy:
+    """A latent-stack policy on real frames: frozen encoder → :class:`LatentStack` of ``K`` latents → actor.
+
+    Args:
+        encoder: module with ``encode(uint8 (N,3,64,64)) -> float32 (N, d_z)``. actor: module with
+            ``act(obs (N, K·d_z), generator, greedy) -> int64 (N,)``. num_envs: ``N``; k: ``K``.
+        seed: seed of the action sampling. device: where encoder and actor run.
+    """
+
+    def __init__(self, encoder, actor, num_envs: int, k: int, seed: int = 0,
+                 device: str | torch.device = "cpu") -> None:
+        self.encoder, self.actor, self.num_envs, self.k, self.device = encoder, actor, num_envs, k, device
+        self.stack: LatentStack | None = None
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+
+    @torch.no_grad()
+    def _encode(self, frames: np.ndarray) -> torch.Tensor:
+        return self.encoder.encode(torch.as_tensor(np.asarray(frames), device=self.device))
+
+    def reset(self, obs: np.ndarray) -> None:
+        """Start every env's stack on its first frame: uint8 ``(N, 3, 64, 64)``."""
+        z = self._encode(obs)
+        self.stack = LatentStack(self.num_envs, self.k, z.shape[1], self.device)
+        self.stack.reset(z)
+
+    def observe(self, obs: np.ndarray, done: np.ndarray) -> None:
+        """Push the frames after a step; envs that autoreset (``done`` bool ``(N,)``, SAME_STEP: ``obs`` is the new
+        episode's first frame) restart their stack on it."""
+        z = self._encode(obs)
+        self.stack.push(z)
+        if done.any():
+            self.stack.reset(z[torch.as_tensor(done, device=z.device)], done)
+
+    @torch.no_grad()
+    def act(self, greedy: bool = False) -> np.ndarray:
+        """Actions for the current stacks: int64 ``(N,)`` (sampled, or argmax with ``greedy``)."""
+        return self.actor.act(self.stack.flat(), self.gen, greedy=greedy).cpu().numpy()
+
+
 @torch.no_grad()
 def evaluate_policy(encoder, actor, context_len: int, game: str = "Pong", episodes: int = 10, seed: int = 0,
                     greedy: bool = True, device: str | torch.device = "cpu",
@@ -64,25 +103,18 @@ def evaluate_policy(encoder, actor, context_len: int, game: str = "Pong", episod
     frames = min(PROTOCOL["max_num_frames_per_episode"], max_steps * PROTOCOL["frameskip"])
     env = make_real_env(game, num_envs=episodes, max_num_frames_per_episode=frames)
     obs, _ = env.reset(seed=seed)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    z = encoder.encode(torch.as_tensor(obs, device=device))
-    stack = LatentStack(episodes, context_len, z.shape[1], device)
-    stack.reset(z)
+    policy = StackedPolicy(encoder, actor, episodes, context_len, seed, device)
+    policy.reset(obs)
     returns, lengths = np.zeros(episodes), np.zeros(episodes, np.int64)
     running = np.ones(episodes, bool)
     for _ in range(max_steps):
-        action = actor.act(stack.flat(), gen, greedy=greedy).cpu().numpy()
-        obs, reward, term, trunc, _ = env.step(action)
+        obs, reward, term, trunc, _ = env.step(policy.act(greedy))
         returns[running] += reward[running]
         lengths[running] += 1
         running &= ~(term | trunc)
         if not running.any():
             break
-        z = encoder.encode(torch.as_tensor(obs, device=device))
-        stack.push(z)
-        done = term | trunc
-        if done.any():
-            stack.reset(z[torch.as_tensor(done)], done)
+        policy.observe(obs, term | trunc)
     env.close()
     return {"mean": float(returns.mean()), "std": float(returns.std()), "returns": returns.tolist(),
             "lengths": lengths.tolist()}
