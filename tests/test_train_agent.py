@@ -140,6 +140,10 @@ def test_scratch_run_outputs_and_bit_exact_resume(bundle, tmp_path, capsys):
     assert "updates/s" in capsys.readouterr().out
     evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval_return_mean" in r]
     assert [r["updates"] for r in evals] == [0, 2, 4]
+    best = max(evals, key=lambda r: r["eval_return_mean"])
+    chosen = json.loads((out / "best" / "agent.json").read_text())["selected_by"]
+    assert chosen["updates"] == best["updates"] and chosen["eval_return_mean"] == best["eval_return_mean"]
+    assert load_agent(out / "best")[1]["updates"] == best["updates"]
     ac, meta = load_agent(out)
     assert meta["init"] == "scratch" and meta["updates"] == 4 and meta["context_len"] == 4
     assert ac.config.obs_dim == 4 * 32 and ac.config.horizon == 3
@@ -152,6 +156,26 @@ def test_scratch_run_outputs_and_bit_exact_resume(bundle, tmp_path, capsys):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_best_snapshot_follows_the_best_evaluation(bundle, tmp_path, monkeypatch, capsys):
+    import trainers.train_agent as ta
+
+    scores = iter([-3.0, -1.0, -2.0, -1.0])  # evaluations at 0, 1, 2, 3 updates: the best is the first -1 (1)
+    weights = {}
+
+    def fake_eval(encoder, actor, k, game, episodes, seed, **kw):
+        weights[len(weights)] = {n: v.clone() for n, v in actor.state_dict().items()}
+        return {"mean": next(scores), "std": 0.0, "returns": [0.0], "lengths": [1]}
+
+    monkeypatch.setattr(ta, "evaluate_policy", fake_eval)
+    assert run(bundle, tmp_path / "b", 3, eval_every=1) == 0
+    meta = json.loads((tmp_path / "b" / "best" / "agent.json").read_text())
+    assert meta["updates"] == 1 and meta["selected_by"]["eval_return_mean"] == -1.0
+    best = load_agent(tmp_path / "b" / "best")[0].actor.state_dict()
+    assert all(torch.equal(best[n], weights[1][n]) for n in best)
+    assert not all(torch.equal(best[n], weights[3][n]) for n in best)
+    assert "best evaluation: -1.00" in capsys.readouterr().out
 
 
 def test_stage1_init_on_rssm_and_dit(stage1_out, bundle, tmp_path, capsys):

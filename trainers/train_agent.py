@@ -13,10 +13,15 @@ Step sizes. ``--lr``, ``--gamma`` and ``--entropy-coef`` default to DreamerV3's 
 long GPU runs. In a CPU budget on Pong (README, results) they learned nothing in 300 updates; lr 3e-4 with η 3e-4
 learned nothing in 600 updates (γ 0.997) or collapsed the policy (γ 0.99); lr 1e-4, γ 0.99 (a 100-step horizon:
 Pong's points are decided within one rally) with η 3e-3 learned to return the ball within 2 000 updates of 64 envs.
+``--init policy:DIR`` continues a run's policy in another world model: with ``ditwm collect --agent policy`` and
+``ditwm pretrain --init`` this is a DIAMOND-style alternation (Alonso et al. 2024) of data collection, world-model
+fine-tuning and training in imagination.
 
 Outputs in ``--out``: ``metrics.jsonl`` (train records every 10 updates, ``eval_*`` records), ``curves.png``
 (real-game and imagined returns), ``ckpt/`` (atomic training state for ``--resume``), and at the end
-``agent.safetensors`` + ``agent.json`` (stage 1's format). ``--steps`` counts actor-critic updates; imagined
+``agent.safetensors`` + ``agent.json`` (stage 1's format); ``best/`` holds the policy of the best evaluation so far
+(like SB3's ``EvalCallback``; its ``agent.json`` records the evaluation that chose it, whose figure is biased upward
+by the choice: score it again with another seed). ``--steps`` counts actor-critic updates; imagined
 env steps = updates × horizon × num_envs.
 
 Resume. The run is cut into segments of ``--eval-every`` updates; each starts the envs from a reset seeded by
@@ -225,8 +230,13 @@ class AgentTrainer:
         if self.imagined:  # no record (rather than NaN, which is not JSON) when no imagined episode ended
             rec["imagined_return_mean"] = float(np.mean(self.imagined))
         self.imagined = []
+        best = max((r["eval_return_mean"] for r in self.history), default=-math.inf)
         self.history.append(rec)
         log.log(self.updates, **rec)
+        if rec["eval_return_mean"] > best:  # EvalCallback-style best snapshot (chosen on these episodes)
+            save_agent(self.ac, self.out / "best", context_len=self.s.k, game=self.s.game,
+                       action_meanings=self.s.action_meanings, world_model=a.world_model, init=self.s.init,
+                       updates=self.updates, env_steps=self.env_steps, selected_by=rec)
         plot_curves(self.history, self.out / "curves.png", title=f"train-agent on {a.world_model}")
 
     def save(self) -> None:
@@ -339,6 +349,11 @@ def main(args: Args) -> int:
     if last:
         print(f"real {setup.game} return after {last['updates']} updates: {last['eval_return_mean']:.2f} "
               f"± {last['eval_return_std']:.2f} over {args.eval_episodes} episodes (greedy)")
+    if trainer.history:
+        top = max(trainer.history, key=lambda r: r["eval_return_mean"])  # the first of equal bests, as saved
+        print(f"best evaluation: {top['eval_return_mean']:.2f} ± {top['eval_return_std']:.2f} after {top['updates']} "
+              f"updates, policy in {out / 'best'} (chosen on these episodes: score it again with another "
+              f"`ditwm evaluate agent --seed`)")
     if code == 0:
         print(f"policy: {trainer.export()}")
     return code
