@@ -56,9 +56,10 @@ class LatentPolicy:
     def __call__(self, obs: np.ndarray, done: np.ndarray | None) -> np.ndarray:
         from trainers.policy import StackedPolicy
 
-        if np.asarray(obs).dtype != np.uint8:  # imagined latents (N, K_env, d_z)
-            flat = torch.as_tensor(np.asarray(obs))[:, -self.k:].flatten(1).float()
-            return self.actor.act(flat, self.gen, greedy=False).numpy()
+        from trainers.rollout import latent_obs
+
+        if np.asarray(obs).dtype != np.uint8:  # imagined latents (N, K_env, d_z); ValueError if K_env < K
+            return self.actor.act(latent_obs(obs, self.k, "cpu"), self.gen, greedy=False).numpy()
         if self.real is None or done is None:
             self.real = StackedPolicy(self.encoder, self.actor, len(obs), self.k, self.seed)
             self.real.reset(obs)
@@ -120,9 +121,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     a = p.parse_args(argv)
     policy = a.policy
     if policy not in POLICIES:
-        if not (Path(policy) / "agent.json").is_file():
-            p.error(f"--policy: expected random, track or a policy directory with agent.json, got {policy!r}")
-        policy = LatentPolicy(policy, a.encoder, a.seed)
+        from trainers.common import ArgError
+
+        try:
+            policy = LatentPolicy(policy, a.encoder, a.seed)
+        except ArgError as e:
+            p.error(str(e))
     for name in ("num_envs", "steps"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(a, name)}")

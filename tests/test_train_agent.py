@@ -195,11 +195,16 @@ def test_stage1_init_on_rssm_and_dit(stage1_out, bundle, tmp_path, capsys):
     assert load_agent(tmp_path / "dit")[1]["init"] == f"stage1:{s1}"
     # policy:DIR continues a train-agent run (here in the same bundle; a vanishing step keeps its actor).
     assert run(bundle, tmp_path / "cont", 1, init=f"policy:{tmp_path / 'dit'}", lr=1e-12, eval_every=0) == 0
+    assert "warning" not in capsys.readouterr().err  # its recorded world model has this very encoder
     ac2, meta2 = load_agent(tmp_path / "cont")
     assert meta2["init"] == f"policy:{tmp_path / 'dit'}" and meta2["updates"] == 1
     for (k, v0), v1 in zip(load_agent(tmp_path / "dit")[0].actor.state_dict().items(),
                            ac2.actor.state_dict().values()):
         assert torch.allclose(v0, v1, atol=1e-6), k
+    # ... but into the RSSM, whose stage-1 encoder is another one, it warns.
+    assert main(Args(world_model=f"rssm:{stage1_out}", out=str(tmp_path / "rssm2"), steps=1,
+                     init=f"policy:{tmp_path / 'dit'}", eval_every=0, **TINY)) == 0
+    assert "policy's world model) differs" in capsys.readouterr().err
     # The stage-1 policy itself on the real game, through its own autoencoder (default --encoder).
     assert cli.main(["evaluate", "agent", "--policy", str(stage1_out), "--episodes", "2", "--max-steps", "5"]) == 0
     assert json.loads((s1 / "eval_real.json").read_text())["lengths"] == [5, 5]

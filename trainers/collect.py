@@ -90,6 +90,9 @@ def validate(args: Args) -> None:
         if meta.get("game") != args.game:
             raise ArgError("game", f"expected {meta.get('game')!r} (the game of the store being resumed), "
                                    f"got {args.game!r}")
+        if args.agent == "policy" and meta["collector"].get("policy") != args.policy:
+            raise ArgError("policy", f"expected {meta['collector'].get('policy')!r} (the policy of the store being "
+                                     f"resumed), got {args.policy!r}")
 
 
 def _policy_agent(args: Args):

@@ -80,10 +80,10 @@ def load_latent_policy(policy: str, encoder: str = "", game: str = "",
     try:
         ac, meta = load_agent(policy_dir, device)
     except (FileNotFoundError, ValueError) as e:
-        raise ArgError("policy", f"expected a policy directory or 'random', got {policy!r}: {e}") from None
+        raise ArgError("policy", f"expected a policy directory, got {policy!r}: {e}") from None
     own, k = meta.get("game", "Pong"), int(meta["context_len"])
     if game and game != own:
-        raise ArgError("game", f"expected {own!r} (the policy's game) or nothing, got {game!r}")
+        raise ArgError("game", f"expected {own!r} (the policy's game), got {game!r}")
     game = own
     spec = encoder or _default_encoder(policy_dir, meta)
     try:

@@ -75,7 +75,7 @@ def merge_stores(sources: list[str | Path], out: str | Path) -> dict:
                 np.savez_compressed(tmp / "chunks" / f"chunk-{index:08d}.npz", **part)
                 index += 1
             merged_from.append({"store": str(s), "episode_offset": offset, "rows": rows,
-                                "collector": m.get("collector"),
+                                "collector": None if "merged_from" in m else m.get("collector"),
                                 **({"merged_from": m["merged_from"]} if "merged_from" in m else {})})
             offset = next_offset(offset, highest)
         meta = {k: v for k, v in metas[0].items() if k not in ("format_version", "merged_from")}

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from dit_envs.io import load_tensors
 from trainers.agent import ActorCritic, AgentConfig
-from trainers.agent_io import load_agent, make_imagination_env, save_agent, stage1_dir
+from trainers.agent_io import load_agent, load_encoder, make_imagination_env, save_agent, stage1_dir
 from trainers.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
 from trainers.common import (ArgError, JsonlLogger, arg, catch_stop_signals, check_out_dir, check_temperature,
                              pick_device, run_cli, seed_everything, setting_arg_error, signal_exit_code)
@@ -115,17 +115,33 @@ def _init_dir(args: Args) -> Path | None:
         raise ArgError("init", str(e)) from None
 
 
-def _warn_if_other_encoder(init_dir: Path, model: torch.nn.Module) -> None:
-    """Warn (stderr) when the stage-1 autoencoder differs from the world model's: the policy would then read
-    latents of another encoder than the one it was trained on."""
-    path, ae = init_dir / "autoencoder.safetensors", getattr(model, "autoencoder", None)
-    if not path.is_file() or ae is None:
+def _warn_if_other_encoder(init_dir: Path, meta: dict, model: torch.nn.Module) -> None:
+    """Warn (stderr) when the policy's encoder differs from the world model's: the policy would then read latents
+    of another encoder than the one it was trained on. The policy's encoder is the stage-1 autoencoder in
+    ``init_dir``, else the encoder of the world model recorded in its ``agent.json``; a warning also says when
+    neither can be loaded."""
+    ae = getattr(model, "autoencoder", None)
+    if ae is None:
         return
-    ref = load_tensors(path)
+    path = init_dir / "autoencoder.safetensors"
+    try:
+        if path.is_file():
+            ref, where = load_tensors(path), f"the stage-1 autoencoder in {init_dir}"
+        elif meta.get("world_model"):
+            other = getattr(load_encoder(str(meta["world_model"]))[0], "autoencoder", None)
+            if other is None:
+                return
+            ref, where = other.state_dict(), f"the encoder of {meta['world_model']} (the policy's world model)"
+        else:
+            return
+    except (OSError, ValueError, KeyError) as e:
+        print(f"ditwm train-agent: warning: init: cannot check that the policy's encoder is the world model's "
+              f"({e})", file=sys.stderr)
+        return
     mine = ae.state_dict()
-    if ref.keys() != mine.keys() or any(not torch.equal(ref[k], mine[k].cpu().to(ref[k].dtype)) for k in ref):
-        print(f"ditwm train-agent: warning: init: the stage-1 autoencoder in {init_dir} differs from the world "
-              f"model's; the policy's input latents change meaning", file=sys.stderr)
+    if ref.keys() != mine.keys() or any(not torch.equal(ref[k].cpu(), mine[k].cpu().to(ref[k].dtype)) for k in ref):
+        print(f"ditwm train-agent: warning: init: {where} differs from the world model's; the policy's input "
+              f"latents change meaning", file=sys.stderr)
 
 
 def prepare(args: Args) -> Setup:
@@ -192,7 +208,7 @@ def prepare(args: Args) -> Setup:
         if meta.get("game", bundle.config["game"]) != bundle.config["game"]:
             raise ArgError("init", f"expected an agent of {bundle.config['game']!r} (the world model's "
                                    f"game), got one of {meta['game']!r}")
-        _warn_if_other_encoder(init_dir, bundle.model)
+        _warn_if_other_encoder(init_dir, meta, bundle.model)
         ac.config = dataclasses.replace(cfg, horizon=args.horizon, lr=args.lr, gamma=args.gamma,
                                         entropy_coef=args.entropy_coef)
         init = f"{'policy' if args.init.startswith('policy:') else 'stage1'}:{init_dir}"
@@ -349,7 +365,7 @@ def main(args: Args) -> int:
     if last:
         print(f"real {setup.game} return after {last['updates']} updates: {last['eval_return_mean']:.2f} "
               f"± {last['eval_return_std']:.2f} over {args.eval_episodes} episodes (greedy)")
-    if trainer.history:
+    if trainer.history and (out / "best" / "agent.json").is_file():
         top = max(trainer.history, key=lambda r: r["eval_return_mean"])  # the first of equal bests, as saved
         print(f"best evaluation: {top['eval_return_mean']:.2f} ± {top['eval_return_std']:.2f} after {top['updates']} "
               f"updates, policy in {out / 'best'} (chosen on these episodes: score it again with another "
