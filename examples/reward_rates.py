@@ -9,9 +9,9 @@ steps: reward events won (+) and lost (−) and episode ends. ``--policy random`
 reproduce for an agent to learn them. ``--policy DIR`` plays a trained latent-stack policy (a ``ditwm train-agent``
 run; sampled actions, as it trains): on the imagined game it reads the env's latent observations, on the real game
 the latents of its frozen encoder, so the two rows show how far the model's imagination of *that* agent's play is
-from the real game (an agent that exploits its model imagines fewer losses than it suffers). A world model that an agent can learn from reproduces these rates; one that
-under-produces the agent's wins gives a policy nothing to learn scoring from, and one that under-produces losses
-can be exploited.
+from the real game (an agent that exploits its model imagines fewer losses than it suffers). A world model that an
+agent can learn from reproduces these rates; one that under-produces the agent's wins gives a policy nothing to
+learn scoring from, and one that under-produces losses can be exploited.
 
 Run::
 
@@ -33,7 +33,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout without install
 
 import dit_envs  # noqa: E402  (registers the DiTWM ids)
+from trainers.common import ArgError  # noqa: E402
+from trainers.evaluate_agent import load_latent_policy  # noqa: E402
+from trainers.policy import StackedPolicy  # noqa: E402
 from trainers.pong_objects import track_actions  # noqa: E402
+from trainers.rollout import latent_obs  # noqa: E402
 
 POLICIES = ("random", "track")
 
@@ -47,17 +51,11 @@ class LatentPolicy:
     """
 
     def __init__(self, policy_dir: str, encoder: str = "", seed: int = 0) -> None:
-        from trainers.evaluate_agent import load_latent_policy
-
         self.encoder, self.actor, self.k, _, _ = load_latent_policy(policy_dir, encoder)
         self.seed, self.gen, self.real = seed, torch.Generator().manual_seed(seed), None
 
     @torch.no_grad()
     def __call__(self, obs: np.ndarray, done: np.ndarray | None) -> np.ndarray:
-        from trainers.policy import StackedPolicy
-
-        from trainers.rollout import latent_obs
-
         if np.asarray(obs).dtype != np.uint8:  # imagined latents (N, K_env, d_z); ValueError if K_env < K
             return self.actor.act(latent_obs(obs, self.k, "cpu"), self.gen, greedy=False).numpy()
         if self.real is None or done is None:
@@ -121,8 +119,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     a = p.parse_args(argv)
     policy = a.policy
     if policy not in POLICIES:
-        from trainers.common import ArgError
-
         try:
             policy = LatentPolicy(policy, a.encoder, a.seed)
         except ArgError as e:

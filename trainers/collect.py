@@ -8,9 +8,9 @@ agent rarely does (the paddle returning the ball; our 100k-step stage-1 store ho
 latent-stack policy (a ``ditwm train-agent`` run, sampled actions, a random one with probability ``--epsilon``) on
 the latents of its frozen encoder: the data of a DIAMOND-style alternation (Alonso et al. 2024: collect with the
 current agent, fine-tune the world model with ``ditwm pretrain --init``, train the agent on in imagination again),
-which shows the model the states where its imagination and the real game part. Every transition goes to the store
-(:mod:`trainers.data`). SIGINT/SIGTERM flush what is buffered and exit (143 for SIGTERM, 130 for SIGINT); ``--resume`` continues
-an interrupted store with new episodes until ``--steps`` transitions are stored.
+which shows the model the states where its imagination and the real game part. Every transition goes to the
+store (:mod:`trainers.data`). SIGINT/SIGTERM flush what is buffered and exit (143 for SIGTERM, 130 for SIGINT);
+``--resume`` continues an interrupted store with new episodes until ``--steps`` transitions are stored.
 """
 from __future__ import annotations
 
@@ -135,8 +135,7 @@ def main(args: Args) -> int:
     rng = np.random.default_rng([args.seed, next_ep])  # a resumed run draws fresh actions
     obs, _ = env.reset(seed=args.seed + next_ep)
     if policy is not None:  # sampled actions (collection explores), fresh draws in a resumed run
-        policy.gen.manual_seed(args.seed + 1_000_003 * next_ep)
-        policy.reset(obs)
+        policy.reset(obs, seed=args.seed + 1_000_003 * next_ep)
     episode = np.arange(next_ep, next_ep + n, dtype=np.int64)
     next_ep += n
     step = np.zeros(n, np.int64)

@@ -57,8 +57,10 @@ class StackedPolicy:
     def _encode(self, frames: np.ndarray) -> torch.Tensor:
         return self.encoder.encode(torch.as_tensor(np.asarray(frames), device=self.device))
 
-    def reset(self, obs: np.ndarray) -> None:
-        """Start every env's stack on its first frame: uint8 ``(N, 3, 64, 64)``."""
+    def reset(self, obs: np.ndarray, seed: int | None = None) -> None:
+        """Start every env's stack on its first frame: uint8 ``(N, 3, 64, 64)``; ``seed`` re-seeds the sampling."""
+        if seed is not None:
+            self.gen.manual_seed(seed)
         z = self._encode(obs)
         self.stack = LatentStack(self.num_envs, self.k, z.shape[1], self.device)
         self.stack.reset(z)

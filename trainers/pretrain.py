@@ -106,6 +106,12 @@ class Setup:
     init_state: tuple[dict, dict] | None = None
 
 
+def net_configs(preset: str, latent_dim: int, num_actions: int, context_len: int) -> tuple[DiTConfig, HeadsConfig]:
+    """The DiT and reward/termination-head configs of a run (what ``--init`` and ``--resume`` must match)."""
+    dcfg = DiTConfig.from_preset(preset, latent_dim=latent_dim, num_actions=num_actions, context_len=context_len)
+    return dcfg, HeadsConfig(latent_dim=latent_dim, num_actions=num_actions, hidden=dcfg.width)
+
+
 def _positive(args: Args, names: tuple[str, ...], strict: bool = True) -> None:
     for name in names:
         v = getattr(args, name)
@@ -186,8 +192,16 @@ def validate(args: Args) -> Setup:
                                  ("context_len", k, ck.get("context_len"))):
             if want != have:
                 raise ArgError(name, f"expected {want!r} (the --init run's), got {have!r}")
+        dcfg, hcfg = net_configs(args.preset, ae.latent_dim, len(meta["action_meanings"]), k)
+        if ck.get("configs") != {"dit": asdict(dcfg), "heads": asdict(hcfg)}:
+            raise ArgError("init", f"expected a run with this network config (DiT {asdict(dcfg)}), got "
+                                   f"{ck.get('configs')}")
     return Setup(meta=meta, autoencoder=ae, encoder_sha256=sha, context_len=k, seq_len=seq_len, window=window,
                  init_state=init_state)
+
+
+def _start(step: int, init: str) -> str:
+    return f"resuming at step {step}" if step else f"from {init}" if init else "from scratch"
 
 
 def main(args: Args) -> int:
@@ -208,8 +222,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     summary = data_summary(ds, ~held)
 
     seed_everything(args.seed)  # identical initialisation on every rank
-    dcfg = DiTConfig.from_preset(args.preset, latent_dim=ae.latent_dim, num_actions=A, context_len=K)
-    hcfg = HeadsConfig(latent_dim=ae.latent_dim, num_actions=A, hidden=dcfg.width)
+    dcfg, hcfg = net_configs(args.preset, ae.latent_dim, A, K)
     cfg = ObjectiveConfig(seq_len=s.seq_len, clean_context=args.clean_context, action_dropout=args.action_dropout,
                           term_weight=args.term_weight, rollout_steps=args.rollout_steps,
                           rollout_weight=args.rollout_weight, rollout_sampling_steps=args.rollout_sampling_steps,
@@ -223,10 +236,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     resume = args.resume and ((out / "ckpt").exists() or (out / "ckpt.prev").exists())
     state = read_state(out) if resume else None
     if state is None and s.init_state is not None:  # fine-tuning: the EMA weights become the starting point
-        init_t, init_meta = s.init_state
-        if init_meta["configs"] != configs_meta(net):
-            raise ArgError("init", f"expected a run with this network config {configs_meta(net)}, got "
-                                   f"{init_meta['configs']}")
+        init_t = s.init_state[0]  # its network config was checked in validate()
         ema_w = {k[len("ema."):]: v for k, v in init_t.items() if k.startswith("ema.")}
         net.load_state_dict(ema_w)
         ema.load_state_dict(ema_w)
@@ -271,7 +281,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     if d.is_main:
         print(f"pretrain: DiT-{args.preset} {n_params / 1e6:.2f} M params, K {K}, d_z {ae.latent_dim}, {A} actions; "
               f"{summary['train_rows']} train / {summary['heldout_rows']} held-out rows; batch {args.batch} x "
-              f"{d.world_size} proc; {'resuming at step ' + str(step) if step else 'from ' + args.init if args.init else 'from scratch'}")
+              f"{d.world_size} proc; {_start(step, args.init)}")
 
     stop: dict[str, int | None] = {"sig": None}
     restore = catch_stop_signals(lambda signum: stop.__setitem__("sig", signum))
