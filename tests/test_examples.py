@@ -63,6 +63,31 @@ def test_ball_returns_finds_real_returns_and_scores_a_model(tiny_stage1_store, t
     assert "imagined return recall" in capsys.readouterr().out
 
 
+def test_event_recall_scores_both_signs_of_a_tiny_store(tiny_stage1_store, tiny_bundle, capsys):
+    out = _load("event_recall").main(["--data", str(tiny_stage1_store), "--world-model", str(tiny_bundle),
+                                      "--max-events", "3", "--lead", "2", "--tail", "1"])
+    assert set(out) == {f"{s} {p}" for s in ("positive", "negative") for p in ("train", "held-out")}
+    assert sum(r["events"] for r in out.values()) > 0  # random play loses points within 192 steps
+    for r in out.values():
+        assert r["events"] <= 3
+        assert (r["events"] == 0) == np.isnan(r["recall"]) and (np.isnan(r["recall"]) or 0 <= r["recall"] <= 1)
+        assert r["events"] == 0 or 0 <= r["head_recall"] <= 1  # a DiT bundle has a transition head
+    assert "imagined recall" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        _load("event_recall").main(["--data", str(tiny_stage1_store), "--lead", "0"])
+
+
+def test_event_rows_need_room_in_their_episode():
+    rows = _load("event_recall").event_rows
+    reward = np.array([0, 0, 0, 1, 0, -1, 0, 0, 1, 0], float)
+    episode = np.array([0] * 7 + [1] * 3)
+    assert rows(reward, episode, 1, context_len=2, lead=1, tail=1).tolist() == [3]  # row 8: its context is in ep 0
+    assert rows(reward, episode, -1, context_len=2, lead=2, tail=1).tolist() == [5]
+    assert rows(reward, episode, -1, context_len=2, lead=2, tail=2).tolist() == []  # row 7 is the next episode's
+    with pytest.raises(ValueError, match="sign"):
+        rows(reward, episode, 0, context_len=2, lead=1, tail=1)
+
+
 def test_ball_return_events_on_a_synthetic_track():
     find = _load("ball_returns").find_events
     col = np.array([30, 40, 50, 55, 50, 40, 30, 40, 50, 56, 58, 60, np.nan, np.nan], float)

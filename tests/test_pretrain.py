@@ -1,6 +1,7 @@
 """Stage 2 (`ditwm pretrain`): tiny runs on a tiny real-Pong stage-1 store — bundle, resume, SIGTERM, DDP, args."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -59,11 +60,13 @@ def test_tiny_run_writes_a_bundle_that_steps_as_an_env(store, tmp_path, capsys):
     assert meta["step"] == 10 and meta["world_size"] == 1
 
 
-@pytest.mark.parametrize("prioritised", [False, True])
+@pytest.mark.parametrize("prioritised", [False, True, "event"])
 def test_resume_in_new_process_is_bit_exact(store, tmp_path, prioritised):
     kw = dict(lr_decay_steps=12, rollout_steps=3)  # the multi-step term too: it draws from the same RNG streams
-    if prioritised:  # error priorities refreshed at steps 4 and 8, the run split at 6: they must be checkpointed
+    if prioritised is True:  # error priorities refreshed at steps 4, 8, the run split at 6: they must be checkpointed
         kw.update(priority_fraction=0.5, priority_alpha=2.0, priority_every=4)
+    elif prioritised == "event":  # reward-event windows: recomputed from the data on resume, checkpointed too
+        kw.update(event_fraction=0.5, event_horizon=4)
     assert run(store, tmp_path / "full", 12, **kw) == 0
     cmd = [sys.executable, "-m", "trainers.cli", "pretrain", "--data", str(store), "--out", str(tmp_path / "split"),
            *flags(steps=6, **TINY, **kw)]
@@ -74,7 +77,7 @@ def test_resume_in_new_process_is_bit_exact(store, tmp_path, prioritised):
     b, mb = load_checkpoint(tmp_path / "split")
     assert ma["step"] == mb["step"] == 12 and ma["samplers"] == mb["samplers"]
     assert a.keys() == b.keys()
-    assert ("windows.priority" in a) == prioritised
+    assert ("windows.priority" in a) == bool(prioritised)
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
@@ -87,6 +90,16 @@ def test_pixel_term_and_priorities_are_logged(store, tmp_path):
     refreshes = [r for r in rows if "priority_mean_error" in r]
     assert [r["step"] for r in refreshes] == [2, 4] and all(0 < r["priority_top1pct_mass"] <= 1 for r in refreshes)
     assert (out / "bundle" / "config.json").is_file()
+
+
+def test_event_draw_oversamples_windows_near_reward_events(store, tmp_path, capsys):
+    from trainers.data import EpisodeStore
+
+    reward = EpisodeStore(store).load()["reward"]
+    assert (reward != 0).any(), "the tiny store needs a reward event for this test"
+    assert run(store, tmp_path / "ev", 2, event_fraction=0.5, event_horizon=4) == 0
+    m = re.search(r"50% of each batch from the (\d+) of (\d+) windows", capsys.readouterr().out)
+    assert m and 0 < int(m[1]) < int(m[2])
 
 
 def test_sigterm_writes_checkpoint_and_exits_143(store, tmp_path):
@@ -162,6 +175,9 @@ def test_replicas_equal_detects_any_difference(differ):
     (["--priority-fraction", "1.5"], "--priority-fraction"),
     (["--priority-every", "0"], "--priority-every"),
     (["--priority-alpha", "-1"], "--priority-alpha"),
+    (["--event-fraction", "1.5"], "--event-fraction"),
+    (["--event-fraction", "0.5", "--priority-fraction", "0.5"], "--event-fraction"),
+    (["--event-horizon", "-1"], "--event-horizon"),
     (["--clean-context", "1.5"], "--clean-context"),
     (["--stage1", "/nonexistent"], "--stage1"),
     (["--rollout-steps", "100000"], "--data"),

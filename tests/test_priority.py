@@ -8,7 +8,7 @@ import torch
 from dit_envs.models.dit import DiT, DiTConfig
 from trainers.data import SequenceSampler
 from trainers.latents import LatentDataset, LatentWindows
-from trainers.priority import lift, one_step_errors, priority_probabilities
+from trainers.priority import event_probabilities, lift, one_step_errors, priority_probabilities
 
 
 def _dataset(lengths=(9, 3, 12), d=6, seed=0) -> LatentDataset:
@@ -86,3 +86,28 @@ def test_one_step_errors_single_out_a_corrupted_target_and_are_seeded():
     e = one_step_errors(dit, x, w.prev_action, starts, **kw)
     assert e.shape == (len(starts),) and (e >= 0).all() and int(np.argmax(e)) == 5
     assert np.array_equal(e, one_step_errors(dit, x, w.prev_action, starts, **kw))
+
+
+def test_event_windows_are_balanced_by_sign_and_stay_in_their_episode():
+    reward = np.zeros(20)
+    reward[6], reward[10], reward[15], reward[17] = 1, -1, -1, -1  # row 10 is episode 1's first row
+    episode = np.array([0] * 10 + [1] * 10)
+    starts = np.array([0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12, 13, 14])
+    p = event_probabilities(reward, episode, starts, first_target=2, length=3, horizon=1)
+    # window s predicts row s+2 and counts events up to row s+3 of its own episode
+    got = {int(s): float(v) for s, v in zip(starts, p) if v > 0}
+    assert got.keys() == {3, 4, 12, 13, 14}  # not 7: its row 10 is in the next episode
+    assert got[3] == got[4] == pytest.approx(0.25)  # the sign with 2 windows gets the same mass as the one with 3
+    assert all(got[s] == pytest.approx(0.5 / 3) for s in (12, 13, 14)) and p.sum() == pytest.approx(1.0)
+
+
+def test_event_windows_of_one_sign_take_all_the_mass_and_none_is_an_error():
+    reward, episode = np.zeros(12), np.zeros(12, np.int64)
+    reward[8] = -1
+    starts = np.arange(8)
+    p = event_probabilities(reward, episode, starts, first_target=1, length=2, horizon=0)
+    assert np.flatnonzero(p).tolist() == [7] and p.sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="reward"):
+        event_probabilities(np.zeros(12), episode, starts, first_target=1, length=2, horizon=0)
+    with pytest.raises(ValueError, match="first_target"):
+        event_probabilities(reward, episode, starts, first_target=2, length=2, horizon=0)

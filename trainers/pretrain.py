@@ -9,11 +9,12 @@ to 2.88e-3; it trains at 9.2 steps/s at batch 32 on 2 idle CPU threads);
 a reward/termination head learns from real transitions (:mod:`trainers.pretrain_objective`). Only non-held-out
 episodes train (:func:`trainers.data.heldout_mask`); held-out ones are evaluated (:mod:`trainers.pretrain_eval`).
 
-Two options target rare, small events (in Pong: the agent's paddle returning the ball, under 1 % of the windows of
-our stage-1 store, a few pixels in the frame), both off by default: ``--pixel-weight`` adds a motion-weighted
-pixel loss through the frozen decoder (:class:`trainers.pretrain_objective.PretrainNet`), and
-``--priority-fraction`` draws part of each batch in proportion to the model's own one-step error (prioritised
-replay, :mod:`trainers.priority`).
+Three options target rare, small events (in Pong: the agent's paddle returning the ball, under 1 % of the windows
+of our stage-1 store, a few pixels in the frame; a point won, one for every 5 to 50 lost), all off by default:
+``--pixel-weight`` adds a motion-weighted pixel loss through the frozen decoder
+(:class:`trainers.pretrain_objective.PretrainNet`), ``--priority-fraction`` draws part of each batch in
+proportion to the model's own one-step error (prioritised replay), and ``--event-fraction`` draws part of it from
+windows near reward events with each reward sign given equal mass (:mod:`trainers.priority`).
 
 nanoGPT-style straight-line loop: AdamW with an explicit warm-up + cosine schedule (:func:`trainers.autoencoder.
 lr_at`), gradient clipping, EMA weights; metrics to ``OUT/metrics.jsonl`` every ``--log-every`` steps, evaluation
@@ -51,7 +52,7 @@ from trainers.data import EpisodeStore, heldout_mask, segments
 from trainers.latents import LatentWindows, load_latents_on_ranks, store_index
 from trainers.pretrain_eval import data_summary, eval_windows, evaluate
 from trainers.pretrain_objective import ObjectiveConfig, PretrainNet, make_inputs, optimizer_step, total_loss
-from trainers.priority import one_step_errors, priority_probabilities
+from trainers.priority import event_probabilities, one_step_errors, priority_probabilities
 from trainers.pretrain_state import (configs_meta, export_bundle, model_card, rank_seed, read_state, restore_state,
                                      save_state)
 
@@ -90,6 +91,10 @@ class Args(LoopArgs):
     priority_alpha: float = arg(1.0, "exponent alpha of the prioritised draw")
     priority_every: int = arg(2000, "steps between recomputations of every window's error (EMA model); the first "
                                     "at this step, uniform draws before it")
+    event_fraction: float = arg(0.0, "fraction of each batch drawn from windows that predict a reward event or "
+                                     "lead to one within --event-horizon rows, each reward sign with equal mass "
+                                     "(trainers.priority.event_probabilities); 0: off")
+    event_horizon: int = arg(8, "rows after a window in which a reward event still makes it an event window")
     checkpoint_every: int = arg(1000, "steps between resumable checkpoints")
 
 
@@ -125,15 +130,18 @@ def validate(args: Args) -> Setup:
                      "sampling_steps", "start_contexts", "eval_windows", "eval_horizon", "rollout_sampling_steps",
                      "priority_every"))
     _positive(args, ("warmup", "lr_decay_steps", "weight_decay", "context_len", "seq_len", "eval_every", "threads",
-                     "rollout_weight", "priority_alpha", "pixel_weight", "motion_boost"), strict=False)
+                     "rollout_weight", "priority_alpha", "pixel_weight", "motion_boost", "event_horizon"), strict=False)
     if args.preset not in DIT_PRESETS:
         raise ArgError("preset", f"expected one of {tuple(DIT_PRESETS)}, got {args.preset!r}")
     for name, hi in (("ema", 1.0), ("action_dropout", 1.0)):
         if not 0.0 <= getattr(args, name) < hi:
             raise ArgError(name, f"expected a number in [0, 1), got {getattr(args, name)}")
-    for name in ("clean_context", "priority_fraction"):
+    for name in ("clean_context", "priority_fraction", "event_fraction"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ArgError(name, f"expected a number in [0, 1], got {getattr(args, name)}")
+    if args.priority_fraction and args.event_fraction:
+        raise ArgError("event_fraction", f"expected 0 with --priority-fraction {args.priority_fraction} (one "
+                                         f"prioritised draw at a time), got {args.event_fraction}")
     if args.rollout_steps == 1 or args.rollout_steps < 0:
         raise ArgError("rollout_steps", f"expected 0 (off) or an integer >= 2, got {args.rollout_steps}")
     pick_device(args.device)
@@ -249,6 +257,16 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
         step = restore_state(*state, d, net=net, ema=ema, opt=opt, gen=gen, windows=windows, seed=args.seed)
         if args.priority_fraction and "windows.priority" in state[0]:
             windows.set_priorities(state[0]["windows.priority"].numpy(), args.priority_fraction)
+    if args.event_fraction:  # a function of the data alone: the same on every rank and after a resume
+        try:
+            probs = event_probabilities(train.reward, train.episode, windows.sampler.all_window_starts(),
+                                        first_target=K, length=s.window, horizon=args.event_horizon)
+        except ValueError as e:
+            raise ArgError("event_fraction", f"expected a store with reward events, got: {e}") from None
+        windows.set_priorities(probs, args.event_fraction)
+        if d.is_main:
+            print(f"pretrain: {args.event_fraction:.0%} of each batch from the {int((probs > 0).sum())} of "
+                  f"{len(probs)} windows within {args.event_horizon} rows of a reward event")
     mean_d, std_d = windows.mean, windows.std
 
     def clamp(x: torch.Tensor) -> torch.Tensor:  # a sample → the encoder's tanh range, as inference does

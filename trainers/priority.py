@@ -1,4 +1,5 @@
-"""Error-prioritised window sampling for stage-2 training (prioritised experience replay, Schaul et al. 2016).
+"""Prioritised window sampling for stage-2 training: by error (prioritised experience replay, Schaul et al. 2016)
+or by reward event (:func:`event_probabilities`, class-balanced by reward sign).
 
 Rare dynamics are rare in an episode store: in our stage-1 Pong store the agent's paddle returns the ball in under
 1 % of the windows, and a DiT trained on uniform windows learns that the ball passes through the paddle. Like
@@ -67,6 +68,53 @@ def priority_probabilities(errors: np.ndarray, alpha: float) -> np.ndarray:
         raise ValueError(f"alpha: expected >= 0, got {alpha}")
     p = (e + 1e-3 * e.mean() + 1e-12) ** alpha
     return p / p.sum()
+
+
+def event_probabilities(reward: np.ndarray, episode: np.ndarray, starts: np.ndarray, *, first_target: int,
+                        length: int, horizon: int) -> np.ndarray:
+    """Sampling probabilities that draw windows ending in or shortly before a reward event, balanced by sign.
+
+    Rewards are rare and one sign rarer still (our Pong stores: one point won for every 5 to 50 lost), and a model
+    trained on uniform windows learns that the rare event never happens: from real contexts 3 steps before a
+    point won, a DiT fine-tuned on 500k rows imagined the point in 1 % of rollouts (the point lost: 38 %). A window
+    starting at row ``s`` is an event window of sign ``σ`` when a row in ``[s + first_target, s + length − 1 +
+    horizon]`` of the same episode has a reward of sign ``σ`` (the window predicts the event or the approach to
+    it). Each sign present gets the same total mass, spread uniformly over its windows (a window with both signs
+    gets both shares), as in class-balanced sampling (Cui et al. 2019; Kang et al. 2020).
+
+    Args:
+        reward: float ``(R,)`` reward of the transition reaching each row; episode: int ``(R,)``; rows sorted by
+            episode then step.
+        starts: int64 ``(N,)`` window starts (:meth:`SequenceSampler.all_window_starts`).
+        first_target: offset of the window's first predicted row (``K``); length: ``L`` rows per window.
+        horizon: ``h ≥ 0`` extra rows after the window in which an event still counts.
+    Returns:
+        float64 ``(N,)`` summing to 1.
+    Raises:
+        ValueError: ``first_target``/``length``/``horizon`` out of range, or no window near any reward event.
+    """
+    if not 0 <= first_target < length or horizon < 0:
+        raise ValueError(f"first_target, length, horizon: expected 0 <= first_target < length and horizon >= 0, got "
+                         f"{first_target}, {length}, {horizon}")
+    reward, episode = np.asarray(reward), np.asarray(episode)
+    R, starts = len(reward), np.asarray(starts, np.int64)
+    probs = np.zeros(len(starts), np.float64)
+    bounds = np.concatenate([np.flatnonzero(episode[1:] != episode[:-1]) + 1, [R]])  # end of each episode run
+    run_end = bounds[np.searchsorted(bounds, starts, side="right")]  # (N,) first row after the window's episode
+    masks = []
+    for sign in (1, -1):
+        ev = np.sign(reward) == sign
+        cum = np.concatenate([[0], np.cumsum(ev)])  # events in rows [a, b) = cum[b] − cum[a]
+        lo = starts + first_target
+        hi = np.minimum(starts + length + horizon, run_end)
+        mask = cum[hi] - cum[np.minimum(lo, hi)] > 0
+        if mask.any():
+            masks.append(mask)
+    if not masks:
+        raise ValueError("reward: expected at least one reward event within reach of a window, got none")
+    for mask in masks:
+        probs[mask] += 1.0 / (len(masks) * mask.sum())
+    return probs
 
 
 def lift(probs: np.ndarray, flags: np.ndarray) -> float:
