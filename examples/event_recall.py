@@ -28,9 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout without install
 
-from dit_envs.bundle import load_bundle  # noqa: E402
-from dit_envs.envs.loading import set_temperature  # noqa: E402
-from registry import get, resolve  # noqa: E402
+from dit_envs.envs.loading import load_for_env  # noqa: E402
 from trainers.data import EpisodeStore, heldout_mask  # noqa: E402
 
 
@@ -114,23 +112,21 @@ def head_signs(model, frames: np.ndarray, actions: np.ndarray, rows: np.ndarray,
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="episode store")
-    p.add_argument("--world-model", default="DiTWM/Pong-v0", help="registered env id or bundle directory")
-    p.add_argument("--sampling-steps", type=int, default=0, help="denoising steps (0: the bundle's default)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the bundle's)")
     p.add_argument("--lead", type=int, default=3, help="steps from the context's end to the event")
     p.add_argument("--tail", type=int, default=3, help="steps imagined after the event's step")
     p.add_argument("--max-events", type=int, default=512, help="at most this many events per sign and split")
+    p.add_argument("--world-model", default="DiTWM/Pong-v0", help="registered env id or bundle directory")
+    p.add_argument("--sampling-steps", type=int, default=0, help="denoising steps (0: the bundle's default)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the bundle's)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     for name, lo in (("lead", 1), ("tail", 0), ("max_events", 1), ("sampling_steps", 0)):
         if getattr(a, name) < lo:
             p.error(f"--{name.replace('_', '-')}: expected >= {lo}, got {getattr(a, name)}")
-    source = resolve(get(a.world_model)) if a.world_model.startswith("DiTWM/") else a.world_model
-    model = load_bundle(source).model.eval()
-    if a.sampling_steps:
-        model.sampling_steps = a.sampling_steps
-    if a.temperature is not None:
-        set_temperature(model, a.temperature)
+    env_id = a.world_model if a.world_model.startswith("DiTWM/") else None
+    bundle, _ = load_for_env(env_id, None if env_id else a.world_model, sampling_steps=a.sampling_steps or None,
+                             temperature=a.temperature)
+    model = bundle.model.eval()
     data = EpisodeStore(a.data).load()
     held = heldout_mask(data["episode"])
     rng = np.random.default_rng(a.seed)

@@ -102,6 +102,23 @@ def test_event_draw_oversamples_windows_near_reward_events(store, tmp_path, caps
     assert m and 0 < int(m[1]) < int(m[2])
 
 
+def test_event_draw_on_a_store_without_rewards_exits_2_and_leaves_no_output(store, tmp_path, capsys):
+    from trainers import cli
+
+    quiet = tmp_path / "quiet"
+    shutil.copytree(store, quiet, ignore=shutil.ignore_patterns("latents"))
+    for chunk in (quiet / "chunks").glob("*.npz"):
+        with np.load(chunk, allow_pickle=False) as z:
+            cols = {k: z[k] for k in z.files}
+        cols["reward"] = np.zeros_like(cols["reward"])
+        np.savez_compressed(chunk, **cols)
+    out = tmp_path / "o"
+    argv = ["pretrain", "--data", str(quiet), "--stage1", str(store / "stage1"), "--out", str(out), "--steps", "2",
+            *flags(**TINY), "--event-fraction", "0.5"]
+    assert cli.main(argv) == 2
+    assert "--event-fraction" in capsys.readouterr().err and not out.exists()
+
+
 def test_sigterm_writes_checkpoint_and_exits_143(store, tmp_path):
     out = tmp_path / "t"
     cmd = [sys.executable, "-m", "trainers.pretrain", "--data", str(store), "--out", str(out),

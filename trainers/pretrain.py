@@ -262,6 +262,8 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
             probs = event_probabilities(train.reward, train.episode, windows.sampler.all_window_starts(),
                                         first_target=K, length=s.window, horizon=args.event_horizon)
         except ValueError as e:
+            if d.is_main and not any(out.iterdir()):  # nothing written yet: leave no empty output behind
+                out.rmdir()
             raise ArgError("event_fraction", f"expected a store with reward events, got: {e}") from None
         windows.set_priorities(probs, args.event_fraction)
         if d.is_main:
