@@ -8,8 +8,8 @@ sign ``σ`` (*recall*) and of sign ``−σ`` (*wrong sign*). Split into training
 
 ``ditwm evaluate fidelity`` scores reward events over random windows, where in Pong nearly every event is a point
 lost; an agent can only learn to score if the model also imagines the rare sign. On a DiT fine-tuned on 500k rows
-of agent and scripted play, 3 steps before a real point won the model imagined it in 1 % of rollouts (a point lost:
-38 %), although its reward head recognised 90 % of real points won from the real frames (printed as "the head
+of agent and scripted play, 3 steps before a real point won the model imagined it in 2 % of rollouts (a point lost:
+42 %), although its reward head recognised 93 % of real points won from the real frames (printed as "the head
 on the real frames"): the dynamics, not the head, lose the event.
 
 Run::

@@ -99,25 +99,26 @@ def _read_chunk(path: Path) -> dict[str, np.ndarray] | None:
     return part
 
 
-def store_index(store_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(episode, step)`` int64 ``(R,)`` of every readable row, sorted — without decompressing any frame
-    (``np.load`` of an ``.npz`` reads only the members asked for). Unreadable chunks are skipped silently
-    (:func:`encode_store` warns about them)."""
-    eps, steps = [], []
+def store_index(store_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(episode, step)`` int64 ``(R,)`` and ``reward`` float32 ``(R,)`` of every readable row, sorted — without
+    decompressing any frame (``np.load`` of an ``.npz`` reads only the members asked for). Unreadable chunks are
+    skipped silently (:func:`encode_store` warns about them)."""
+    eps, steps, rewards = [], [], []
     for path in EpisodeStore(store_dir).chunk_paths():
         try:
             with np.load(path, allow_pickle=False) as f:
-                e, s = f["episode"], f["step"]
+                e, s, r = f["episode"], f["step"], f["reward"]
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             continue
-        if e.dtype == np.int64 and s.dtype == np.int64 and e.shape == s.shape and e.ndim == 1:
+        if e.dtype == np.int64 and s.dtype == np.int64 and e.ndim == 1 and e.shape == s.shape == r.shape:
             eps.append(e)
             steps.append(s)
+            rewards.append(r.astype(np.float32))
     if not eps:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    e, s = np.concatenate(eps), np.concatenate(steps)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    e, s, r = np.concatenate(eps), np.concatenate(steps), np.concatenate(rewards)
     order = np.lexsort((s, e))
-    return e[order], s[order]
+    return e[order], s[order], r[order]
 
 
 def _metadata(path: Path) -> dict[str, str]:

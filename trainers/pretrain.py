@@ -166,8 +166,11 @@ def validate(args: Args) -> Setup:
     if not 2 <= seq_len <= k + 1:
         raise ArgError("seq_len", f"expected 2..{k + 1} (K + 1 with K = {k}), got {seq_len}")
     window = max(seq_len, k + args.rollout_steps, k + 1)
-    episode, step = store_index(args.data)
+    episode, step, reward = store_index(args.data)
     train = ~heldout_mask(episode)
+    if args.event_fraction and not (reward[train] != 0).any():
+        raise ArgError("event_fraction", f"expected a store with reward events in its training episodes, got none "
+                                         f"in {int(train.sum())} rows of {args.data}")
     _, lengths = segments(episode[train], step[train])
     longest = int(lengths.max()) if len(lengths) else 0
     if longest < window:
@@ -261,10 +264,8 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
         try:
             probs = event_probabilities(train.reward, train.episode, windows.sampler.all_window_starts(),
                                         first_target=K, length=s.window, horizon=args.event_horizon)
-        except ValueError as e:
-            if d.is_main and not any(out.iterdir()):  # nothing written yet: leave no empty output behind
-                out.rmdir()
-            raise ArgError("event_fraction", f"expected a store with reward events, got: {e}") from None
+        except ValueError as e:  # validate() saw events; here none is within reach of a window
+            raise ArgError("event_fraction", f"expected reward events within reach of a window, got: {e}") from None
         windows.set_priorities(probs, args.event_fraction)
         if d.is_main:
             print(f"pretrain: {args.event_fraction:.0%} of each batch from the {int((probs > 0).sum())} of "
