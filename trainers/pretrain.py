@@ -10,7 +10,7 @@ a reward/termination head learns from real transitions (:mod:`trainers.pretrain_
 episodes train (:func:`trainers.data.heldout_mask`); held-out ones are evaluated (:mod:`trainers.pretrain_eval`).
 
 Three options target rare, small events (in Pong: the agent's paddle returning the ball, under 1 % of the windows
-of our stage-1 store, a few pixels in the frame; a point won, one for every 5 to 50 lost), all off by default:
+of our stage-1 store, a few pixels in the frame; a point won, one for every 8 to 56 lost), all off by default:
 ``--pixel-weight`` adds a motion-weighted pixel loss through the frozen decoder
 (:class:`trainers.pretrain_objective.PretrainNet`), ``--priority-fraction`` draws part of each batch in
 proportion to the model's own one-step error (prioritised replay), and ``--event-fraction`` draws part of it from

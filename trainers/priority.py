@@ -74,7 +74,7 @@ def event_probabilities(reward: np.ndarray, episode: np.ndarray, starts: np.ndar
                         length: int, horizon: int) -> np.ndarray:
     """Sampling probabilities that draw windows ending in or shortly before a reward event, balanced by sign.
 
-    Rewards are rare and one sign rarer still (our Pong stores: one point won for every 5 to 50 lost), and a model
+    Rewards are rare and one sign rarer still (our Pong stores: one point won for every 8 to 56 lost), and a model
     trained on uniform windows learns that the rare event never happens: from real contexts 3 steps before a
     point won, a DiT fine-tuned on 500k rows imagined the point in 2 % of rollouts (the point lost: 42 %). A window
     starting at row ``s`` is an event window of sign ``σ`` when a row in ``[s + first_target, s + length − 1 +
