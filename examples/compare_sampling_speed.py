@@ -7,6 +7,12 @@ number of timed blocks, taken in turns, and the median block rate is reported wi
 Run::
 
     python examples/compare_sampling_speed.py runs/dit_ro4/bundle:4 registry/bundled/pong-v0:1 registry/bundled/pong-v0:2
+
+``--breakdown`` also times, per DiT configuration and in the same turns, the two parts of a step that the number of
+sampling steps scales differently: the context pass (:meth:`DiT.context_cache`, once per env step) and one sampler
+step (:meth:`DiT.predict_next`, ``sampling_steps`` times); the rest of the env step (noise, heads, state update,
+env bookkeeping) is what remains. The share of the step that does not shrink with fewer sampling steps (context
+pass + rest) is what keeps a student of ``s`` steps below the linear speed-up ``s_1 / s`` over a teacher of ``s_1``.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout without install
 
@@ -31,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--num-envs", type=int, default=256, help="envs per vector env")
     p.add_argument("--steps", type=int, default=10, help="batched steps per timed block")
     p.add_argument("--repeats", type=int, default=5, help="timed blocks per configuration")
+    p.add_argument("--breakdown", action="store_true", help="also time the context pass and one sampler step")
     args = p.parse_args(argv)
     envs = {}
     for cfg in args.configs:
@@ -45,19 +53,61 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for _ in range(3):
             env.step(actions)
     rates: dict[str, list[float]] = {k: [] for k in envs}
+    parts: dict[str, list[tuple[float, float]]] = {k: [] for k in envs}
     for _ in range(args.repeats):
         for k, env in envs.items():
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 env.step(actions)
             rates[k].append(args.steps * args.num_envs / (time.perf_counter() - t0))
+            if args.breakdown:
+                parts[k].append(time_parts(env, args.steps))
     medians = {k: statistics.median(v) for k, v in rates.items()}
     ref = next(iter(medians.values()))
     for k, v in medians.items():
         print(f"{k:<50} {v:8.0f} imagined env steps/s  ({v / ref:.2f} x the first)")
+    if args.breakdown:
+        print_breakdown(args, envs, medians, parts)
     for env in envs.values():
         env.close()
     return medians
+
+
+@torch.no_grad()
+def time_parts(env, repeats: int) -> tuple[float, float]:
+    """Seconds of one context pass and of one sampler step on the env's current state (its DiT, all envs)."""
+    wm = env.unwrapped.core.model
+    state = env.unwrapped.core.state
+    z, a = wm.normalize(state["z"]), state["a"]
+    x = torch.randn(z.shape[0], z.shape[2])
+    t = torch.full((z.shape[0],), 0.5)
+    cache = wm.dit.context_cache(z, a)  # warm-up
+    wm.dit.predict_next(x, t, a[:, -1], cache, step_size=t, shared_level=True)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        cache = wm.dit.context_cache(z, a)
+    t1 = time.perf_counter()
+    for _ in range(repeats):
+        wm.dit.predict_next(x, t, a[:, -1], cache, step_size=t, shared_level=True)
+    return (t1 - t0) / repeats, (time.perf_counter() - t1) / repeats
+
+
+def print_breakdown(args, envs: dict, medians: dict[str, float], parts: dict[str, list[tuple[float, float]]]) -> None:
+    """Per configuration: ms per batched env step of the context pass, one sampler step and the rest, and the share
+    of the step that does not scale with the sampling steps (see the module docstring)."""
+    rows = {}
+    for k, env in envs.items():
+        ctx = statistics.median(c for c, _ in parts[k])
+        step = statistics.median(s for _, s in parts[k])
+        total = args.num_envs / medians[k]
+        steps = env.unwrapped.core.model.sampling_steps
+        rows[k] = (ctx, step, total - ctx - steps * step, steps)
+    s1 = next(iter(rows.values()))[3]
+    print(f"{'ms per batched step of ' + str(args.num_envs) + ' envs':<50} {'context':>8} {'1 step':>8} {'rest':>8}"
+          f"  fixed share, linear speed-up vs the first")
+    for k, (ctx, step, rest, s) in rows.items():
+        fixed = (ctx + rest) / (ctx + s * step + rest)
+        print(f"{k:<50} {1e3 * ctx:8.2f} {1e3 * step:8.2f} {1e3 * rest:8.2f}  {fixed:.2f}, {s1 / s:.2f}")
 
 
 if __name__ == "__main__":

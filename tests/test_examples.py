@@ -25,6 +25,18 @@ def test_reward_rates_tiny(capsys):
     assert "events per 1000 steps" in capsys.readouterr().out
 
 
+def test_compare_sampling_speed_breakdown(tiny_bundle, capsys):
+    configs = [f"{tiny_bundle}:4", f"{tiny_bundle}:1"]
+    rates = _load("compare_sampling_speed").main([*configs, "--num-envs", "4", "--steps", "2", "--repeats", "2",
+                                                  "--breakdown"])
+    assert list(rates) == configs and all(v > 0 for v in rates.values())
+    out = capsys.readouterr().out.splitlines()
+    assert "context" in out[2] and "fixed share" in out[2]
+    for line, linear in zip(out[3:5], ("1.00", "4.00")):
+        ctx, step = map(float, line.split()[1:3])
+        assert ctx > 0 and step > 0 and line.endswith(f", {linear}")
+
+
 def test_reward_rates_bad_args():
     with pytest.raises(SystemExit):
         _load("reward_rates").main(["--steps", "0"])

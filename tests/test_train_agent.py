@@ -242,6 +242,8 @@ def test_sigterm_checkpoints_exits_143_and_resumes(bundle, tmp_path):
     (["--gamma", "1.5"], "--gamma"),
     (["--entropy-coef", "-1"], "--entropy-coef"),
     (["--temperature", "-1"], "--temperature"),
+    (["--start-data", "/nonexistent/store"], "--start-data"),
+    (["--start-data", "/nonexistent/store", "--start-contexts", "0"], "--start-contexts"),
 ])
 def test_bad_arguments_exit_2_and_write_nothing(bundle, tmp_path, capsys, argv, field):
     base = {"--world-model": bundle, "--steps": "2", "--init": "scratch", "--out": str(tmp_path / "x")}
@@ -253,6 +255,21 @@ def test_bad_arguments_exit_2_and_write_nothing(bundle, tmp_path, capsys, argv, 
     err = capsys.readouterr().err
     assert field in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_start_data_replaces_the_bundles_start_contexts(bundle, tiny_stage1_store, tmp_path, capsys):
+    from trainers.train_agent import prepare
+
+    args = Args(world_model=bundle, out=str(tmp_path / "s"), steps=2, init="scratch", start_data=str(tiny_stage1_store),
+                start_contexts=50, **TINY)
+    core = prepare(args).envs.unwrapped.core
+    assert core.start_z.shape == (50, 4, 32) and core.start_a.shape == (50, 4)
+    assert not torch.equal(core.start_z[:1], core.bundle.start_z[:1])
+    assert torch.equal(prepare(args).envs.unwrapped.core.start_z, core.start_z)  # seeded: a resume draws the same
+    assert run(bundle, tmp_path / "run", 2, start_data=str(tiny_stage1_store), start_contexts=50) == 0
+    assert cli.main(["train-agent", "--world-model", bundle, "--steps", "4", "--init", "scratch", "--resume",
+                     "--out", str(tmp_path / "run")]) == 2
+    assert "error: --start-data: expected" in capsys.readouterr().err
 
 
 def test_resume_with_other_world_model_is_refused(bundle, tmp_path, capsys):

@@ -258,6 +258,21 @@ def select_rows(data: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.n
     return {k: v[mask] for k, v in data.items()}
 
 
+def context_rows(episode: np.ndarray, step: np.ndarray, k: int, m: int, seed: int = 0) -> np.ndarray:
+    """Rows of ``m`` uniformly drawn windows of ``k`` consecutive frames inside one episode each.
+
+    Args:
+        episode, step: int ``(R,)`` of the rows, in any row order.
+    Returns:
+        int64 ``(m, k)`` indices into the given rows, each window in step order.
+    Raises:
+        ValueError: no episode segment holds ``k`` rows.
+    """
+    order = np.lexsort((step, episode))
+    sampler = SequenceSampler({"episode": episode[order], "step": step[order]}, k, seed=seed)
+    return order[sampler.window_starts(m)[:, None] + np.arange(k)[None]]
+
+
 def sample_contexts(z: np.ndarray, action: np.ndarray, episode: np.ndarray, step: np.ndarray, k: int, m: int,
                     num_actions: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Draw ``m`` real start contexts of ``k`` consecutive frames (inside one episode each) for a bundle.
@@ -270,8 +285,6 @@ def sample_contexts(z: np.ndarray, action: np.ndarray, episode: np.ndarray, step
     Raises:
         ValueError: no episode segment holds ``k`` rows.
     """
-    order = np.lexsort((step, episode))
-    sampler = SequenceSampler({"episode": episode[order], "step": step[order]}, k, seed=seed)
-    idx = order[sampler.window_starts(m)[:, None] + np.arange(k)[None]]
+    idx = context_rows(episode, step, k, m, seed)
     a = action[idx]
     return z[idx].astype(np.float32), np.where(a < 0, num_actions, a).astype(np.int64)

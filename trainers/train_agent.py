@@ -15,7 +15,10 @@ learned nothing in 600 updates (γ 0.997) or collapsed the policy (γ 0.99); lr 
 Pong's points are decided within one rally) with η 3e-3 learned to return the ball within 2 000 updates of 64 envs.
 ``--init policy:DIR`` continues a run's policy in another world model: with ``ditwm collect --agent policy`` and
 ``ditwm pretrain --init`` this is a DIAMOND-style alternation (Alonso et al. 2024) of data collection, world-model
-fine-tuning and training in imagination.
+fine-tuning and training in imagination. ``--episode-steps 15`` with ``--start-data STORE`` imagines as DreamerV3 and
+DIAMOND do: every update starts all envs from real contexts (here ``--start-contexts`` windows drawn from the store,
+e.g. the current policy's own play, :mod:`trainers.starts`) and truncates after ``--horizon`` steps, bootstrapping
+from the critic, instead of free-running 1 000-step imagined episodes whose model errors compound.
 
 Outputs in ``--out``: ``metrics.jsonl`` (train records every 10 updates, ``eval_*`` records), ``curves.png``
 (real-game and imagined returns), ``ckpt/`` (atomic training state for ``--resume``), and at the end
@@ -48,6 +51,7 @@ from trainers.agent_io import load_agent, load_encoder, make_imagination_env, sa
 from trainers.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
 from trainers.common import (ArgError, JsonlLogger, arg, catch_stop_signals, check_out_dir, check_temperature,
                              pick_device, run_cli, seed_everything, setting_arg_error, signal_exit_code)
+from trainers.data import EpisodeStore
 from trainers.policy import evaluate_policy
 from trainers.rollout import collect_rollout, rollout_loss
 from trainers.train_agent_report import plot_curves
@@ -69,6 +73,9 @@ class Args:
     eval_episodes: int = arg(10, "real-game episodes per evaluation (DESIGN.md §4: >= 10)")
     eval_max_steps: int = arg(27_000, "per-episode step cap of the real game (protocol: 27000)")
     episode_steps: int = arg(0, "imagined episode length before truncation (0: the env's default)")
+    start_data: str = arg("", "episode store to draw imagination start contexts from instead of the bundle's "
+                              "(DIAMOND: the replay buffer), encoded with the world model's encoder")
+    start_contexts: int = arg(4096, "with --start-data: how many start contexts to draw (seeded by --seed)")
     sampling_steps: int = arg(0, "denoising steps per imagined step (0: the bundle's default)")
     temperature: float | None = arg(None, "sampling temperature: std of the initial noise (default: the "
                                           "bundle's; DiT models only)")
@@ -144,13 +151,32 @@ def _warn_if_other_encoder(init_dir: Path, meta: dict, model: torch.nn.Module) -
               f"latents change meaning", file=sys.stderr)
 
 
+def _set_start_contexts(args: Args, envs, k: int, dev: torch.device) -> None:
+    """Replace the env's start contexts by ``--start-contexts`` windows of ``--start-data`` (seeded by ``--seed``,
+    so a resumed run draws the same). Raises :class:`ArgError` (``start_data``)."""
+    from trainers.starts import draw_start_contexts
+
+    model = envs.unwrapped.bundle.model
+    try:
+        meta = EpisodeStore(args.start_data).read_meta()
+        game = envs.unwrapped.bundle.config["game"]
+        if meta.get("game") != game:
+            raise ValueError(f"game: expected {game!r} (the world model's), the store has {meta.get('game')!r}")
+        z, a = draw_start_contexts(args.start_data, model, k=k, m=args.start_contexts,
+                                   num_actions=int(model.num_actions), seed=args.seed, device=dev)
+        envs.unwrapped.core.set_start_contexts(z, a)
+    except (FileNotFoundError, ValueError) as e:
+        raise ArgError("start_data", f"expected an episode store of the world model's game with episodes of >= {k} "
+                                     f"frames, got {args.start_data!r}: {e}") from None
+
+
 def prepare(args: Args) -> Setup:
     """Validate every argument and build the env and the initial actor-critic; writes nothing.
 
     Raises:
         ArgError: a bad argument, naming it (exit 2 from the CLI).
     """
-    for name in ("steps", "num_envs", "horizon", "eval_episodes", "eval_max_steps", "hidden"):
+    for name in ("steps", "num_envs", "horizon", "eval_episodes", "eval_max_steps", "hidden", "start_contexts"):
         if getattr(args, name) < 1:
             raise ArgError(name, f"expected an integer >= 1, got {getattr(args, name)}")
     for name in ("eval_every", "episode_steps", "sampling_steps"):
@@ -172,7 +198,8 @@ def prepare(args: Args) -> Setup:
         except FileNotFoundError as e:
             raise ArgError("out", f"expected a readable checkpoint to resume, got {e}") from None
         defaults = {f.name: f.default for f in dataclasses.fields(Args)}  # for keys absent in older runs
-        for name in ("world_model", "init", "hidden", "temperature", "gamma", "entropy_coef"):
+        for name in ("world_model", "init", "hidden", "temperature", "gamma", "entropy_coef", "start_data",
+                     "start_contexts"):
             prev = meta["args"].get(name, defaults[name])
             if prev != getattr(args, name):
                 raise ArgError(name, f"expected {prev!r} (the run being resumed), got {getattr(args, name)!r}")
@@ -188,6 +215,8 @@ def prepare(args: Args) -> Setup:
                                       f"{e.args[0] if e.args else e}") from None
     bundle = envs.unwrapped.bundle
     k_env, d_z = envs.single_observation_space.shape
+    if args.start_data:
+        _set_start_contexts(args, envs, k_env, dev)
     n_act = int(envs.single_action_space.n)
     if init_dir is None:
         with torch.random.fork_rng(devices=[]):

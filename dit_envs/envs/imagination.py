@@ -29,11 +29,14 @@ class ImaginationCore:
         obs_type: ``"pixels"`` (uint8 ``(3, 64, 64)``, the decoded newest latent) or ``"latent"`` (float32
             ``(K, d_z)``, the last ``K`` latents, oldest first).
         max_episode_steps: truncation horizon (>= 1).
+        start_contexts: optional ``(z float (M, K, d_z), prev_action int (M, K))`` real contexts that resets draw
+            from instead of the bundle's (see :meth:`set_start_contexts`).
     Raises:
-        ValueError: ``num_envs`` < 1, unknown ``obs_type``, ``max_episode_steps`` < 1.
+        ValueError: ``num_envs`` < 1, unknown ``obs_type``, ``max_episode_steps`` < 1, bad ``start_contexts``.
     """
 
-    def __init__(self, bundle: Any, num_envs: int, obs_type: str, max_episode_steps: int) -> None:
+    def __init__(self, bundle: Any, num_envs: int, obs_type: str, max_episode_steps: int,
+                 start_contexts: tuple[Any, Any] | None = None) -> None:
         if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs: expected an integer >= 1, got {num_envs!r}")
         if obs_type not in OBS_TYPES:
@@ -57,6 +60,36 @@ class ImaginationCore:
         self.state: dict[str, torch.Tensor] | None = None
         self.elapsed = np.zeros(self.num_envs, np.int64)
         self._last_z: torch.Tensor | None = None  # (N, d_z) newest latent, for pixels and render
+        self.start_z, self.start_a = bundle.start_z, bundle.start_a
+        if start_contexts is not None:
+            self.set_start_contexts(*start_contexts)
+
+    def set_start_contexts(self, z: Any, prev_action: Any) -> None:
+        """Replace the real start contexts that later resets draw from (e.g. DIAMOND's imagination starts from
+        the replay buffer, Alonso et al. 2024; `ditwm train-agent --start-data` draws them from an episode store).
+
+        Args:
+            z: float ``(M, K, d_z)`` encoded real frames (this model's frozen encoder), ``M >= 1``.
+            prev_action: int ``(M, K)`` action that led to each frame, ``num_actions`` = null (episode start).
+        Raises:
+            ValueError: a shape other than ``(M, K, d_z)`` / ``(M, K)``, non-finite latents, or actions outside
+                ``[0, num_actions]``.
+        """
+        K, d_z = self.model.context_len, self.model.latent_dim
+        z = torch.as_tensor(z)
+        a = torch.as_tensor(prev_action)
+        if z.ndim != 3 or z.shape[0] < 1 or tuple(z.shape[1:]) != (K, d_z):
+            raise ValueError(f"start_contexts: expected z of shape (M >= 1, {K}, {d_z}), got {tuple(z.shape)}")
+        if tuple(a.shape) != tuple(z.shape[:2]) or a.is_floating_point():
+            raise ValueError(f"start_contexts: expected integer actions of shape {tuple(z.shape[:2])}, got "
+                             f"{a.dtype} {tuple(a.shape)}")
+        if not bool(torch.isfinite(z).all()):
+            raise ValueError("start_contexts: expected finite latents, got NaN or inf")
+        if int(a.min()) < 0 or int(a.max()) > self.num_actions:
+            raise ValueError(f"start_contexts: expected actions in [0, {self.num_actions}], got min {int(a.min())}, "
+                             f"max {int(a.max())}")
+        self.start_z = z.to(self.device, self.bundle.start_z.dtype)
+        self.start_a = a.to(self.device, torch.int64)
 
     def seed(self, seed: int | None) -> None:
         """Seed start-context choice (numpy) and all sampling (``torch.Generator``); None draws fresh entropy."""
@@ -70,16 +103,16 @@ class ImaginationCore:
     @torch.no_grad()
     def reset_envs(self, mask: np.ndarray | None = None) -> None:
         """Start new episodes from random real start contexts in the envs where ``mask`` (bool ``(N,)``) is True."""
-        n_start = self.bundle.start_z.shape[0]
+        n_start = self.start_z.shape[0]
         if self.state is None or mask is None:
             idx = torch.as_tensor(self.rng.integers(0, n_start, self.num_envs), device=self.device)
-            self.state = self.model.initial_state(self.bundle.start_z[idx], self.bundle.start_a[idx])
+            self.state = self.model.initial_state(self.start_z[idx], self.start_a[idx])
             self.elapsed[:] = 0
         else:
             if not mask.any():
                 return
             idx = torch.as_tensor(self.rng.integers(0, n_start, int(mask.sum())), device=self.device)
-            fresh = self.model.initial_state(self.bundle.start_z[idx], self.bundle.start_a[idx])
+            fresh = self.model.initial_state(self.start_z[idx], self.start_a[idx])
             m = torch.as_tensor(mask, device=self.device)
             for k, v in fresh.items():
                 self.state[k][m] = v
@@ -163,7 +196,8 @@ class DiTWMVectorEnv(CoreSamplingSteps, gym.vector.VectorEnv):
     Predicted by the bundle's reward head (Pong: ±1 when a point is scored, else 0).
 
     ## Starting State
-    A context of ``K`` real encoded frames drawn uniformly from the bundle's start contexts.
+    A context of ``K`` real encoded frames drawn uniformly from the bundle's start contexts, or from
+    ``start_contexts`` when given.
 
     ## Episode End
     ``terminated`` when the termination head fires (Pong: a player reaches 21); ``truncated`` after
@@ -175,8 +209,9 @@ class DiTWMVectorEnv(CoreSamplingSteps, gym.vector.VectorEnv):
     ``num_envs``; ``checkpoint`` (bundle directory, ``hf://org/repo@<commit>``, ``bundled:<name>``; default: the
     id's catalog entry); ``obs_type``; ``max_episode_steps``; ``sampling_steps`` (denoising steps per env step,
     default from the bundle); ``temperature`` (standard deviation of the sampler's initial noise, default from
-    the bundle; lower is more faithful and less diverse, 0 deterministic); ``device``; ``dtype``; ``render_mode``
-    (``"rgb_array"``); ``autoreset_mode``;
+    the bundle; lower is more faithful and less diverse, 0 deterministic); ``start_contexts`` (``(z (M, K, d_z),
+    prev_action (M, K))`` real contexts to start episodes from instead of the bundle's, e.g. the agent's replay
+    buffer); ``device``; ``dtype``; ``render_mode`` (``"rgb_array"``); ``autoreset_mode``;
     ``allow_unpinned`` (accept a Hub branch instead of a commit).
 
     ## Version History
@@ -192,15 +227,15 @@ class DiTWMVectorEnv(CoreSamplingSteps, gym.vector.VectorEnv):
 
     def __init__(self, num_envs: int = 1, *, env_id: str | None = None, checkpoint: Any = None,
                  obs_type: str = "pixels", max_episode_steps: int | None = None, sampling_steps: int | None = None,
-                 temperature: float | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | str | None = None, render_mode: str | None = None,
-                 autoreset_mode: AutoresetMode | str = AutoresetMode.SAME_STEP,
+                 temperature: float | None = None, start_contexts: tuple[Any, Any] | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+                 render_mode: str | None = None, autoreset_mode: AutoresetMode | str = AutoresetMode.SAME_STEP,
                  allow_unpinned: bool = False, **expect: Any) -> None:
         bundle, horizon = load_for_env(env_id, checkpoint, device=device, dtype=dtype,
                                        sampling_steps=sampling_steps, temperature=temperature,
                                        allow_unpinned=allow_unpinned, **expect)
         self.core = ImaginationCore(bundle, num_envs, obs_type,
-                                    horizon if max_episode_steps is None else max_episode_steps)
+                                    horizon if max_episode_steps is None else max_episode_steps, start_contexts)
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode: expected None or 'rgb_array', got {render_mode!r}")
         try:

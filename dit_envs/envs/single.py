@@ -25,13 +25,14 @@ class DiTWMEnv(CoreSamplingSteps, gym.Env):
 
     def __init__(self, *, env_id: str | None = None, checkpoint: Any = None, obs_type: str = "pixels",
                  sampling_steps: int | None = None, temperature: float | None = None,
-                 device: str | torch.device = "cpu",
+                 start_contexts: tuple[Any, Any] | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype | str | None = None, render_mode: str | None = None,
                  allow_unpinned: bool = False, **expect: Any) -> None:
         bundle, _ = load_for_env(env_id, checkpoint, device=device, dtype=dtype, sampling_steps=sampling_steps,
                                  temperature=temperature, allow_unpinned=allow_unpinned, **expect)
         # Truncation is TimeLimit's job for the single env, so the core's own horizon is effectively infinite.
-        self.core = ImaginationCore(bundle, 1, obs_type, max_episode_steps=np.iinfo(np.int64).max)
+        self.core = ImaginationCore(bundle, 1, obs_type, max_episode_steps=np.iinfo(np.int64).max,
+                                    start_contexts=start_contexts)
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode: expected None or 'rgb_array', got {render_mode!r}")
         self.render_mode, self.bundle = render_mode, bundle
