@@ -1,6 +1,8 @@
 """Imagination start contexts: drawn from an episode store (trainers.starts) and served by the env."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -58,12 +60,23 @@ def test_windows_lie_in_one_episode_with_their_previous_actions(tmp_path):
 @pytest.mark.parametrize("kw, match", [
     (dict(k=0), "k: expected >= 1, got 0"),
     (dict(m=0), "m: expected >= 1, got 0"),
-    (dict(k=10), "seq_len: expected <= the longest episode segment"),
+    (dict(k=10), r"k: expected <= the longest episode segment \(9 rows\), got 10 in"),
 ])
 def test_bad_arguments(tmp_path, kw, match):
     make_store(tmp_path, [9, 3])
     with pytest.raises(ValueError, match=match):
         draw_start_contexts(tmp_path, PixelIdEncoder(), **{"k": 3, "m": 4, "num_actions": NULL, **kw})
+
+
+def test_unreadable_chunks_are_skipped_with_a_warning(tmp_path):
+    store = make_store(tmp_path, [9, 3, 7])
+    bad = store.chunk_paths()[1]
+    bad.write_bytes(b"not a zip file")
+    with pytest.warns(UserWarning, match=re.escape(f"skipping unreadable chunk {bad}")):
+        z, _ = draw_start_contexts(tmp_path, PixelIdEncoder(), k=2, m=100, num_actions=NULL)
+    written = [(e, t) for t in range(9) for e, n in enumerate([9, 3, 7]) if t < n]  # make_store's row order
+    drawn = {(int(e), int(t)) for e, t in z.reshape(-1, 2).tolist()}
+    assert drawn and drawn <= set(written) - set(written[5:10])  # nothing from the second chunk's 5 rows
 
 
 def test_empty_store_names_the_directory(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from trainers.train_agent import Args, main
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(num_envs=4, horizon=3, eval_episodes=2, eval_max_steps=10, episode_steps=20)
+TINY_ARGV = [s for k, v in TINY.items() for s in (f"--{k.replace('_', '-')}", str(v))]
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +246,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes(bundle, tmp_path):
     (["--temperature", "-1"], "--temperature"),
     (["--start-data", "/nonexistent/store"], "--start-data"),
     (["--start-data", "/nonexistent/store", "--start-contexts", "0"], "--start-contexts"),
+    (["--start-contexts", "64"], "--start-contexts"),  # without --start-data
 ])
 def test_bad_arguments_exit_2_and_write_nothing(bundle, tmp_path, capsys, argv, field):
     base = {"--world-model": bundle, "--steps": "2", "--init": "scratch", "--out": str(tmp_path / "x")}
@@ -270,6 +273,14 @@ def test_start_data_replaces_the_bundles_start_contexts(bundle, tiny_stage1_stor
     assert cli.main(["train-agent", "--world-model", bundle, "--steps", "4", "--init", "scratch", "--resume",
                      "--out", str(tmp_path / "run")]) == 2
     assert "error: --start-data: expected" in capsys.readouterr().err
+    grown = tmp_path / "grown"  # the same path, more rows: the seeded draw would differ, so the resume is refused
+    shutil.copytree(tiny_stage1_store, grown)
+    assert run(bundle, tmp_path / "g", 2, start_data=str(grown), start_contexts=50) == 0
+    chunks = sorted((grown / "chunks").glob("chunk-*.npz"))
+    shutil.copy(chunks[0], chunks[-1].with_name("chunk-99999999.npz"))
+    assert cli.main(["train-agent", "--world-model", bundle, "--steps", "4", "--init", "scratch", "--resume",
+                     "--start-data", str(grown), "--start-contexts", "50", *TINY_ARGV, "--out", str(tmp_path / "g")]) == 2
+    assert "error: --start-data: expected the store of the run being resumed" in capsys.readouterr().err
 
 
 def test_resume_with_other_world_model_is_refused(bundle, tmp_path, capsys):

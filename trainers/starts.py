@@ -12,6 +12,7 @@ Memory: one chunk of frames at a time plus the ``M·K`` drawn frames (4 096 × 4
 """
 from __future__ import annotations
 
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -24,15 +25,21 @@ ENCODE_BATCH = 1024
 
 
 def _chunk_columns(paths: list[Path]) -> tuple[np.ndarray, ...]:
-    """``(episode, step, action, chunk, row)`` int64 ``(R,)`` of every readable row, frames not decompressed."""
+    """``(episode, step, action, chunk, row)`` int64 ``(R,)`` of every readable row, frames not decompressed;
+    a chunk that cannot be read, or lacks frames, is skipped with a warning naming it (as
+    :meth:`EpisodeStore.load` does)."""
     cols: list[list[np.ndarray]] = [[], [], [], [], []]
     for c, path in enumerate(paths):
         try:
             with np.load(path, allow_pickle=False) as f:
+                if "obs" not in f.files:
+                    raise KeyError("obs")
                 e, s, a = f["episode"], f["step"], f["action"]
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            continue  # unreadable chunk: EpisodeStore.read_chunk warns when its frames are read
-        if e.ndim != 1 or not e.shape == s.shape == a.shape:
+            if e.ndim != 1 or not e.shape == s.shape == a.shape:
+                raise ValueError(f"episode/step/action shapes {e.shape}, {s.shape}, {a.shape}")
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            warnings.warn(f"episode store: skipping unreadable chunk {path} ({type(err).__name__}: {err})",
+                          stacklevel=3)
             continue
         for lst, v in zip(cols, (e, s, a, np.full(len(e), c), np.arange(len(e)))):
             lst.append(v.astype(np.int64))
@@ -41,13 +48,21 @@ def _chunk_columns(paths: list[Path]) -> tuple[np.ndarray, ...]:
     return tuple(np.concatenate(lst) for lst in cols)
 
 
+def store_rows(store_dir: str | Path) -> int:
+    """Number of readable rows of an episode store (columns only, no frame decompressed) — what a resumed
+    ``train-agent --start-data`` compares to notice a store that changed since the run began."""
+    return len(_chunk_columns(EpisodeStore(store_dir).chunk_paths())[0])
+
+
 @torch.no_grad()
 def draw_start_contexts(store_dir: str | Path, encoder, *, k: int, m: int, num_actions: int, seed: int = 0,
                         device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Draw ``m`` real contexts of ``k`` consecutive frames (inside one episode each) from a store and encode them.
 
     Windows are drawn uniformly over all valid windows of the store (with replacement), as
-    :func:`trainers.data.sample_contexts` draws a bundle's.
+    :func:`trainers.data.sample_contexts` draws a bundle's, from every episode: unlike a bundle's contexts, which
+    come from training episodes only, these may include the store's held-out episodes (they start imagined
+    rollouts; nothing is evaluated on them).
 
     Args:
         store_dir: an episode store (``meta.json`` + ``chunks/``).
@@ -61,8 +76,9 @@ def draw_start_contexts(store_dir: str | Path, encoder, *, k: int, m: int, num_a
         ``(z float32 (m, k, d_z), prev_action int64 (m, k))`` — the arguments of
         ``DiTWMVectorEnv(start_contexts=...)``.
     Raises:
-        ValueError: ``k`` or ``m`` < 1, a store with no readable row (names the directory), or no episode segment
-            with ``k`` rows.
+        ValueError: ``k`` or ``m`` < 1, a store with no readable row (names the directory), no episode segment
+            with ``k`` rows, or a chunk whose frames cannot be decompressed although its other columns could
+            (names the chunk).
     """
     for name, v in (("k", k), ("m", m)):
         if v < 1:
@@ -71,12 +87,15 @@ def draw_start_contexts(store_dir: str | Path, encoder, *, k: int, m: int, num_a
     episode, step, action, chunk, row = _chunk_columns(paths)
     if not len(episode):
         raise ValueError(f"store_dir: expected an episode store with readable chunks, got {str(store_dir)!r}")
-    idx = context_rows(episode, step, k, m, seed).reshape(-1)  # (m·k,) into the readable rows
+    try:
+        idx = context_rows(episode, step, k, m, seed).reshape(-1)  # (m·k,) into the readable rows
+    except ValueError as e:
+        raise ValueError(f"k: {e.args[0].split(': ', 1)[1]} in {str(store_dir)!r}") from None
     frames = np.zeros((len(idx), 3, 64, 64), np.uint8)
     for c in np.unique(chunk[idx]):
         part = EpisodeStore.read_chunk(paths[c])
-        if part is None:  # became unreadable since the index pass
-            raise ValueError(f"store_dir: chunk {paths[c]} could not be read")
+        if part is None:  # its frames (or a column the index pass did not read) are corrupt
+            raise ValueError(f"store_dir: expected readable frames in chunk {paths[c]}, got an unreadable chunk")
         sel = np.flatnonzero(chunk[idx] == c)
         frames[sel] = part["obs"][row[idx[sel]]]
     z = torch.cat([encoder.encode(torch.from_numpy(frames[i:i + ENCODE_BATCH]).to(device)).float()

@@ -17,7 +17,8 @@ Pong's points are decided within one rally) with η 3e-3 learned to return the b
 ``ditwm pretrain --init`` this is a DIAMOND-style alternation (Alonso et al. 2024) of data collection, world-model
 fine-tuning and training in imagination. ``--episode-steps 15`` with ``--start-data STORE`` imagines as DreamerV3 and
 DIAMOND do: every update starts all envs from real contexts (here ``--start-contexts`` windows drawn from the store,
-e.g. the current policy's own play, :mod:`trainers.starts`) and truncates after ``--horizon`` steps, bootstrapping
+e.g. the current policy's own play, :mod:`trainers.starts`) and truncates after ``--episode-steps`` (= ``--horizon``)
+steps, bootstrapping
 from the critic, instead of free-running 1 000-step imagined episodes whose model errors compound.
 
 Outputs in ``--out``: ``metrics.jsonl`` (train records every 10 updates, ``eval_*`` records), ``curves.png``
@@ -100,6 +101,7 @@ class Setup:
     game: str
     action_meanings: list[str]
     device: torch.device
+    start_rows: int | None = None  # readable rows of --start-data when the run began (checked on resume)
 
 
 def _init_dir(args: Args) -> Path | None:
@@ -151,10 +153,11 @@ def _warn_if_other_encoder(init_dir: Path, meta: dict, model: torch.nn.Module) -
               f"latents change meaning", file=sys.stderr)
 
 
-def _set_start_contexts(args: Args, envs, k: int, dev: torch.device) -> None:
+def _set_start_contexts(args: Args, envs, k: int, dev: torch.device) -> int:
     """Replace the env's start contexts by ``--start-contexts`` windows of ``--start-data`` (seeded by ``--seed``,
-    so a resumed run draws the same). Raises :class:`ArgError` (``start_data``)."""
-    from trainers.starts import draw_start_contexts
+    so a resumed run on the same store draws the same) → the store's readable rows. Raises :class:`ArgError`
+    (``start_data``)."""
+    from trainers.starts import draw_start_contexts, store_rows
 
     model = envs.unwrapped.bundle.model
     try:
@@ -165,6 +168,7 @@ def _set_start_contexts(args: Args, envs, k: int, dev: torch.device) -> None:
         z, a = draw_start_contexts(args.start_data, model, k=k, m=args.start_contexts,
                                    num_actions=int(model.num_actions), seed=args.seed, device=dev)
         envs.unwrapped.core.set_start_contexts(z, a)
+        return store_rows(args.start_data)
     except (FileNotFoundError, ValueError) as e:
         raise ArgError("start_data", f"expected an episode store of the world model's game with episodes of >= {k} "
                                      f"frames, got {args.start_data!r}: {e}") from None
@@ -188,9 +192,15 @@ def prepare(args: Args) -> Setup:
         raise ArgError("gamma", f"expected a discount in (0, 1], got {args.gamma}")
     if not (math.isfinite(args.entropy_coef) and args.entropy_coef >= 0):
         raise ArgError("entropy_coef", f"expected a number >= 0, got {args.entropy_coef}")
+    if args.start_data:
+        args.start_data = str(Path(args.start_data).expanduser().resolve())  # compared on resume
+    elif args.start_contexts != Args.start_contexts:
+        raise ArgError("start_contexts", f"expected --start-data with it, got --start-contexts "
+                                         f"{args.start_contexts} alone")
     check_temperature(args.temperature)
     dev = pick_device(args.device)
     out = check_out_dir(args.out, args.resume)
+    prev_rows = None
     init_dir = _init_dir(args)
     if args.resume and (out / "ckpt").exists():
         try:
@@ -203,6 +213,7 @@ def prepare(args: Args) -> Setup:
             prev = meta["args"].get(name, defaults[name])
             if prev != getattr(args, name):
                 raise ArgError(name, f"expected {prev!r} (the run being resumed), got {getattr(args, name)!r}")
+        prev_rows = meta.get("start_rows")
     try:
         envs = make_imagination_env(args.world_model, args.num_envs, device=dev,
                                     max_episode_steps=args.episode_steps or None,
@@ -215,8 +226,10 @@ def prepare(args: Args) -> Setup:
                                       f"{e.args[0] if e.args else e}") from None
     bundle = envs.unwrapped.bundle
     k_env, d_z = envs.single_observation_space.shape
-    if args.start_data:
-        _set_start_contexts(args, envs, k_env, dev)
+    start_rows = _set_start_contexts(args, envs, k_env, dev) if args.start_data else None
+    if prev_rows is not None and start_rows != prev_rows:
+        raise ArgError("start_data", f"expected the store of the run being resumed ({prev_rows} readable rows), got "
+                                     f"{start_rows} rows in {args.start_data!r}: its start contexts would differ")
     n_act = int(envs.single_action_space.n)
     if init_dir is None:
         with torch.random.fork_rng(devices=[]):
@@ -242,7 +255,7 @@ def prepare(args: Args) -> Setup:
                                         entropy_coef=args.entropy_coef)
         init = f"{'policy' if args.init.startswith('policy:') else 'stage1'}:{init_dir}"
     return Setup(envs, ac.to(dev).train(), k, init, bundle.config["game"], list(bundle.config["action_meanings"]),
-                 dev)
+                 dev, start_rows)
 
 
 class AgentTrainer:
@@ -292,6 +305,7 @@ class AgentTrainer:
         tensors["torch_rng"] = torch.get_rng_state()
         np_state = np.random.get_state()
         meta = {"args": dataclasses.asdict(self.args), "init": self.s.init, "agent": dataclasses.asdict(self.ac.config),
+                "start_rows": self.s.start_rows,
                 "updates": self.updates, "env_steps": self.env_steps, "history": self.history, "opt": opt_meta,
                 "python_rng": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
                 "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]]}

@@ -88,8 +88,8 @@ class ImaginationCore:
         if int(a.min()) < 0 or int(a.max()) > self.num_actions:
             raise ValueError(f"start_contexts: expected actions in [0, {self.num_actions}], got min {int(a.min())}, "
                              f"max {int(a.max())}")
-        self.start_z = z.to(self.device, self.bundle.start_z.dtype)
-        self.start_a = a.to(self.device, torch.int64)
+        self.start_z = z.to(self.device, self.bundle.start_z.dtype, copy=True)  # never the caller's memory
+        self.start_a = a.to(self.device, torch.int64, copy=True)
 
     def seed(self, seed: int | None) -> None:
         """Seed start-context choice (numpy) and all sampling (``torch.Generator``); None draws fresh entropy."""
