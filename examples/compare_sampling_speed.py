@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--num-envs", type=int, default=256, help="envs per vector env")
     p.add_argument("--steps", type=int, default=10, help="batched steps per timed block")
     p.add_argument("--repeats", type=int, default=5, help="timed blocks per configuration")
-    p.add_argument("--breakdown", action="store_true", help="also time the context pass and one sampler step")
+    p.add_argument("--breakdown", action="store_true", help="also time the context pass and the sampler of each DiT")
     args = p.parse_args(argv)
     envs = {}
     for cfg in args.configs:
@@ -111,6 +111,7 @@ def print_breakdown(args, envs: dict, medians: dict[str, float], parts: dict[str
         rest, s = total - ctx - sampler, env.unwrapped.core.model.sampling_steps
         print(f"{k:<50} {1e3 * ctx:8.2f} {1e3 * sampler:8.2f} {1e3 * rest:8.2f}  {(ctx + rest) / total:.2f}, "
               f"{s1 / s:.2f}")
+
 
 if __name__ == "__main__":
     main()

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -50,12 +51,37 @@ def test_add_rejects_bad_rows(tmp_path):
         store.add(**{**rows, "action": rows["action"].astype(np.float32)})
 
 
-def test_corrupted_chunk_is_skipped_with_warning(tmp_path):
-    store = EpisodeStore(tmp_path, chunk_rows=4)
+def three_chunks(root, episode: int) -> tuple[EpisodeStore, dict]:
+    """A store of one 12-row episode in three chunks of 4 rows, and the rows written."""
+    store = EpisodeStore(root, chunk_rows=4)
     store.write_meta(game="Pong")
-    rows = fake_rows(12, episode=0)
+    rows = fake_rows(12, episode=episode)
     for i in range(0, 12, 4):
         store.add(**{k: v[i:i + 4] for k, v in rows.items()})
+    return store, rows
+
+
+def test_read_columns_maps_rows_to_chunks_and_skips_bad_chunks(tmp_path):
+    store, rows = three_chunks(tmp_path, episode=3)
+    cols = store.read_columns(("step", "reward"))
+    np.testing.assert_array_equal(cols["step"], np.arange(12))
+    np.testing.assert_array_equal(cols["reward"], rows["reward"])
+    np.testing.assert_array_equal(cols["chunk"], np.repeat([0, 1, 2], 4))
+    np.testing.assert_array_equal(cols["row"], np.tile(np.arange(4), 3))
+    assert cols["step"].dtype == np.int64 and cols["reward"].dtype == np.float32
+    bad = store.chunk_paths()[1]
+    bad.write_bytes(b"not a zip at all")
+    with pytest.warns(UserWarning, match="chunk-00000001.npz"):
+        cols = store.read_columns(("step",))
+    np.testing.assert_array_equal(cols["step"], [0, 1, 2, 3, 8, 9, 10, 11])
+    np.testing.assert_array_equal(cols["chunk"], [0] * 4 + [2] * 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(store.read_columns(("step",), warn=False)["step"]) == 8
+
+
+def test_corrupted_chunk_is_skipped_with_warning(tmp_path):
+    store, rows = three_chunks(tmp_path, episode=0)
     bad = store.chunk_paths()[1]
     raw = bad.read_bytes()
     bad.write_bytes(raw[: len(raw) // 2])  # truncated

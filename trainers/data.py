@@ -126,6 +126,39 @@ class EpisodeStore:
             return None
         return part
 
+    def read_columns(self, names: tuple[str, ...], *, warn: bool = True) -> dict[str, np.ndarray]:
+        """The 1-D columns ``names`` (e.g. ``("episode", "step")``) of every readable chunk, in file order, plus
+        ``chunk`` (index into :meth:`chunk_paths`) and ``row`` (row inside that chunk), all ``(R,)`` — without
+        decompressing any frame (``np.load`` of an ``.npz`` reads only the members asked for). A chunk that cannot
+        be read, lacks frames, or whose columns disagree with :data:`FIELDS` is skipped, with a warning naming it
+        when ``warn``.
+
+        Returns:
+            ``{name: array (R,)}`` with the dtypes of :data:`FIELDS`; ``chunk`` and ``row`` int64.
+        """
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in (*names, "chunk", "row")}
+        for c, path in enumerate(self.chunk_paths()):
+            try:
+                with np.load(path, allow_pickle=False) as f:
+                    if "obs" not in f.files:
+                        raise KeyError("obs")
+                    part = {k: f[k] for k in names}
+                n = len(part[names[0]]) if names else 0
+                for k, arr in part.items():
+                    if arr.dtype != FIELDS[k][0] or arr.shape != (n,):
+                        raise ValueError(f"field {k} has {arr.dtype} {arr.shape}")
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+                if warn:
+                    warnings.warn(f"episode store: skipping unreadable chunk {path} ({type(e).__name__}: {e})",
+                                  stacklevel=2)
+                continue
+            for k, arr in part.items():
+                cols[k].append(arr)
+            cols["chunk"].append(np.full(n, c, np.int64))
+            cols["row"].append(np.arange(n, dtype=np.int64))
+        dtypes = {**{k: FIELDS[k][0] for k in names}, "chunk": np.dtype(np.int64), "row": np.dtype(np.int64)}
+        return {k: np.concatenate(v) if v else np.zeros(0, dtypes[k]) for k, v in cols.items()}
+
     def load(self) -> dict[str, np.ndarray]:
         """All readable rows, sorted by ``(episode, step)``; unreadable chunks are skipped with a warning.
 

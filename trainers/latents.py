@@ -101,24 +101,11 @@ def _read_chunk(path: Path) -> dict[str, np.ndarray] | None:
 
 def store_index(store_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(episode, step)`` int64 ``(R,)`` and ``reward`` float32 ``(R,)`` of every readable row, sorted — without
-    decompressing any frame (``np.load`` of an ``.npz`` reads only the members asked for). Unreadable chunks are
-    skipped silently (:func:`encode_store` warns about them)."""
-    eps, steps, rewards = [], [], []
-    for path in EpisodeStore(store_dir).chunk_paths():
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                e, s, r = f["episode"], f["step"], f["reward"]
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            continue
-        if e.dtype == np.int64 and s.dtype == np.int64 and e.ndim == 1 and e.shape == s.shape == r.shape:
-            eps.append(e)
-            steps.append(s)
-            rewards.append(r.astype(np.float32))
-    if not eps:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    e, s, r = np.concatenate(eps), np.concatenate(steps), np.concatenate(rewards)
-    order = np.lexsort((s, e))
-    return e[order], s[order], r[order]
+    decompressing any frame (:meth:`EpisodeStore.read_columns`). Unreadable chunks are skipped silently
+    (:func:`encode_store` warns about them)."""
+    c = EpisodeStore(store_dir).read_columns(("episode", "step", "reward"), warn=False)
+    order = np.lexsort((c["step"], c["episode"]))
+    return c["episode"][order], c["step"][order], c["reward"][order]
 
 
 def _metadata(path: Path) -> dict[str, str]:

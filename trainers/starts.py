@@ -12,8 +12,6 @@ Memory: one chunk of frames at a time plus the ``M·K`` drawn frames (4 096 × 4
 """
 from __future__ import annotations
 
-import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,34 +22,10 @@ from trainers.data import EpisodeStore, context_rows
 ENCODE_BATCH = 1024
 
 
-def _chunk_columns(paths: list[Path]) -> tuple[np.ndarray, ...]:
-    """``(episode, step, action, chunk, row)`` int64 ``(R,)`` of every readable row, frames not decompressed;
-    a chunk that cannot be read, or lacks frames, is skipped with a warning naming it (as
-    :meth:`EpisodeStore.load` does)."""
-    cols: list[list[np.ndarray]] = [[], [], [], [], []]
-    for c, path in enumerate(paths):
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                if "obs" not in f.files:
-                    raise KeyError("obs")
-                e, s, a = f["episode"], f["step"], f["action"]
-            if e.ndim != 1 or not e.shape == s.shape == a.shape:
-                raise ValueError(f"episode/step/action shapes {e.shape}, {s.shape}, {a.shape}")
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-            warnings.warn(f"episode store: skipping unreadable chunk {path} ({type(err).__name__}: {err})",
-                          stacklevel=3)
-            continue
-        for lst, v in zip(cols, (e, s, a, np.full(len(e), c), np.arange(len(e)))):
-            lst.append(v.astype(np.int64))
-    if not cols[0]:
-        return tuple(np.zeros(0, np.int64) for _ in range(5))
-    return tuple(np.concatenate(lst) for lst in cols)
-
-
 def store_rows(store_dir: str | Path) -> int:
     """Number of readable rows of an episode store (columns only, no frame decompressed) — what a resumed
     ``train-agent --start-data`` compares to notice a store that changed since the run began."""
-    return len(_chunk_columns(EpisodeStore(store_dir).chunk_paths())[0])
+    return len(EpisodeStore(store_dir).read_columns(("step",), warn=False)["step"])
 
 
 @torch.no_grad()
@@ -83,8 +57,10 @@ def draw_start_contexts(store_dir: str | Path, encoder, *, k: int, m: int, num_a
     for name, v in (("k", k), ("m", m)):
         if v < 1:
             raise ValueError(f"{name}: expected >= 1, got {v}")
-    paths = EpisodeStore(store_dir).chunk_paths()
-    episode, step, action, chunk, row = _chunk_columns(paths)
+    store = EpisodeStore(store_dir)
+    paths = store.chunk_paths()
+    cols = store.read_columns(("episode", "step", "action"))  # warns about every chunk it skips
+    episode, step, action, chunk, row = (cols[k] for k in ("episode", "step", "action", "chunk", "row"))
     if not len(episode):
         raise ValueError(f"store_dir: expected an episode store with readable chunks, got {str(store_dir)!r}")
     try:

@@ -18,8 +18,8 @@ Pong's points are decided within one rally) with η 3e-3 learned to return the b
 fine-tuning and training in imagination. ``--episode-steps 15`` with ``--start-data STORE`` imagines as DreamerV3 and
 DIAMOND do: every update starts all envs from real contexts (here ``--start-contexts`` windows drawn from the store,
 e.g. the current policy's own play, :mod:`trainers.starts`) and truncates after ``--episode-steps`` (= ``--horizon``)
-steps, bootstrapping
-from the critic, instead of free-running 1 000-step imagined episodes whose model errors compound.
+steps, bootstrapping from the critic, instead of free-running 1 000-step imagined episodes whose model errors
+compound.
 
 Outputs in ``--out``: ``metrics.jsonl`` (train records every 10 updates, ``eval_*`` records), ``curves.png``
 (real-game and imagined returns), ``ckpt/`` (atomic training state for ``--resume``), and at the end
