@@ -151,6 +151,16 @@ def test_distill_cli_writes_a_student_bundle_that_steps_as_an_env(tiny_stage1_st
         envs.close()
 
 
+def test_bf16_distillation_writes_a_float32_student(tiny_stage1_store, teacher_bundle, tmp_path):
+    common = dict(teacher=str(teacher_bundle), data=str(tiny_stage1_store), steps=4, **TINY)
+    assert main(Args(**common, out=str(tmp_path / "bf16"), precision="bf16")) == 0
+    assert main(Args(**common, out=str(tmp_path / "fp32"), precision="fp32")) == 0
+    a, b = load_bundle(tmp_path / "bf16" / "bundle"), load_bundle(tmp_path / "fp32" / "bundle")
+    pa, pb = dict(a.model.dit.named_parameters()), dict(b.model.dit.named_parameters())
+    assert a.config["dtype"] == "float32" and all(torch.isfinite(p).all() for p in pa.values())
+    assert any(not torch.equal(pa[k], pb[k]) for k in pa)  # the forwards ran in bfloat16
+
+
 def test_distill_resume_equals_an_uninterrupted_run(tiny_stage1_store, teacher_bundle, tmp_path):
     kw = dict(TINY, lr_decay_steps=8)
     common = dict(teacher=str(teacher_bundle), data=str(tiny_stage1_store))

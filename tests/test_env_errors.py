@@ -83,6 +83,24 @@ def test_bad_constructor_arguments(bundle, kwargs, field):
     assert repr(list(kwargs.values())[0]) in str(info.value) or str(list(kwargs.values())[0]) in str(info.value)
 
 
+def test_dtype_auto_runs_bfloat16_only_where_matmuls_are_native(bundle, monkeypatch):
+    from dit_envs.envs import loading
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert loading.fast_dtype("cpu") == torch.bfloat16
+    envs = gym.make_vec("DiTWM/Pong-v0", num_envs=2, checkpoint=str(bundle), dtype="auto", obs_type="latent")
+    assert next(envs.unwrapped.bundle.model.parameters()).dtype == torch.bfloat16
+    obs, _ = envs.reset(seed=0)
+    obs, reward, *_ = envs.step(np.zeros(2, np.int64))
+    assert obs.dtype == np.float32 and np.isfinite(obs).all() and np.isfinite(reward).all()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert loading.fast_dtype("cpu") == torch.float32
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)  # a build without the probe
+    assert loading.fast_dtype("cpu") == torch.float32
+    env = gym.make("DiTWM/Pong-v0", checkpoint=str(bundle), dtype="auto").unwrapped
+    assert next(env.bundle.model.parameters()).dtype == torch.float32
+
+
 def test_sampling_steps_setter_validates(bundle):
     envs = gym.make_vec("DiTWM/Pong-v0", num_envs=2, checkpoint=str(bundle))
     with pytest.raises(ValueError, match="sampling_steps.*got 0"):

@@ -168,6 +168,15 @@ def test_fidelity_outputs_tiny_dit(tmp_path, store, capsys):
     assert (s["up_action"], s["down_action"]) == ("RIGHT", "LEFT")
 
 
+def test_dtype_runs_the_model_in_bfloat16_on_the_same_contexts(tmp_path, store):
+    bundle = make_tiny_bundle(tmp_path / "dit")
+    ref = _run(bundle, store, tmp_path / "fp32")
+    bf = _run(bundle, store, tmp_path / "bf16", dtype="bfloat16")
+    assert bf["args"]["dtype"] == "bfloat16" and bf["starts"] == ref["starts"]
+    assert all(r["latent_mse"] >= 0 for r in bf["horizons"])
+    assert [r["latent_mse"] for r in bf["horizons"]] != [r["latent_mse"] for r in ref["horizons"]]
+
+
 class GaussianModel:
     """Predicts ``offset + N(0, 1)`` latents from its generator, whatever the context: a known sampler."""
 

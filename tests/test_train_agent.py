@@ -160,6 +160,23 @@ def test_scratch_run_outputs_and_bit_exact_resume(bundle, tmp_path, capsys):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_world_model_dtype_bfloat16_trains_a_float32_agent(bundle, tmp_path, monkeypatch):
+    import trainers.train_agent as ta
+
+    made = {}
+    real_make = ta.make_imagination_env
+
+    def spy(*a, **kw):
+        made["envs"] = real_make(*a, **kw)
+        return made["envs"]
+
+    monkeypatch.setattr(ta, "make_imagination_env", spy)
+    assert run(bundle, tmp_path / "bf16", 2, dtype="bfloat16") == 0
+    assert next(made["envs"].unwrapped.bundle.model.parameters()).dtype == torch.bfloat16
+    ac, meta = load_agent(tmp_path / "bf16")
+    assert meta["updates"] == 2 and all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in ac.parameters())
+
+
 def test_best_snapshot_follows_the_best_evaluation(bundle, tmp_path, monkeypatch, capsys):
     import trainers.train_agent as ta
 

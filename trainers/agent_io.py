@@ -128,12 +128,12 @@ def resolve_world_model(spec: str) -> tuple[str | None, Path]:
 
 def make_imagination_env(spec: str, num_envs: int, *, device: str | torch.device = "cpu",
                          max_episode_steps: int | None = None, sampling_steps: int | None = None,
-                         temperature: float | None = None) -> gym.vector.VectorEnv:
+                         temperature: float | None = None, dtype: str | None = None) -> gym.vector.VectorEnv:
     """The natively batched imagination env of a world-model spec with latent observations.
 
     ``gym.make_vec(env_id, obs_type="latent", checkpoint=bundle_dir, ...)`` when the bundle's game has a catalog
     id, else :class:`~dit_envs.envs.imagination.DiTWMVectorEnv` directly. Observations: float32
-    ``(num_envs, K, d_z)``; autoreset SAME_STEP.
+    ``(num_envs, K, d_z)``; autoreset SAME_STEP. ``dtype``: the env's float dtype option (None: float32).
 
     Raises:
         ValueError, FileNotFoundError, KeyError: from :func:`resolve_world_model` and bundle loading.
@@ -143,7 +143,7 @@ def make_imagination_env(spec: str, num_envs: int, *, device: str | torch.device
 
     env_id, path = resolve_world_model(spec)
     kw: dict[str, Any] = dict(obs_type="latent", checkpoint=str(path), device=device,
-                              sampling_steps=sampling_steps or None, temperature=temperature)
+                              sampling_steps=sampling_steps or None, temperature=temperature, dtype=dtype)
     if max_episode_steps:
         kw["max_episode_steps"] = max_episode_steps
     if env_id is not None:

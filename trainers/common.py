@@ -6,6 +6,7 @@ Every stage module defines ``@dataclass(kw_only=True) class Args`` (fields made 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -65,6 +66,13 @@ def arg(default: Any = _REQUIRED, help: str = "", **kw: Any) -> Any:
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=md)
     return dataclasses.field(default=default, metadata=md)
+
+
+def dtype_arg(note: str = "") -> Any:
+    """The ``--dtype`` field of commands that run a world model: the env's ``dtype`` option (float32 by default;
+    ``auto`` → :func:`dit_envs.envs.loading.fast_dtype`)."""
+    return arg("float32", "float dtype the world model runs in (auto: bfloat16 on AMX CPUs and bf16 GPUs)" + note,
+               choices=("auto", "float32", "bfloat16", "float16"))
 
 
 def _base_type(tp: Any) -> Any:
@@ -159,6 +167,23 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context of a training stage's forward passes (``LoopArgs.precision``).
+
+    ``"bf16"``: :func:`torch.autocast` to bfloat16 on ``device`` (CUDA, or CPU, where oneDNN runs bf16 matmuls
+    on AMX / AVX512-BF16 units; parameters, gradients and optimiser state stay float32); ``"fp32"``: no autocast;
+    ``"auto"``: bf16 on CUDA, fp32 elsewhere.
+
+    Raises:
+        ValueError: ``precision`` is not one of ``auto``, ``bf16``, ``fp32``.
+    """
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision: expected auto, bf16 or fp32, got {precision!r}")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 class JsonlLogger:
     """Append metrics as one JSON object per line (``{"step": ..., "time": ..., **metrics}``), flushed each call.
 
@@ -228,6 +253,9 @@ class LoopArgs:
     device: str = arg("cpu", "torch device: cpu, cuda[:i] or auto (torchrun: cuda → cuda:LOCAL_RANK)")
     compile: bool = arg(False, "torch.compile the training model")
     threads: int = arg(0, "torch CPU threads per process (0: torch's default)")
+    precision: str = arg("auto", "matmul precision of the forward passes: bf16 autocast, fp32, or auto (bf16 on "
+                                 "CUDA, fp32 on CPU); bf16 also pays on CPUs with AMX (Xeon 4th gen+)",
+                         choices=("auto", "bf16", "fp32"))
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
 
 

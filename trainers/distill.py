@@ -9,14 +9,14 @@ stays a runtime setting of the env.
 
 Same plumbing as ``ditwm pretrain``: AdamW with warm-up + cosine schedule, gradient clipping, EMA weights (the
 exported ones), JSONL metrics, atomic resumable checkpoints (``--resume``; a resumed CPU run equals an
-uninterrupted one), SIGTERM/SIGINT checkpoint and exit 143/130, CUDA bf16 autocast, ``torchrun`` + DDP.
+uninterrupted one), SIGTERM/SIGINT checkpoint and exit 143/130, bf16 autocast (CUDA by default, CPU with
+``--precision bf16``), ``torchrun`` + DDP.
 Evaluation every ``--eval-every`` steps on fixed held-out windows: ``eval/gap@k`` (mean squared distance between
 the student's ``k``-step sample and the teacher's ``N``-step sample from the same noise, normalised units) and the
 open-loop latent error ``eval/mse@h`` of the student at ``--sampling-steps``.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import sys
 import time
@@ -32,8 +32,8 @@ from dit_envs.models.dit import DiT
 from dit_envs.models.dit_world_model import DiTWorldModel
 from trainers import distributed as dist_
 from trainers.autoencoder import lr_at
-from trainers.common import (ArgError, JsonlLogger, LoopArgs, adamw, arg, catch_stop_signals, check_out_dir,
-                             pick_device, run_cli, seed_everything, signal_exit_code)
+from trainers.common import (ArgError, JsonlLogger, LoopArgs, adamw, arg, autocast_for, catch_stop_signals,
+                             check_out_dir, pick_device, run_cli, seed_everything, signal_exit_code)
 from trainers.data import EpisodeStore, heldout_mask
 from trainers.distill_objective import DistillNet, make_distill_inputs, sample_gap, step_levels
 from trainers.latents import LatentWindows, load_latents_on_ranks
@@ -189,7 +189,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
             log.log(0, **evaluate_all())
     stop: dict[str, int | None] = {"sig": None}
     restore = catch_stop_signals(lambda signum: stop.__setitem__("sig", signum))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    autocast = autocast_for(dev, args.precision)
     bar = tqdm(total=args.steps, initial=step, unit="step", desc="distill",
                disable=not (d.is_main and sys.stderr.isatty()))
     t0, s0, saved, loss, final = time.perf_counter(), step, step, None, {}

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainers.common import ArgError, arg, check_out_dir, check_temperature, pick_device, run_cli, setting_arg_error
+from trainers.common import (ArgError, arg, check_out_dir, check_temperature, dtype_arg, pick_device, run_cli,
+                             setting_arg_error)
 from trainers.data import EpisodeStore, heldout_mask, segments
 from trainers.fidelity_metrics import psnr, sensitivity_stats
 from trainers.pong_objects import locate_pong_objects
@@ -59,6 +60,7 @@ class Args:
     temperature: float | None = arg(None, "sampling temperature: std of the initial noise (default: the "
                                           "bundle's; DiT models only)")
     device: str = arg("cpu", "torch device of the world model (cpu, cuda, cuda:1, auto)")
+    dtype: str = dtype_arg()
     gif_contexts: int = arg(4, "contexts shown in rollout.gif")
     samples: int = arg(1, "independent rollouts per context for the sample-mean MSE and spread (1: off)")
     overwrite: bool = arg(False, "write into a non-empty --out, replacing the three output files")
@@ -238,10 +240,10 @@ def _validate(args: Args) -> list[int]:
 
 def _load_model(args: Args, device: torch.device):
     from dit_envs.bundle import load_bundle
-    from dit_envs.envs.loading import set_temperature
+    from dit_envs.envs.loading import run_dtype, set_temperature
 
     try:
-        bundle = load_bundle(args.world_model, device=device)
+        bundle = load_bundle(args.world_model, device=device, dtype=run_dtype(args.dtype, device))
     except (FileNotFoundError, ValueError) as e:
         raise ArgError("world_model", f"expected a loadable bundle directory, got {args.world_model!r}: {e}") from None
     model = bundle.model

@@ -22,13 +22,13 @@ every ``--eval-every``, resumable checkpoints in ``OUT/ckpt`` every ``--checkpoi
 pretrain_state`). SIGTERM/SIGINT checkpoint at the next step boundary and exit 143/130. At the end the EMA model
 is exported to ``OUT/bundle`` (``gym.make_vec("DiTWM/Pong-v0", checkpoint="OUT/bundle")``).
 
-Devices: CPU by default; CUDA with bf16 autocast and optional ``--compile``. Distributed:
+Devices: CPU by default; CUDA with bf16 autocast and optional ``--compile``; ``--precision bf16`` autocasts on CPU
+too (AMX CPUs: batch 128 trains about 1.5 x faster than in float32). Distributed:
 ``torchrun --nproc_per_node=2 -m trainers.pretrain ...`` (DDP, gloo on CPU / nccl on GPU; ``--batch`` is per
 process; each rank draws its own windows and noise; rank 0 alone writes files and logs).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import signal
@@ -46,8 +46,8 @@ from dit_envs.models.dit import DIT_PRESETS, DiT, DiTConfig
 from dit_envs.models.heads import HeadsConfig, RewardTermHead
 from trainers import distributed as dist_
 from trainers.autoencoder import load_autoencoder, lr_at
-from trainers.common import (ArgError, JsonlLogger, LoopArgs, adamw, arg, catch_stop_signals, check_out_dir,
-                             pick_device, run_cli, seed_everything, signal_exit_code)
+from trainers.common import (ArgError, JsonlLogger, LoopArgs, adamw, arg, autocast_for, catch_stop_signals,
+                             check_out_dir, pick_device, run_cli, seed_everything, signal_exit_code)
 from trainers.data import EpisodeStore, heldout_mask, segments
 from trainers.latents import LatentWindows, load_latents_on_ranks, store_index
 from trainers.pretrain_eval import data_summary, eval_windows, evaluate
@@ -306,7 +306,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
 
     stop: dict[str, int | None] = {"sig": None}
     restore = catch_stop_signals(lambda signum: stop.__setitem__("sig", signum))
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext())
+    autocast = autocast_for(dev, args.precision)
     total = args.lr_decay_steps or args.steps
     bar = tqdm(total=args.steps, initial=step, unit="step", desc=f"pretrain DiT-{args.preset}",
                disable=not (d.is_main and sys.stderr.isatty()))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import dit_envs  # noqa: F401  (registers the DiTWM ids)
-from trainers.common import ArgError, arg, run_cli
+from trainers.common import ArgError, arg, dtype_arg, run_cli
 
 
 @dataclass(kw_only=True)
@@ -34,6 +34,7 @@ class Args:
     repeats: int = arg(5, "timed blocks (the median is reported)")
     warmup: int = arg(3, "untimed batched steps first")
     device: str = arg("cpu", "torch device of the world model")
+    dtype: str = dtype_arg()
     threads: int = arg(0, "torch CPU threads (0: torch's default)")
     json_out: str = arg("", "also write the figures to this JSON file")
 
@@ -89,7 +90,7 @@ def main(args: Args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        kw: dict = {"sampling_steps": args.sampling_steps, "device": args.device}
+        kw: dict = {"sampling_steps": args.sampling_steps, "device": args.device, "dtype": args.dtype}
         env_id = "DiTWM/Pong-v0"
         if args.random_init:
             kw["checkpoint"] = str(_random_bundle(args, Path(tmp) / "bundle"))
@@ -115,7 +116,7 @@ def main(args: Args) -> int:
     for obs_type in ("latent", "pixels"):
         figures[f"ratio_{obs_type}_vs_real"] = figures[f"imagined_{obs_type}_steps_per_s"] / figures["real_ale_steps_per_s"]
     print(f"throughput  num_envs={args.num_envs}  sampling_steps={args.sampling_steps}  device={args.device}  "
-          f"torch threads={torch.get_num_threads()}")
+          f"dtype={args.dtype}  torch threads={torch.get_num_threads()}")
     print(f"  imagined, latent obs : {figures['imagined_latent_steps_per_s']:10.0f} env steps/s  "
           f"({figures['ratio_latent_vs_real']:.2f} x real)")
     print(f"  imagined, pixel obs  : {figures['imagined_pixels_steps_per_s']:10.0f} env steps/s  "

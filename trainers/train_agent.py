@@ -51,7 +51,7 @@ from trainers.agent import ActorCritic, AgentConfig
 from trainers.agent_io import load_agent, load_encoder, make_imagination_env, save_agent, stage1_dir
 from trainers.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
 from trainers.common import (ArgError, JsonlLogger, arg, catch_stop_signals, check_out_dir, check_temperature,
-                             pick_device, run_cli, seed_everything, setting_arg_error, signal_exit_code)
+                             dtype_arg, pick_device, run_cli, seed_everything, setting_arg_error, signal_exit_code)
 from trainers.data import EpisodeStore
 from trainers.policy import evaluate_policy
 from trainers.rollout import collect_rollout, rollout_loss
@@ -86,6 +86,7 @@ class Args:
                                     "by max(1, return range))")
     hidden: int = arg(256, "scratch only: MLP width of actor and critic (stage 1's default)")
     device: str = arg("cpu", "torch device of world model and agent (cpu, cuda, auto)")
+    dtype: str = dtype_arg("; the agent stays float32")
     seed: int = arg(0, "seed of envs, policy sampling and (scratch) initialisation")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
 
@@ -217,7 +218,8 @@ def prepare(args: Args) -> Setup:
     try:
         envs = make_imagination_env(args.world_model, args.num_envs, device=dev,
                                     max_episode_steps=args.episode_steps or None,
-                                    sampling_steps=args.sampling_steps or None, temperature=args.temperature)
+                                    sampling_steps=args.sampling_steps or None, temperature=args.temperature,
+                                    dtype=args.dtype)
     except ValueError as e:
         raise setting_arg_error(e, "world_model", f"expected a loadable world model, got {args.world_model!r}: "
                                                   f"{e.args[0] if e.args else e}") from None

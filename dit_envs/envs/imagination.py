@@ -211,8 +211,9 @@ class DiTWMVectorEnv(CoreSamplingSteps, gym.vector.VectorEnv):
     default from the bundle); ``temperature`` (standard deviation of the sampler's initial noise, default from
     the bundle; lower is more faithful and less diverse, 0 deterministic); ``start_contexts`` (``(z (M, K, d_z),
     prev_action (M, K))`` real contexts to start episodes from instead of the bundle's, e.g. the agent's replay
-    buffer); ``device``; ``dtype``; ``render_mode`` (``"rgb_array"``); ``autoreset_mode``;
-    ``allow_unpinned`` (accept a Hub branch instead of a commit).
+    buffer); ``device``; ``dtype`` (float dtype of the model: float32 by default; ``"auto"`` runs bfloat16 where
+    matmuls are native in it, AMX CPUs and bf16 GPUs, :func:`~dit_envs.envs.loading.fast_dtype`); ``render_mode``
+    (``"rgb_array"``); ``autoreset_mode``; ``allow_unpinned`` (accept a Hub branch instead of a commit).
 
     ## Version History
     * v0: initial release.

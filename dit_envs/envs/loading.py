@@ -11,11 +11,39 @@ from dit_envs.envs.real import action_meanings
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def fast_dtype(device: str | torch.device) -> torch.dtype:
+    """The float dtype ``dtype="auto"`` picks on ``device``: bfloat16 where matmuls run natively in it, else float32.
+
+    bfloat16 on CUDA devices that support it (``torch.cuda.is_bf16_supported``) and on CPUs with AMX tiles (Intel
+    Xeon 4th generation and later, where oneDNN runs bf16 matmuls on AMX: on 2 such cores the shipped Pong model
+    imagines 1.5-1.6 x (256 envs) and 1.7 x (1 024 envs) more env steps/s than in float32); float32 elsewhere,
+    where bfloat16 only saves memory. (float16, the bundles' storage dtype, computes at about float32 speed on CPU.)
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if dev.type == "cpu":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private probe, absent in some builds
+        try:
+            return torch.bfloat16 if amx is not None and amx() else torch.float32
+        except RuntimeError:
+            return torch.float32
+    return torch.float32
+
+
+def run_dtype(dtype: torch.dtype | str | None, device: str | torch.device = "cpu") -> torch.dtype | None:
+    """Resolve an env's ``dtype`` option: None stays None (float32), a name of :data:`DTYPES` or a torch dtype
+    is taken as is, ``"auto"`` becomes :func:`fast_dtype` of ``device``.
+
+    Raises:
+        ValueError: any other value (the message names ``dtype`` and the accepted names).
+    """
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return fast_dtype(device)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype: expected one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}")
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES) + ['auto']} or a torch.dtype, got {dtype!r}")
     return DTYPES[dtype]
 
 
@@ -40,8 +68,8 @@ def load_for_env(env_id: str | None, checkpoint: Any = None, *, device: str | to
         env_id: a registered id (``"DiTWM/Pong-v0"``) or None (then ``checkpoint`` is required).
         checkpoint: overrides the id's catalog source: a bundle directory, ``hf://org/repo@<commit>`` or
             ``bundled:<name>``.
-        device, dtype: where and in which float dtype the model runs (``dtype`` None keeps the stored one
-            upcast to float32).
+        device, dtype: where and in which float dtype the model runs: None runs float32 whatever the storage;
+            ``"auto"`` picks :func:`fast_dtype` of ``device`` (bfloat16 on AMX CPUs and bf16 GPUs).
         sampling_steps: denoising steps per env step (>= 1); None keeps the bundle's default.
         temperature: sampling temperature (finite, >= 0; a model without one, like the RSSM, accepts only None);
             None keeps the bundle's default.
@@ -67,7 +95,7 @@ def load_for_env(env_id: str | None, checkpoint: Any = None, *, device: str | to
     if entry is not None:
         want.update(game=entry.game, num_actions=len(action_meanings(entry.game)))
     want.update(expect)
-    bundle = load_bundle(path, device=device, dtype=_dtype(dtype), expect=want)
+    bundle = load_bundle(path, device=device, dtype=run_dtype(dtype, device), expect=want)
     if sampling_steps is not None:
         bundle.model.sampling_steps = sampling_steps
     if temperature is not None:
