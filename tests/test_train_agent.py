@@ -215,6 +215,9 @@ def test_stage1_init_on_rssm_and_dit(stage1_out, bundle, tmp_path, capsys):
     # policy:DIR continues a train-agent run (here in the same bundle; a vanishing step keeps its actor).
     assert run(bundle, tmp_path / "cont", 1, init=f"policy:{tmp_path / 'dit'}", lr=1e-12, eval_every=0) == 0
     assert "warning" not in capsys.readouterr().err  # its recorded world model has this very encoder
+    assert run(bundle, tmp_path / "cont_bf16", 1, init=f"policy:{tmp_path / 'dit'}", eval_every=0,
+               dtype="bfloat16") == 0
+    assert "warning" not in capsys.readouterr().err  # the same encoder, run in bfloat16
     ac2, meta2 = load_agent(tmp_path / "cont")
     assert meta2["init"] == f"policy:{tmp_path / 'dit'}" and meta2["updates"] == 1
     for (k, v0), v1 in zip(load_agent(tmp_path / "dit")[0].actor.state_dict().items(),

@@ -125,6 +125,15 @@ def _init_dir(args: Args) -> Path | None:
         raise ArgError("init", str(e)) from None
 
 
+def _same_weights(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal after rounding both to the narrower float dtype of the two (bfloat16 before float16), so the same
+    weights stored in float16 or run in bfloat16 (``--dtype``) still compare equal."""
+    if a.is_floating_point() and b.is_floating_point():
+        low = next((t for t in (torch.bfloat16, torch.float16) if t in (a.dtype, b.dtype)), a.dtype)
+        a, b = a.to(low), b.to(low)
+    return torch.equal(a.cpu(), b.cpu().to(a.dtype))
+
+
 def _warn_if_other_encoder(init_dir: Path, meta: dict, model: torch.nn.Module) -> None:
     """Warn (stderr) when the policy's encoder differs from the world model's: the policy would then read latents
     of another encoder than the one it was trained on. The policy's encoder is the stage-1 autoencoder in
@@ -149,7 +158,7 @@ def _warn_if_other_encoder(init_dir: Path, meta: dict, model: torch.nn.Module) -
               f"({e})", file=sys.stderr)
         return
     mine = ae.state_dict()
-    if ref.keys() != mine.keys() or any(not torch.equal(ref[k].cpu(), mine[k].cpu().to(ref[k].dtype)) for k in ref):
+    if ref.keys() != mine.keys() or any(not _same_weights(ref[k], mine[k]) for k in ref):
         print(f"ditwm train-agent: warning: init: {where} differs from the world model's; the policy's input "
               f"latents change meaning", file=sys.stderr)
 
