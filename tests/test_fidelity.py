@@ -173,7 +173,6 @@ def test_dtype_runs_the_model_in_bfloat16_on_the_same_contexts(tmp_path, store):
     ref = _run(bundle, store, tmp_path / "fp32")
     bf = _run(bundle, store, tmp_path / "bf16", dtype="bfloat16")
     assert bf["args"]["dtype"] == "bfloat16" and bf["starts"] == ref["starts"]
-    assert all(r["latent_mse"] >= 0 for r in bf["horizons"])
     assert [r["latent_mse"] for r in bf["horizons"]] != [r["latent_mse"] for r in ref["horizons"]]
 
 

@@ -16,6 +16,7 @@ import torch
 
 import dit_envs  # noqa: F401  (registers DiTWM/*)
 from trainers.checkpoint import load_checkpoint
+from trainers.common import ArgError
 from trainers.pretrain import Args, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,11 +65,14 @@ def test_bf16_precision_autocasts_the_forward_passes_and_resumes(store, tmp_path
     # bf16 on CPU: the same seed and steps as fp32 but other weights (the forwards ran in bfloat16), still a
     # finite, loadable run that resumes
     assert run(store, tmp_path / "fp32", 4, precision="fp32") == 0
-    assert run(store, tmp_path / "bf16", 2, precision="bf16") == 0
-    assert run(store, tmp_path / "bf16", 4, precision="bf16", resume=True) == 0
+    assert run(store, tmp_path / "bf16", 4, precision="bf16") == 0
+    assert run(store, tmp_path / "split", 2, precision="bf16") == 0
+    assert run(store, tmp_path / "split", 4, precision="bf16", resume=True) == 0
     a, _ = load_checkpoint(tmp_path / "fp32")
     b, meta = load_checkpoint(tmp_path / "bf16")
-    assert meta["step"] == 4 and a.keys() == b.keys()
+    c, _ = load_checkpoint(tmp_path / "split")
+    assert meta["step"] == 4 and a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(b[k], c[k]) for k in b)  # resumed bf16 == uninterrupted bf16
     assert all(torch.isfinite(v).all() for v in b.values() if v.is_floating_point())
     assert all(v.dtype == a[k].dtype for k, v in b.items())  # parameters and optimiser state stay float32
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("net."))
@@ -95,6 +99,9 @@ def test_unknown_precision_is_refused_by_the_cli(store, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(argv)
     assert info.value.code == 2 and "--precision" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ArgError, match="precision.*'fp16'"):  # from Python, before anything is written
+        run(store, tmp_path / "x", 5, precision="fp16")
     assert not (tmp_path / "x").exists()
 
 

@@ -175,6 +175,11 @@ def test_world_model_dtype_bfloat16_trains_a_float32_agent(bundle, tmp_path, mon
     assert next(made["envs"].unwrapped.bundle.model.parameters()).dtype == torch.bfloat16
     ac, meta = load_agent(tmp_path / "bf16")
     assert meta["updates"] == 2 and all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in ac.parameters())
+    from trainers.common import ArgError
+
+    with pytest.raises(ArgError, match="dtype.*'bf16'"):  # from Python, where argparse's choices never ran
+        run(bundle, tmp_path / "bad", 1, dtype="bf16")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_best_snapshot_follows_the_best_evaluation(bundle, tmp_path, monkeypatch, capsys):

@@ -47,6 +47,17 @@ def check_temperature(value: float | None) -> None:
         raise ArgError("temperature", f"expected a finite real number >= 0, got {value}")
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raise :class:`ArgError` (``name``, the choices, the value) unless ``value`` is one of ``choices``; for
+    arguments given from Python, which argparse's ``choices`` never saw."""
+    if value not in choices:
+        raise ArgError(name, f"expected one of {', '.join(choices)}, got {value!r}")
+
+
 def setting_arg_error(e: ValueError, field: str, message: str) -> ArgError:
     """The :class:`ArgError` for a ``ValueError`` raised while loading or configuring a world model: named after
     the sampler setting its message starts with (``"temperature: ..."``, ``"sampling_steps: ..."``, as the models
@@ -72,7 +83,7 @@ def dtype_arg(note: str = "") -> Any:
     """The ``--dtype`` field of commands that run a world model: the env's ``dtype`` option (float32 by default;
     ``auto`` → :func:`dit_envs.envs.loading.fast_dtype`)."""
     return arg("float32", "float dtype the world model runs in (auto: bfloat16 on AMX CPUs and bf16 GPUs)" + note,
-               choices=("auto", "float32", "bfloat16", "float16"))
+               choices=DTYPE_NAMES)
 
 
 def _base_type(tp: Any) -> Any:
@@ -177,7 +188,7 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     Raises:
         ValueError: ``precision`` is not one of ``auto``, ``bf16``, ``fp32``.
     """
-    if precision not in ("auto", "bf16", "fp32"):
+    if precision not in PRECISIONS:
         raise ValueError(f"precision: expected auto, bf16 or fp32, got {precision!r}")
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -255,7 +266,7 @@ class LoopArgs:
     threads: int = arg(0, "torch CPU threads per process (0: torch's default)")
     precision: str = arg("auto", "matmul precision of the forward passes: bf16 autocast, fp32, or auto (bf16 on "
                                  "CUDA, fp32 on CPU); bf16 also pays on CPUs with AMX (Xeon 4th gen+)",
-                         choices=("auto", "bf16", "fp32"))
+                         choices=PRECISIONS)
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
 
 

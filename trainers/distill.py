@@ -32,8 +32,8 @@ from dit_envs.models.dit import DiT
 from dit_envs.models.dit_world_model import DiTWorldModel
 from trainers import distributed as dist_
 from trainers.autoencoder import lr_at
-from trainers.common import (ArgError, JsonlLogger, LoopArgs, adamw, arg, autocast_for, catch_stop_signals,
-                             check_out_dir, pick_device, run_cli, seed_everything, signal_exit_code)
+from trainers.common import (PRECISIONS, ArgError, JsonlLogger, LoopArgs, adamw, arg, autocast_for, catch_stop_signals,
+                             check_choice, check_out_dir, pick_device, run_cli, seed_everything, signal_exit_code)
 from trainers.data import EpisodeStore, heldout_mask
 from trainers.distill_objective import DistillNet, make_distill_inputs, sample_gap, step_levels
 from trainers.latents import LatentWindows, load_latents_on_ranks
@@ -75,6 +75,7 @@ def validate(args: Args) -> Setup:
                  "eval_horizon", "sampling_steps"):
         if getattr(args, name) <= 0:
             raise ArgError(name, f"expected a number > 0, got {getattr(args, name)}")
+    check_choice("precision", args.precision, PRECISIONS)
     for name in ("warmup", "lr_decay_steps", "weight_decay", "eval_every", "threads", "teacher_steps"):
         if getattr(args, name) < 0:
             raise ArgError(name, f"expected a number >= 0, got {getattr(args, name)}")

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainers.common import (ArgError, arg, check_out_dir, check_temperature, dtype_arg, pick_device, run_cli,
-                             setting_arg_error)
+from trainers.common import (DTYPE_NAMES, ArgError, arg, check_choice, check_out_dir, check_temperature, dtype_arg,
+                             pick_device, run_cli, setting_arg_error)
 from trainers.data import EpisodeStore, heldout_mask, segments
 from trainers.fidelity_metrics import psnr, sensitivity_stats
 from trainers.pong_objects import locate_pong_objects
@@ -234,6 +234,7 @@ def _validate(args: Args) -> list[int]:
     if not args.horizons or min(args.horizons) < 1:
         raise ArgError("horizons", f"expected one or more integers >= 1, got {args.horizons}")
     check_temperature(args.temperature)
+    check_choice("dtype", args.dtype, DTYPE_NAMES)
     check_out_dir(args.out, resume=args.overwrite)
     return sorted(set(int(h) for h in args.horizons))
 

@@ -46,8 +46,8 @@ from dit_envs.models.dit import DIT_PRESETS, DiT, DiTConfig
 from dit_envs.models.heads import HeadsConfig, RewardTermHead
 from trainers import distributed as dist_
 from trainers.autoencoder import load_autoencoder, lr_at
-from trainers.common import (ArgError, JsonlLogger, LoopArgs, adamw, arg, autocast_for, catch_stop_signals,
-                             check_out_dir, pick_device, run_cli, seed_everything, signal_exit_code)
+from trainers.common import (PRECISIONS, ArgError, JsonlLogger, LoopArgs, adamw, arg, autocast_for, catch_stop_signals,
+                             check_choice, check_out_dir, pick_device, run_cli, seed_everything, signal_exit_code)
 from trainers.data import EpisodeStore, heldout_mask, segments
 from trainers.latents import LatentWindows, load_latents_on_ranks, store_index
 from trainers.pretrain_eval import data_summary, eval_windows, evaluate
@@ -131,6 +131,7 @@ def validate(args: Args) -> Setup:
                      "priority_every"))
     _positive(args, ("warmup", "lr_decay_steps", "weight_decay", "context_len", "seq_len", "eval_every", "threads",
                      "rollout_weight", "priority_alpha", "pixel_weight", "motion_boost", "event_horizon"), strict=False)
+    check_choice("precision", args.precision, PRECISIONS)
     if args.preset not in DIT_PRESETS:
         raise ArgError("preset", f"expected one of {tuple(DIT_PRESETS)}, got {args.preset!r}")
     for name, hi in (("ema", 1.0), ("action_dropout", 1.0)):

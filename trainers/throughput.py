@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 import dit_envs  # noqa: F401  (registers the DiTWM ids)
-from trainers.common import ArgError, arg, dtype_arg, run_cli
+from dit_envs.envs.loading import run_dtype
+from trainers.common import DTYPE_NAMES, ArgError, arg, check_choice, dtype_arg, run_cli
 
 
 @dataclass(kw_only=True)
@@ -84,6 +85,7 @@ def _median_rate(step_fn, args: Args) -> float:
 
 
 def main(args: Args) -> int:
+    check_choice("dtype", args.dtype, DTYPE_NAMES)
     for name in ("num_envs", "sampling_steps", "steps", "repeats"):
         if getattr(args, name) < 1:
             raise ArgError(name, f"expected an integer >= 1, got {getattr(args, name)}")
@@ -116,7 +118,7 @@ def main(args: Args) -> int:
     for obs_type in ("latent", "pixels"):
         figures[f"ratio_{obs_type}_vs_real"] = figures[f"imagined_{obs_type}_steps_per_s"] / figures["real_ale_steps_per_s"]
     print(f"throughput  num_envs={args.num_envs}  sampling_steps={args.sampling_steps}  device={args.device}  "
-          f"dtype={args.dtype}  torch threads={torch.get_num_threads()}")
+          f"dtype={args.dtype} ({run_dtype(args.dtype, args.device)})  torch threads={torch.get_num_threads()}")
     print(f"  imagined, latent obs : {figures['imagined_latent_steps_per_s']:10.0f} env steps/s  "
           f"({figures['ratio_latent_vs_real']:.2f} x real)")
     print(f"  imagined, pixel obs  : {figures['imagined_pixels_steps_per_s']:10.0f} env steps/s  "

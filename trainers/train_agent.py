@@ -50,8 +50,9 @@ from dit_envs.io import load_tensors
 from trainers.agent import ActorCritic, AgentConfig
 from trainers.agent_io import load_agent, load_encoder, make_imagination_env, save_agent, stage1_dir
 from trainers.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
-from trainers.common import (ArgError, JsonlLogger, arg, catch_stop_signals, check_out_dir, check_temperature,
-                             dtype_arg, pick_device, run_cli, seed_everything, setting_arg_error, signal_exit_code)
+from trainers.common import (DTYPE_NAMES, ArgError, JsonlLogger, arg, catch_stop_signals, check_choice, check_out_dir,
+                             check_temperature, dtype_arg, pick_device, run_cli, seed_everything, setting_arg_error,
+                             signal_exit_code)
 from trainers.data import EpisodeStore
 from trainers.policy import evaluate_policy
 from trainers.rollout import collect_rollout, rollout_loss
@@ -209,6 +210,7 @@ def prepare(args: Args) -> Setup:
         raise ArgError("start_contexts", f"expected --start-data with it, got --start-contexts "
                                          f"{args.start_contexts} alone")
     check_temperature(args.temperature)
+    check_choice("dtype", args.dtype, DTYPE_NAMES)
     dev = pick_device(args.device)
     out = check_out_dir(args.out, args.resume)
     prev_rows = None

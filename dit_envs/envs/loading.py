@@ -14,14 +14,14 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def fast_dtype(device: str | torch.device) -> torch.dtype:
     """The float dtype ``dtype="auto"`` picks on ``device``: bfloat16 where matmuls run natively in it, else float32.
 
-    bfloat16 on CUDA devices that support it (``torch.cuda.is_bf16_supported``) and on CPUs with AMX tiles (Intel
+    bfloat16 on CUDA devices of compute capability >= 8 (Ampere and later) and on CPUs with AMX tiles (Intel
     Xeon 4th generation and later, where oneDNN runs bf16 matmuls on AMX: on 2 such cores the shipped Pong model
     imagines 1.5-1.6 x (256 envs) and 1.7 x (1 024 envs) more env steps/s than in float32); float32 elsewhere,
     where bfloat16 only saves memory. (float16, the bundles' storage dtype, computes at about float32 speed on CPU.)
     """
     dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if dev.type == "cuda":  # native bf16 tensor cores from compute capability 8 (Ampere); older GPUs emulate it
+        return torch.bfloat16 if torch.cuda.get_device_capability(dev)[0] >= 8 else torch.float32
     if dev.type == "cpu":
         amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private probe, absent in some builds
         try:
