@@ -22,6 +22,8 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 import torch
 
+from dit_envs.envs.loading import DTYPE_NAMES
+
 A = TypeVar("A")
 _REQUIRED = object()
 
@@ -48,7 +50,6 @@ def check_temperature(value: float | None) -> None:
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
-DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -186,10 +187,10 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     ``"auto"``: bf16 on CUDA, fp32 elsewhere.
 
     Raises:
-        ValueError: ``precision`` is not one of ``auto``, ``bf16``, ``fp32``.
+        ValueError: ``precision`` is not one of :data:`PRECISIONS`.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected auto, bf16 or fp32, got {precision!r}")
+        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

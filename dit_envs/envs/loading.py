@@ -9,6 +9,8 @@ import registry
 from dit_envs.envs.real import action_meanings
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = ("auto", *DTYPES)
+"""Accepted names of the envs' ``dtype`` option (and of the CLIs' ``--dtype``)."""
 
 
 def fast_dtype(device: str | torch.device) -> torch.dtype:
@@ -43,7 +45,7 @@ def run_dtype(dtype: torch.dtype | str | None, device: str | torch.device = "cpu
     if dtype == "auto":
         return fast_dtype(device)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype: expected one of {sorted(DTYPES) + ['auto']} or a torch.dtype, got {dtype!r}")
+        raise ValueError(f"dtype: expected one of {', '.join(DTYPE_NAMES)} or a torch.dtype, got {dtype!r}")
     return DTYPES[dtype]
 
 
