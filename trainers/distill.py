@@ -1,8 +1,11 @@
 """``ditwm distill``: stage 2b — distil a pretrained DiT world model into a 1-, 2- or 4-step sampler.
 
-The student starts as a copy of the teacher's DiT plus a zero-initialised step-size embedding and learns, on
-real contexts of the store's training episodes, the teacher's average velocity over jumps of 1, 2, 4, … teacher
-steps (:mod:`trainers.distill_objective`, which gives the method, its reason and its papers). The frozen
+The student starts as a copy of the teacher's DiT plus a zero-initialised step-size embedding (with
+``--student-depth``, a copy of fewer of its blocks: a faster student, :func:`student_blocks`) and learns, on
+real contexts of the store's training episodes (with ``--imagined-fraction``, partly on contexts the teacher imagined
+under random actions: :mod:`trainers.distill_pool`), the teacher's average velocity over jumps of 1, 2, 4, … teacher
+steps (:mod:`trainers.distill_objective`, which gives the method, its reason and its papers; ``--pixel-weight``
+adds a pixel term on the decoded end points, :meth:`~trainers.distill_objective.DistillNet.pixel_loss`). The frozen
 autoencoder, the reward/termination head, the latent standardisation and the start contexts are the teacher's,
 unchanged; the exported bundle is a drop-in world model whose ``sampling_steps`` (default ``--sampling-steps``)
 stays a runtime setting of the env.
@@ -18,6 +21,7 @@ open-loop latent error ``eval/mse@h`` of the student at ``--sampling-steps``.
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -36,6 +40,7 @@ from trainers.common import (PRECISIONS, ArgError, JsonlLogger, LoopArgs, adamw,
                              check_choice, check_out_dir, pick_device, run_cli, seed_everything, signal_exit_code)
 from trainers.data import EpisodeStore, heldout_mask
 from trainers.distill_objective import DistillNet, make_distill_inputs, sample_gap, step_levels
+from trainers.distill_pool import imagined_pool
 from trainers.latents import LatentWindows, load_latents_on_ranks
 from trainers.pretrain_eval import eval_windows, evaluate
 from trainers.pretrain_objective import PretrainNet, optimizer_step
@@ -57,6 +62,21 @@ class Args(LoopArgs):
     sampling_steps: int = arg(2, "default Euler steps stored in the student bundle (1, 2, 4, ... up to N); 2 kept the "
                                  "teacher's action sensitivity on Pong where 1 lost 0.05")
     checkpoint_every: int = arg(500, "steps between resumable checkpoints")
+    pixel_weight: float = arg(0.0, "weight of a pixel MSE between the decoded end points of the student's and the "
+                                   "teacher's jumps, moving and non-background pixels weighted 1 + --motion-boost "
+                                   "(0: off); on Pong it reduces how often one-step samples lose the few-pixel paddle")
+    motion_boost: float = arg(100.0, "extra weight of moving and non-background pixels in the pixel term")
+    imagined_fraction: float = arg(0.0, "share of each batch drawn from contexts the teacher imagined under sticky "
+                                        "random actions (trainers.distill_pool; 0: real contexts only)")
+    imagined_pool: int = arg(16384, "imagined contexts in that pool (at most; rollouts stop at a predicted game over), "
+                                    "built by every process at the start of every run, resumed ones included")
+    imagined_steps: int = arg(8, "imagined steps per rollout of the pool")
+    student_depth: int = arg(0, "transformer blocks of the student (0: the teacher's); fewer gives a faster student, "
+                                "initialised from evenly spaced teacher blocks (the first and the last for 2 or more)")
+
+
+RESUME_FIXED = ("pixel_weight", "motion_boost", "imagined_fraction", "imagined_pool", "imagined_steps")
+"""Flags a ``--resume`` must repeat (checked against the checkpoint's)."""
 
 
 @dataclass
@@ -76,9 +96,18 @@ def validate(args: Args) -> Setup:
         if getattr(args, name) <= 0:
             raise ArgError(name, f"expected a number > 0, got {getattr(args, name)}")
     check_choice("precision", args.precision, PRECISIONS)
-    for name in ("warmup", "lr_decay_steps", "weight_decay", "eval_every", "threads", "teacher_steps"):
-        if getattr(args, name) < 0:
+    for name in ("warmup", "lr_decay_steps", "weight_decay", "eval_every", "threads", "teacher_steps",
+                 "student_depth", "pixel_weight", "motion_boost"):
+        if not getattr(args, name) >= 0 or not math.isfinite(getattr(args, name)):
             raise ArgError(name, f"expected a number >= 0, got {getattr(args, name)}")
+    for name in ("imagined_pool", "imagined_steps"):
+        if getattr(args, name) < 1:
+            raise ArgError(name, f"expected an integer >= 1, got {getattr(args, name)}")
+    if not 0.0 <= args.imagined_fraction <= 1.0:
+        raise ArgError("imagined_fraction", f"expected a number in [0, 1], got {args.imagined_fraction}")
+    if args.imagined_fraction and round(args.imagined_fraction * args.batch) < 1:
+        raise ArgError("imagined_fraction", f"expected 0 or at least one row of --batch {args.batch}, got "
+                                            f"{args.imagined_fraction}")
     if not 0.0 <= args.ema < 1.0:
         raise ArgError("ema", f"expected a number in [0, 1), got {args.ema}")
     pick_device(args.device)
@@ -92,6 +121,9 @@ def validate(args: Args) -> Setup:
     if bundle.model.dit.config.shortcut_steps:
         raise ArgError("teacher", f"expected an undistilled DiT (from ditwm pretrain), got a distilled student "
                                   f"(shortcut_steps {bundle.model.dit.config.shortcut_steps})")
+    depth = bundle.model.dit.config.depth
+    if args.student_depth > depth:
+        raise ArgError("student_depth", f"expected at most the teacher's depth {depth}, got {args.student_depth}")
     n = args.teacher_steps or int(bundle.config.get("sampling_steps", 4))
     try:
         levels = step_levels(n)
@@ -118,16 +150,57 @@ def validate(args: Args) -> Setup:
                                       f"), got {sha}")
         if ck.get("teacher_steps") != n:
             raise ArgError("teacher_steps", f"expected {ck.get('teacher_steps')} (the checkpoint's), got {n}")
+        ck_depth = ck.get("student", {}).get("depth", depth)
+        if ck_depth != (args.student_depth or depth):
+            raise ArgError("student_depth", f"expected {ck_depth} (the checkpoint's student), got "
+                                            f"{args.student_depth or depth}")
+        for name in RESUME_FIXED:  # the objective and the data it is drawn from: a resumed run equals an unbroken one
+            was = ck.get("args", {}).get(name, getattr(Args, name, None))
+            if was != getattr(args, name):
+                raise ArgError(name, f"expected {was} (the checkpoint's), got {getattr(args, name)}")
     return Setup(bundle=bundle, teacher_sha256=sha, meta=meta, teacher_steps=n)
 
 
-def make_student(teacher: DiT, teacher_steps: int) -> DiT:
-    """A step-conditioned copy of ``teacher`` (``shortcut_steps = teacher_steps``) that outputs exactly what the
-    teacher does until trained (its step embedding ends in zeros)."""
+def student_blocks(teacher_depth: int, depth: int) -> list[int]:
+    """Indices of the teacher blocks a ``depth``-block student starts from: evenly spaced, the first and the last
+    included (``[0]`` for one block), e.g. ``4 → 2: [0, 3]``, ``4 → 3: [0, 2, 3]``, ``8 → 4: [0, 2, 5, 7]`` — layer
+    selection as in DistilBERT (Sanh et al. 2019) and in the block removal of BK-SDM (Kim et al. 2023).
+
+    Raises:
+        ValueError: ``depth`` outside ``[1, teacher_depth]``.
+    """
+    if not 1 <= depth <= teacher_depth:
+        raise ValueError(f"depth: expected 1 .. {teacher_depth} (the teacher's depth), got {depth}")
+    if depth == 1:
+        return [0]
+    return [round(i * (teacher_depth - 1) / (depth - 1)) for i in range(depth)]
+
+
+def make_student(teacher: DiT, teacher_steps: int, depth: int = 0) -> DiT:
+    """A step-conditioned student (``shortcut_steps = teacher_steps``) built from ``teacher``'s weights.
+
+    Args:
+        teacher: an undistilled DiT.
+        teacher_steps: ``N``.
+        depth: student blocks (0: the teacher's). At the teacher's depth the student is an exact copy and outputs
+            what the teacher does until trained (its step embedding ends in zeros); with fewer blocks it keeps the
+            teacher's embeddings, output layer and the blocks :func:`student_blocks` picks.
+    Raises:
+        ValueError: a distilled ``teacher`` or a ``depth`` outside ``[0, teacher depth]``.
+    """
     if teacher.config.shortcut_steps:
         raise ValueError(f"teacher: expected an undistilled DiT, got shortcut_steps {teacher.config.shortcut_steps}")
-    student = DiT(replace(teacher.config, shortcut_steps=teacher_steps))
-    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    keep = student_blocks(teacher.config.depth, depth or teacher.config.depth)
+    student = DiT(replace(teacher.config, shortcut_steps=teacher_steps, depth=len(keep)))
+    state = {}
+    for k, v in teacher.state_dict().items():
+        if k.startswith("blocks."):
+            _, i, rest = k.split(".", 2)
+            if int(i) not in keep:
+                continue
+            k = f"blocks.{keep.index(int(i))}.{rest}"
+        state[k] = v
+    missing, unexpected = student.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith("step_embed.") for k in missing):
         raise ValueError(f"teacher: expected a DiT without step conditioning, got missing {missing}, "
                          f"unexpected {unexpected}")
@@ -155,12 +228,23 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
 
     teacher = wm.dit.requires_grad_(False).eval()
     seed_everything(args.seed)  # the student's new step embedding: identical on every rank and every run
-    net = DistillNet(make_student(teacher, N)).to(dev)
+    net = DistillNet(make_student(teacher, N, args.student_depth)).to(dev)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
+    if args.pixel_weight:  # after the EMA copy: the EMA needs no decoder
+        net.set_decoder(wm.autoencoder, wm.latent_mean, wm.latent_std, pixel_weight=args.pixel_weight,
+                        motion_boost=args.motion_boost)
     opt = adamw(net, args.lr, args.weight_decay)
     gen = torch.Generator(device=dev).manual_seed(rank_seed(args.seed, d.rank))
     mean, std = wm.latent_mean.detach().cpu(), wm.latent_std.detach().cpu()
     windows = LatentWindows(train, K + 1, mean=mean, std=std, num_actions=A, seed=[args.seed, d.rank], device=dev)
+    pool = None
+    if args.imagined_fraction:
+        t_pool = time.perf_counter()
+        pool = imagined_pool(wm, windows, size=args.imagined_pool, steps=args.imagined_steps,
+                             seed=rank_seed(args.seed, d.rank) + 1)
+        if d.is_main:
+            print(f"distill: {len(pool[0])} imagined contexts ({args.imagined_steps}-step teacher rollouts) in "
+                  f"{time.perf_counter() - t_pool:.1f} s")
     resume = args.resume and ((out / "ckpt").exists() or (out / "ckpt.prev").exists())
     step = restore_state(*read_state(out), d, net=net, ema=ema, opt=opt, gen=gen, windows=windows,
                          seed=args.seed) if resume else 0
@@ -200,9 +284,11 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
                 break
             lr = lr_at(step, args.lr, args.warmup, args.lr_decay_steps or args.steps)
             w = windows.sample(args.batch)
+            ctx, ctx_a, act = w.x[:, :K], w.prev_action[:, :K], w.prev_action[:, K]
+            if pool is not None:
+                ctx, ctx_a, act = mix_in(pool, (ctx, ctx_a, act), round(args.imagined_fraction * args.batch), gen)
             with autocast:
-                inputs = make_distill_inputs(teacher, w.x[:, :K], w.prev_action[:, :K], w.prev_action[:, K],
-                                             teacher_steps=N, generator=gen)
+                inputs = make_distill_inputs(teacher, ctx, ctx_a, act, teacher_steps=N, generator=gen)
                 loss = model(inputs)
             grad_norm = optimizer_step(loss, net, ema, opt, lr=lr, grad_clip=args.grad_clip, step=step,
                                        ema_decay=args.ema)
@@ -242,6 +328,16 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     return 0
 
 
+def mix_in(pool: tuple[torch.Tensor, ...], batch: tuple[torch.Tensor, ...], n: int,
+           gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Replace the first ``n`` rows of each tensor of ``batch`` by the same ``n`` random rows of ``pool`` (tensors
+    with matching trailing shapes; rows drawn uniformly with ``gen``)."""
+    if n <= 0:
+        return batch
+    idx = torch.randint(len(pool[0]), (n,), generator=gen, device=gen.device)
+    return tuple(torch.cat([p[idx], b[n:]]) for p, b in zip(pool, batch))
+
+
 def export_student(out_dir: Path, s: Setup, student: DiT, args: Args, *, step: int, final: dict) -> Path:
     """Save the student as a bundle: the teacher's autoencoder, head, standardisation and start contexts with the
     student's DiT; the model card is the teacher's plus a distillation section."""
@@ -253,8 +349,10 @@ def export_student(out_dir: Path, s: Setup, student: DiT, args: Args, *, step: i
             "method": "step-size-conditioned trajectory distillation (shortcut models, Frans et al. 2024)",
             "teacher steps N": s.teacher_steps, "student steps": ", ".join(str(s.teacher_steps // m)
                                                                           for m in step_levels(s.teacher_steps)),
+            "student blocks": f"{student.config.depth} of the teacher's {teacher.dit.config.depth}",
             "default sampling_steps": args.sampling_steps, "distillation steps": step, "batch": args.batch,
-            "lr": args.lr, **{k: f"{v:.4g}" for k, v in final.items()}}
+            "lr": args.lr, "pixel weight": args.pixel_weight, "imagined fraction": args.imagined_fraction,
+            **{k: f"{v:.4g}" for k, v in final.items()}}
     card = ("## Stage 2b: distillation\n\n| field | value |\n| --- | --- |\n"
             + "\n".join(f"| {k} | {v} |" for k, v in rows.items()) + "\n")
     readme = Path(args.teacher) / "README.md"

@@ -10,7 +10,8 @@ objective with its self-consistency target (two student half-steps) replaced by 
 possible exactly because the teacher is already few-step, and free of the bootstrapping error of progressive
 distillation's stage-by-stage halving (Salimans & Ho 2022) and of consistency distillation's single-step ODE
 targets (Song et al. 2023). One student serves every power-of-two step count, so ``sampling_steps`` stays a runtime
-setting; at ``d = 1/N`` the target is the teacher's own velocity, so the ``N``-step student stays the teacher.
+setting; at ``d = 1/N`` the target is the teacher's own velocity, so the ``N``-step student stays the teacher
+(or, for a student with fewer blocks, learns to be it: plain knowledge distillation of the velocity field).
 
 Pure functions (tested by hand): :func:`teacher_trajectory`, :func:`shortcut_targets`, :func:`distill_loss`.
 """
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dit_envs.models.dit import DiT
+from trainers.pretrain_objective import motion_weighted_mse
 
 
 def step_levels(teacher_steps: int) -> list[int]:
@@ -93,10 +95,73 @@ class DistillNet(nn.Module):
     def __init__(self, student: DiT) -> None:
         super().__init__()
         self.dit = student
+        self.pixel_weight = 0.0
+        self.__dict__["decoder"] = None
+
+    def set_decoder(self, decoder: nn.Module, mean: torch.Tensor, std: torch.Tensor, *, pixel_weight: float,
+                    motion_boost: float = 100.0, motion_threshold: float = 0.1) -> None:
+        """Add ``pixel_weight ·`` :meth:`pixel_loss` to the loss. ``decoder``: the frozen stage-1 autoencoder (kept
+        outside the module tree: not trained, not in the state dict, not seen by DDP); ``mean``/``std`` float
+        ``(d_z,)`` the latent standardisation; ``motion_boost``/``motion_threshold`` as in
+        :func:`~trainers.pretrain_objective.motion_weighted_mse`."""
+        self.__dict__["decoder"] = decoder.requires_grad_(False).eval()
+        self.pixel_weight, self.motion_boost, self.motion_threshold = pixel_weight, motion_boost, motion_threshold
+        dev = next(self.dit.parameters()).device
+        self.register_buffer("lat_mean", mean.float().clone().to(dev), persistent=False)
+        self.register_buffer("lat_std", std.float().clone().to(dev), persistent=False)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Float32 scalar :func:`distill_loss` of a batch from :func:`make_distill_inputs`."""
-        return distill_loss(self.dit, inputs)
+        """Float32 scalar: :func:`distill_loss` of a batch from :func:`make_distill_inputs`, plus the pixel term
+        when :meth:`set_decoder` enabled it."""
+        v = student_velocity(self.dit, inputs)
+        loss = F.mse_loss(v.float(), inputs["v"])
+        if self.__dict__["decoder"] is not None and self.pixel_weight:
+            loss = loss + self.pixel_weight * self.pixel_loss(inputs, v)
+        return loss
+
+    def pixel_loss(self, inputs: dict[str, torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+        """Object-weighted pixel MSE between the decoded end points of the student's and the teacher's jumps.
+
+        Only jumps that end at the sample (``t − step_size = 0``) count; both end points are clamped to the
+        encoder's range ``[-1, 1]`` as the env does before decoding, and weighted with
+        :func:`~trainers.pretrain_objective.motion_weighted_mse` (``foreground=True``, the newest context frame as
+        the "before" frame), so small objects (a 1–5 pixel paddle, the ball), which a latent MSE barely weighs,
+        count in the student's one-step samples, moving or not.
+
+        Args:
+            inputs: a batch from :func:`make_distill_inputs`.
+            v: the student's velocities float ``(B, d_z)``.
+        Returns:
+            float32 scalar, 0 when no jump ends at the sample.
+        Raises:
+            RuntimeError: :meth:`set_decoder` was not called.
+        """
+        dec = self.__dict__["decoder"]
+        if dec is None:
+            raise RuntimeError("decoder: expected set_decoder() before pixel_loss, got none")
+        final = (inputs["t"] - inputs["step_size"]).abs() < 1e-6  # (B,)
+        if not bool(final.any()):
+            return v.float().sum() * 0.0
+        d = inputs["step_size"][final, None]
+        raw = lambda x: (x.float() * self.lat_std + self.lat_mean).clamp(-1.0, 1.0)  # noqa: E731  as the env
+        x = inputs["x"][final]
+        img = dec.decode(raw(x - d * v[final].float())).float()  # (F, 3, 64, 64)
+        with torch.no_grad():
+            target = dec.decode(raw(x - d * inputs["v"][final])).float()
+            prev = dec.decode(raw(inputs["context"][final, -1])).float()
+        return motion_weighted_mse(img, target, prev, motion_boost=self.motion_boost,
+                                   threshold=self.motion_threshold, foreground=True).mean()
+
+
+def student_velocity(student: DiT, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The student's velocity ``(B, d_z)`` for each drawn jump of ``inputs`` (see :func:`distill_loss`)."""
+    B, K = inputs["context_action"].shape
+    dev = inputs["x"].device
+    seq = torch.cat([inputs["context"], inputs["x"][:, None]], dim=1)  # (B, K+1, d_z)
+    t = torch.cat([torch.zeros(B, K, device=dev), inputs["t"][:, None]], dim=1)  # (B, K+1)
+    d = torch.cat([torch.zeros(B, K, device=dev), inputs["step_size"][:, None]], dim=1)  # (B, K+1)
+    a = torch.cat([inputs["context_action"], inputs["action"][:, None]], dim=1)  # (B, K+1)
+    return student(seq, t, a, step_size=d)[:, -1]  # (B, d_z)
 
 
 def distill_loss(student: DiT, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -109,14 +174,7 @@ def distill_loss(student: DiT, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     Returns:
         float32 scalar.
     """
-    B, K = inputs["context_action"].shape
-    dev = inputs["x"].device
-    seq = torch.cat([inputs["context"], inputs["x"][:, None]], dim=1)  # (B, K+1, d_z)
-    t = torch.cat([torch.zeros(B, K, device=dev), inputs["t"][:, None]], dim=1)  # (B, K+1)
-    d = torch.cat([torch.zeros(B, K, device=dev), inputs["step_size"][:, None]], dim=1)  # (B, K+1)
-    a = torch.cat([inputs["context_action"], inputs["action"][:, None]], dim=1)  # (B, K+1)
-    v = student(seq, t, a, step_size=d)[:, -1]  # (B, d_z)
-    return F.mse_loss(v.float(), inputs["v"])
+    return F.mse_loss(student_velocity(student, inputs).float(), inputs["v"])
 
 
 def make_distill_inputs(teacher: DiT, context: torch.Tensor, context_action: torch.Tensor, action: torch.Tensor,

@@ -94,6 +94,27 @@ class Windows:
     terminated: torch.Tensor
 
 
+def motion_weighted_mse(img: torch.Tensor, target: torch.Tensor, prev: torch.Tensor, *, motion_boost: float,
+                        threshold: float, foreground: bool = False) -> torch.Tensor:
+    """Per-sample pixel MSE of ``img`` against ``target`` (float ``(B, 3, H, W)`` in ``[0, 1]``), each pixel
+    weighted ``1 + motion_boost`` where ``target`` differs from ``prev`` (the frame before it) by more than
+    ``threshold`` in some channel — and, with ``foreground``, also where it differs that much from its own
+    per-channel median colour (the background: a paddle pressed against a wall does not move but still counts) —
+    else 1, so a 2-pixel ball or paddle counts (like the stage-1 autoencoder's foreground weighting).
+
+    Returns:
+        float32 ``(B,)``, the weighted mean over pixels.
+    """
+    with torch.no_grad():
+        hot = (target - prev).abs().amax(dim=1, keepdim=True) > threshold  # (B, 1, H, W)
+        if foreground:
+            bg = target.flatten(2).median(dim=2).values[..., None, None]  # (B, 3, 1, 1)
+            hot |= (target - bg).abs().amax(dim=1, keepdim=True) > threshold
+        w = 1.0 + motion_boost * hot.float()
+    sq = ((img.float() - target.float()) ** 2).mean(dim=1, keepdim=True)  # (B, 1, H, W)
+    return (w * sq).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3))
+
+
 class PretrainNet(nn.Module):
     """The trainable part of the DiT world model (DiT + head), with one ``forward`` that returns every loss term,
     so it can be wrapped by DDP / ``torch.compile`` as one module.
@@ -127,10 +148,7 @@ class PretrainNet(nn.Module):
         img = dec.decode((x0_hat.float() * self.lat_std + self.lat_mean)).float()  # (B, 3, 64, 64)
         with torch.no_grad():
             real, prev = dec.decode(z.float()).float(), dec.decode(z_prev.float()).float()
-            moved = ((real - prev).abs().amax(dim=1, keepdim=True) > self.motion_threshold).float()  # (B, 1, H, W)
-            w = 1.0 + self.motion_boost * moved
-        sq = ((img - real) ** 2).mean(dim=1, keepdim=True)  # (B, 1, H, W)
-        per = (w * sq).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3))  # (B,)
+        per = motion_weighted_mse(img, real, prev, motion_boost=self.motion_boost, threshold=self.motion_threshold)
         return ((1.0 - t.float()) * per).mean()
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
