@@ -140,3 +140,16 @@ def tiny_stage1_store(tmp_path_factory) -> Path:
     assert collect(CollectArgs(agent="rssm", size="tiny", num_envs=2, prefill=64, ae_steps=8, train_every=16,
                                checkpoint_every=96, chunk_rows=64, steps=192, out=str(out))) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def teacher_bundle(tiny_stage1_store, tmp_path_factory) -> Path:
+    """A tiny DiT teacher bundle: 6 pretraining steps on :func:`tiny_stage1_store`."""
+    from trainers.pretrain import Args as PretrainArgs, main as pretrain
+
+    out = tmp_path_factory.mktemp("teacher")
+    assert pretrain(PretrainArgs(data=str(tiny_stage1_store), out=str(out), steps=6, preset="tiny", batch=8,
+                                 warmup=2, eval_every=0, start_contexts=8, eval_windows=8, eval_horizon=6,
+                                 threads=1)) == 0
+    return out / "bundle"
+

@@ -267,8 +267,9 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
         return {**stats, **{k: v for k, v in roll.items() if k.startswith("eval/mse@")}}
 
     if d.is_main:
-        print(f"distill: teacher {args.teacher} (N = {N} steps, {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}"
-              f" M params) -> student of {levels} steps; {len(train)} train rows; batch {args.batch} x {d.world_size}"
+        mparams = sum(p.numel() for p in teacher.parameters()) / 1e6
+        print(f"distill: teacher {args.teacher} (N = {N} steps, {mparams:.2f} M params) -> student of {levels} steps"
+              f" ({net.dit.config.depth} blocks); {len(train)} train rows; batch {args.batch} x {d.world_size}"
               f"; {'resuming at step ' + str(step) if step else 'from the teacher'}")
         if step == 0 and ev is not None:
             log.log(0, **evaluate_all())

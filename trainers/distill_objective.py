@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dit_envs.models.dit import DiT
-from trainers.pretrain_objective import motion_weighted_mse
+from trainers.pretrain_objective import PixelDecoder
 
 
 def step_levels(teacher_steps: int) -> list[int]:
@@ -96,26 +96,22 @@ class DistillNet(nn.Module):
         super().__init__()
         self.dit = student
         self.pixel_weight = 0.0
-        self.__dict__["decoder"] = None
+        self.pixel: PixelDecoder | None = None  # a plain object: outside the module tree
 
     def set_decoder(self, decoder: nn.Module, mean: torch.Tensor, std: torch.Tensor, *, pixel_weight: float,
                     motion_boost: float = 100.0, motion_threshold: float = 0.1) -> None:
-        """Add ``pixel_weight ·`` :meth:`pixel_loss` to the loss. ``decoder``: the frozen stage-1 autoencoder (kept
-        outside the module tree: not trained, not in the state dict, not seen by DDP); ``mean``/``std`` float
-        ``(d_z,)`` the latent standardisation; ``motion_boost``/``motion_threshold`` as in
-        :func:`~trainers.pretrain_objective.motion_weighted_mse`."""
-        self.__dict__["decoder"] = decoder.requires_grad_(False).eval()
-        self.pixel_weight, self.motion_boost, self.motion_threshold = pixel_weight, motion_boost, motion_threshold
-        dev = next(self.dit.parameters()).device
-        self.register_buffer("lat_mean", mean.float().clone().to(dev), persistent=False)
-        self.register_buffer("lat_std", std.float().clone().to(dev), persistent=False)
+        """Add ``pixel_weight ·`` :meth:`pixel_loss` to the loss; the other arguments build its
+        :class:`~trainers.pretrain_objective.PixelDecoder` (kept outside the module tree)."""
+        self.pixel = PixelDecoder(decoder, mean, std, motion_boost=motion_boost,
+                                 threshold=motion_threshold)
+        self.pixel_weight = pixel_weight
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Float32 scalar: :func:`distill_loss` of a batch from :func:`make_distill_inputs`, plus the pixel term
         when :meth:`set_decoder` enabled it."""
         v = student_velocity(self.dit, inputs)
         loss = F.mse_loss(v.float(), inputs["v"])
-        if self.__dict__["decoder"] is not None and self.pixel_weight:
+        if self.pixel is not None and self.pixel_weight:
             loss = loss + self.pixel_weight * self.pixel_loss(inputs, v)
         return loss
 
@@ -136,21 +132,18 @@ class DistillNet(nn.Module):
         Raises:
             RuntimeError: :meth:`set_decoder` was not called.
         """
-        dec = self.__dict__["decoder"]
-        if dec is None:
+        px = self.pixel
+        if px is None:
             raise RuntimeError("decoder: expected set_decoder() before pixel_loss, got none")
         final = (inputs["t"] - inputs["step_size"]).abs() < 1e-6  # (B,)
         if not bool(final.any()):
             return v.float().sum() * 0.0
-        d = inputs["step_size"][final, None]
-        raw = lambda x: (x.float() * self.lat_std + self.lat_mean).clamp(-1.0, 1.0)  # noqa: E731  as the env
-        x = inputs["x"][final]
-        img = dec.decode(raw(x - d * v[final].float())).float()  # (F, 3, 64, 64)
+        d, x = inputs["step_size"][final, None], inputs["x"][final]
+        img = px.images(x - d * v[final].float(), clamp=True)  # (F, 3, 64, 64)
         with torch.no_grad():
-            target = dec.decode(raw(x - d * inputs["v"][final])).float()
-            prev = dec.decode(raw(inputs["context"][final, -1])).float()
-        return motion_weighted_mse(img, target, prev, motion_boost=self.motion_boost,
-                                   threshold=self.motion_threshold, foreground=True).mean()
+            target = px.images(x - d * inputs["v"][final], clamp=True)
+            prev = px.images(inputs["context"][final, -1], clamp=True)
+        return px.weighted_mse(img, target, prev, foreground=True).mean()
 
 
 def student_velocity(student: DiT, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

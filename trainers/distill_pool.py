@@ -56,7 +56,7 @@ def imagined_pool(wm, windows: LatentWindows, *, size: int, steps: int, seed: in
     for i in range(0, len(starts), chunk):
         w = windows.windows(starts[i:i + chunk])
         n = w.x.shape[0]
-        state = wm.initial_state(wm.denormalize(w.x[:, :K]), w.prev_action[:, :K])
+        state = wm.initial_state(w.z[:, :K], w.prev_action[:, :K])
         action = torch.randint(A, (n,), generator=gen, device=dev)
         alive = torch.ones(n, dtype=torch.bool, device=dev)
         for _ in range(steps):

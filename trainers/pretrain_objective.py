@@ -115,6 +115,37 @@ def motion_weighted_mse(img: torch.Tensor, target: torch.Tensor, prev: torch.Ten
     return (w * sq).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3))
 
 
+class PixelDecoder:
+    """The frozen stage-1 decoder with the latent standardisation, for the pixel-space loss terms of
+    :class:`PretrainNet` and :class:`trainers.distill_objective.DistillNet`. A plain object, not an ``nn.Module``:
+    the module holding it keeps it outside its tree (not trained, not in the state dict, not seen by DDP).
+
+    Args:
+        decoder: the stage-1 autoencoder (frozen here: ``requires_grad_(False)``, ``eval()``).
+        mean, std: float ``(d_z,)`` the latent standardisation (moved to the decoder's device).
+        motion_boost, threshold: as in :func:`motion_weighted_mse`.
+    """
+
+    def __init__(self, decoder: nn.Module, mean: torch.Tensor, std: torch.Tensor, *, motion_boost: float = 100.0,
+                 threshold: float = 0.1) -> None:
+        self.decoder = decoder.requires_grad_(False).eval()
+        dev = next(decoder.parameters()).device
+        self.mean, self.std = mean.detach().float().to(dev), std.detach().float().to(dev)
+        self.motion_boost, self.threshold = motion_boost, threshold
+
+    def images(self, x: torch.Tensor, *, standardised: bool = True, clamp: bool = False) -> torch.Tensor:
+        """Latents float ``(B, d_z)`` (standardised, or raw with ``standardised=False``; ``clamp`` to the encoder's
+        range ``[-1, 1]`` as the env does) → decoded float32 images ``(B, 3, 64, 64)`` in ``[0, 1]``."""
+        z = x.float() * self.std + self.mean if standardised else x.float()
+        return self.decoder.decode(z.clamp(-1.0, 1.0) if clamp else z).float()
+
+    def weighted_mse(self, img: torch.Tensor, target: torch.Tensor, prev: torch.Tensor, *,
+                     foreground: bool = False) -> torch.Tensor:
+        """:func:`motion_weighted_mse` with this object's boost and threshold, float32 ``(B,)``."""
+        return motion_weighted_mse(img, target, prev, motion_boost=self.motion_boost, threshold=self.threshold,
+                                   foreground=foreground)
+
+
 class PretrainNet(nn.Module):
     """The trainable part of the DiT world model (DiT + head), with one ``forward`` that returns every loss term,
     so it can be wrapped by DDP / ``torch.compile`` as one module.
@@ -127,29 +158,30 @@ class PretrainNet(nn.Module):
     def __init__(self, dit: DiT, heads: RewardTermHead, term_weight: float = 10.0) -> None:
         super().__init__()
         self.dit, self.heads, self.term_weight = dit, heads, term_weight
-        self.__dict__["decoder"] = None
+        self.pixel: PixelDecoder | None = None  # a plain object: outside the module tree
+
+    @property
+    def decoder(self) -> nn.Module | None:
+        """The frozen stage-1 decoder of the pixel term (None until :meth:`set_decoder`)."""
+        return None if self.pixel is None else self.pixel.decoder
 
     def set_decoder(self, decoder: nn.Module, mean: torch.Tensor, std: torch.Tensor, *, motion_boost: float = 100.0,
                     motion_threshold: float = 0.1) -> None:
         """Enable the pixel term: ``decoder`` is the frozen stage-1 autoencoder (kept outside the module tree: not
         trained, not in the state dict, not seen by DDP); ``mean``/``std`` float ``(d_z,)`` the latent
         standardisation; ``motion_boost``/``motion_threshold`` as in :class:`ObjectiveConfig`."""
-        self.__dict__["decoder"] = decoder.requires_grad_(False).eval()
-        self.motion_boost, self.motion_threshold = motion_boost, motion_threshold
-        dev = next(self.dit.parameters()).device
-        self.register_buffer("lat_mean", mean.float().clone().to(dev), persistent=False)
-        self.register_buffer("lat_std", std.float().clone().to(dev), persistent=False)
+        self.pixel = PixelDecoder(decoder, mean, std, motion_boost=motion_boost,
+                                 threshold=motion_threshold)
 
     def pixel_loss(self, x0_hat: torch.Tensor, t: torch.Tensor, z: torch.Tensor, z_prev: torch.Tensor) -> torch.Tensor:
         """Motion-weighted pixel MSE between decoded ``x0_hat`` (standardised ``(B, d_z)``) and the decoded real
         latent ``z`` (raw ``(B, d_z)``; ``z_prev`` the real latent before it), each sample weighted ``1 − t``
         (``t`` ``(B,)``). Returns a float32 scalar."""
-        dec = self.__dict__["decoder"]
-        img = dec.decode((x0_hat.float() * self.lat_std + self.lat_mean)).float()  # (B, 3, 64, 64)
+        px = self.pixel
+        img = px.images(x0_hat)  # (B, 3, 64, 64)
         with torch.no_grad():
-            real, prev = dec.decode(z.float()).float(), dec.decode(z_prev.float()).float()
-        per = motion_weighted_mse(img, real, prev, motion_boost=self.motion_boost, threshold=self.motion_threshold)
-        return ((1.0 - t.float()) * per).mean()
+            real, prev = px.images(z, standardised=False), px.images(z_prev, standardised=False)
+        return ((1.0 - t.float()) * px.weighted_mse(img, real, prev)).mean()
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """All loss terms of one batch (see :func:`make_inputs` for the keys).
@@ -159,7 +191,7 @@ class PretrainNet(nn.Module):
         """
         v = self.dit(inputs["xt"], inputs["t"], inputs["prev_action"])  # (B, T, d_z)
         out = {"flow": flow_matching_loss(v, inputs["x0"], inputs["noise"], inputs["mask"])}
-        pixel = self.__dict__["decoder"] is not None and "px_z" in inputs
+        pixel = self.pixel is not None and "px_z" in inputs
         if pixel:
             t = inputs["t"][:, -1]  # (B,)
             out["pixel"] = self.pixel_loss(inputs["xt"][:, -1] - t[:, None] * v[:, -1], t, inputs["px_z"],
@@ -288,7 +320,7 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     m_params = [p.detach() for p in model.parameters()]
     torch._foreach_lerp_(e_params, m_params, 1.0 - decay)
     mb = dict(model.named_buffers())
-    for name, be in ema.named_buffers():  # by name: the model may hold more (e.g. PretrainNet.set_decoder's)
+    for name, be in ema.named_buffers():  # by name: the model may hold more than its EMA copy
         be.copy_(mb[name])
 
 
