@@ -11,7 +11,8 @@ Run::
 ``--breakdown`` also times, per DiT configuration and in the same turns, the two parts of a step that the number of
 sampling steps scales differently: the context pass (:meth:`DiT.context_cache`, once per env step) and the sampler
 (:meth:`DiT.sample_next` with the configured steps, each one :meth:`DiT.predict_next` plus its Euler update); the
-rest of the env step (noise, heads, state update, env bookkeeping) is what remains. The share of the step that does
+rest of the env step (noise, heads, state update, env bookkeeping) is what remains (a streaming student's context
+pass is :meth:`DiT.extend_cache`, one new token against its rolling cache). The share of the step that does
 not shrink with fewer sampling steps (context pass + rest) is what keeps a student of ``s`` steps below the linear
 speed-up ``s_1 / s`` over a teacher of ``s_1``. Configurations whose model is not a DiT (an RSSM) are left out of it.
 """
@@ -84,11 +85,15 @@ def time_parts(env, repeats: int) -> tuple[float, float] | None:
     state = env.unwrapped.core.state
     z, a = wm.normalize(state["z"]), state["a"]
     noise = torch.randn(z.shape[0], z.shape[2])
+    streaming = wm.dit.config.streaming  # its context pass is one new token against the rolling cache
     cache = wm.dit.context_cache(z, a)  # warm-up
     wm.dit.sample_next(noise, a[:, -1], cache, wm.sampling_steps)
     t0 = time.perf_counter()
     for _ in range(repeats):
-        cache = wm.dit.context_cache(z, a)
+        if streaming:
+            wm.dit.extend_cache(cache, z[:, -1], a[:, -1])
+        else:
+            cache = wm.dit.context_cache(z, a)
     t1 = time.perf_counter()
     for _ in range(repeats):
         wm.dit.sample_next(noise, a[:, -1], cache, wm.sampling_steps)

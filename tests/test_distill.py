@@ -95,17 +95,17 @@ def test_shortcut_targets_by_hand():
     assert bool((j[one] == 0).all()) and torch.allclose(out["v"][one], traj[0, one] - traj[4, one])
 
 
-@pytest.mark.parametrize("depth", [0, 1])  # the teacher's 2 blocks, or one block fewer
-def test_tiny_distillation_lowers_the_gap_to_the_teacher_on_a_fixed_batch(depth):
+@pytest.mark.parametrize("depth, streaming", [(0, False), (1, False), (0, True)])  # 2 blocks, 1 block, streaming
+def test_tiny_distillation_lowers_the_gap_to_the_teacher_on_a_fixed_batch(depth, streaming):
     t = teacher()
-    net = DistillNet(make_student(t, 4, depth=depth))
+    net = DistillNet(make_student(t, 4, depth=depth, streaming=streaming))
     ctx, ctx_a, a = batch(B=32)
     gap = lambda k: sample_gap(net.dit, t, ctx, ctx_a, a, teacher_steps=4, student_steps=k, seed=3)  # noqa: E731
     before = {k: gap(k) for k in (1, 2, 4)}
-    if depth == 0:
+    if depth == 0 and not streaming:
         assert before[4] == pytest.approx(0.0, abs=1e-10)  # the fresh student is the teacher
     else:
-        assert before[4] > 1e-4  # one block fewer: no longer the teacher
+        assert before[4] > 1e-4  # one block fewer, or no positions but a window: no longer the teacher
     assert before[1] > 1e-3
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
@@ -116,7 +116,7 @@ def test_tiny_distillation_lowers_the_gap_to_the_teacher_on_a_fixed_batch(depth)
         opt.step()
     after = {k: gap(k) for k in (1, 2, 4)}
     assert after[1] < 0.5 * before[1] and after[2] < before[2]
-    if depth:
+    if depth:  # (a streaming student starts nearer the 4-step teacher than training on this tiny batch keeps any)
         assert after[4] < 0.5 * before[4]
 
 

@@ -73,9 +73,12 @@ class Args(LoopArgs):
     imagined_steps: int = arg(8, "imagined steps per rollout of the pool")
     student_depth: int = arg(0, "transformer blocks of the student (0: the teacher's); fewer gives a faster student, "
                                 "initialised from evenly spaced teacher blocks (the first and the last for 2 or more)")
+    streaming: bool = arg(False, "a streaming student (sliding-window attention, relative positions): the env keeps "
+                                 "its context keys/values and encodes one token per step instead of the whole context; "
+                                 "trained with 0 .. (depth - 1) x K history rows before each context")
 
 
-RESUME_FIXED = ("pixel_weight", "motion_boost", "imagined_fraction", "imagined_pool", "imagined_steps")
+RESUME_FIXED = ("pixel_weight", "motion_boost", "imagined_fraction", "imagined_pool", "imagined_steps", "streaming")
 """Flags a ``--resume`` must repeat (checked against the checkpoint's)."""
 
 
@@ -107,6 +110,9 @@ def validate(args: Args) -> Setup:
         raise ArgError("imagined_fraction", f"expected a number in [0, 1], got {args.imagined_fraction}")
     if args.imagined_fraction and round(args.imagined_fraction * args.batch) < 1:
         raise ArgError("imagined_fraction", f"expected 0 or at least one row of --batch {args.batch}, got "
+                                            f"{args.imagined_fraction}")
+    if args.streaming and args.imagined_fraction:
+        raise ArgError("imagined_fraction", f"expected 0 with --streaming (imagined contexts have no history), got "
                                             f"{args.imagined_fraction}")
     if not 0.0 <= args.ema < 1.0:
         raise ArgError("ema", f"expected a number in [0, 1), got {args.ema}")
@@ -176,7 +182,7 @@ def student_blocks(teacher_depth: int, depth: int) -> list[int]:
     return [round(i * (teacher_depth - 1) / (depth - 1)) for i in range(depth)]
 
 
-def make_student(teacher: DiT, teacher_steps: int, depth: int = 0) -> DiT:
+def make_student(teacher: DiT, teacher_steps: int, depth: int = 0, streaming: bool = False) -> DiT:
     """A step-conditioned student (``shortcut_steps = teacher_steps``) built from ``teacher``'s weights.
 
     Args:
@@ -185,13 +191,15 @@ def make_student(teacher: DiT, teacher_steps: int, depth: int = 0) -> DiT:
         depth: student blocks (0: the teacher's). At the teacher's depth the student is an exact copy and outputs
             what the teacher does until trained (its step embedding ends in zeros); with fewer blocks it keeps the
             teacher's embeddings, output layer and the blocks :func:`student_blocks` picks.
+        streaming: a streaming student (``DiTConfig.streaming``: windowed attention, rolling cache) with zero
+            relative position embeddings; it must learn the order of its context the teacher read from positions.
     Raises:
         ValueError: a distilled ``teacher`` or a ``depth`` outside ``[0, teacher depth]``.
     """
     if teacher.config.shortcut_steps:
         raise ValueError(f"teacher: expected an undistilled DiT, got shortcut_steps {teacher.config.shortcut_steps}")
     keep = student_blocks(teacher.config.depth, depth or teacher.config.depth)
-    student = DiT(replace(teacher.config, shortcut_steps=teacher_steps, depth=len(keep)))
+    student = DiT(replace(teacher.config, shortcut_steps=teacher_steps, depth=len(keep), streaming=streaming))
     state = {}
     for k, v in teacher.state_dict().items():
         if k.startswith("blocks."):
@@ -201,7 +209,8 @@ def make_student(teacher: DiT, teacher_steps: int, depth: int = 0) -> DiT:
             k = f"blocks.{keep.index(int(i))}.{rest}"
         state[k] = v
     missing, unexpected = student.load_state_dict(state, strict=False)
-    if unexpected or any(not k.startswith("step_embed.") for k in missing):
+    fresh = lambda k: k.startswith("step_embed.") or streaming and k.endswith((".rel_k", ".rel_v"))  # noqa: E731
+    if unexpected or not all(fresh(k) for k in missing):
         raise ValueError(f"teacher: expected a DiT without step conditioning, got missing {missing}, "
                          f"unexpected {unexpected}")
     return student
@@ -228,7 +237,8 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
 
     teacher = wm.dit.requires_grad_(False).eval()
     seed_everything(args.seed)  # the student's new step embedding: identical on every rank and every run
-    net = DistillNet(make_student(teacher, N, args.student_depth)).to(dev)
+    net = DistillNet(make_student(teacher, N, args.student_depth, args.streaming)).to(dev)
+    max_history = (net.dit.config.depth - 1) * K if args.streaming else 0  # rows the cache's last layer reaches
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     if args.pixel_weight:  # after the EMA copy: the EMA needs no decoder
         net.set_decoder(wm.autoencoder, wm.latent_mean, wm.latent_std, pixel_weight=args.pixel_weight,
@@ -284,12 +294,16 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
             if dist_.any_rank(d, stop["sig"] is not None):
                 break
             lr = lr_at(step, args.lr, args.warmup, args.lr_decay_steps or args.steps)
-            w = windows.sample(args.batch)
+            starts = windows.draw_starts(args.batch)
+            w = windows.windows(starts)
             ctx, ctx_a, act = w.x[:, :K], w.prev_action[:, :K], w.prev_action[:, K]
             if pool is not None:
                 ctx, ctx_a, act = mix_in(pool, (ctx, ctx_a, act), round(args.imagined_fraction * args.batch), gen)
             with autocast:
                 inputs = make_distill_inputs(teacher, ctx, ctx_a, act, teacher_steps=N, generator=gen)
+                if args.streaming:  # a history of 0 .. max_history rows: cold caches (resets) and warm ones
+                    h = int(torch.randint(max_history + 1, (1,), generator=gen, device=gen.device))
+                    inputs["history"], inputs["history_action"], inputs["history_valid"] = windows.history(starts, h)
                 loss = model(inputs)
             grad_norm = optimizer_step(loss, net, ema, opt, lr=lr, grad_clip=args.grad_clip, step=step,
                                        ema_decay=args.ema)
@@ -351,6 +365,7 @@ def export_student(out_dir: Path, s: Setup, student: DiT, args: Args, *, step: i
             "teacher steps N": s.teacher_steps, "student steps": ", ".join(str(s.teacher_steps // m)
                                                                           for m in step_levels(s.teacher_steps)),
             "student blocks": f"{student.config.depth} of the teacher's {teacher.dit.config.depth}",
+            "streaming (rolling context cache)": student.config.streaming,
             "default sampling_steps": args.sampling_steps, "distillation steps": step, "batch": args.batch,
             "lr": args.lr, "pixel weight": args.pixel_weight, "imagined fraction": args.imagined_fraction,
             **{k: f"{v:.4g}" for k, v in final.items()}}

@@ -147,14 +147,24 @@ class DistillNet(nn.Module):
 
 
 def student_velocity(student: DiT, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The student's velocity ``(B, d_z)`` for each drawn jump of ``inputs`` (see :func:`distill_loss`)."""
+    """The student's velocity ``(B, d_z)`` for each drawn jump of ``inputs`` (see :func:`distill_loss`); a
+    streaming student also reads the optional ``history (B, H, d_z)``, ``history_action (B, H)`` and
+    ``history_valid`` bool ``(B, H)`` before the context: the rows its rolling cache has seen in an env."""
     B, K = inputs["context_action"].shape
     dev = inputs["x"].device
-    seq = torch.cat([inputs["context"], inputs["x"][:, None]], dim=1)  # (B, K+1, d_z)
-    t = torch.cat([torch.zeros(B, K, device=dev), inputs["t"][:, None]], dim=1)  # (B, K+1)
-    d = torch.cat([torch.zeros(B, K, device=dev), inputs["step_size"][:, None]], dim=1)  # (B, K+1)
-    a = torch.cat([inputs["context_action"], inputs["action"][:, None]], dim=1)  # (B, K+1)
-    return student(seq, t, a, step_size=d)[:, -1]  # (B, d_z)
+    ctx, ctx_a, valid = inputs["context"], inputs["context_action"], None
+    if "history" in inputs:
+        ctx = torch.cat([inputs["history"], ctx], dim=1)  # (B, H+K, d_z)
+        ctx_a = torch.cat([inputs["history_action"], ctx_a], dim=1)
+        hv = inputs["history_valid"]
+        if not bool(hv.all()):
+            valid = torch.cat([hv, torch.ones(B, K + 1, dtype=torch.bool, device=dev)], dim=1)  # (B, H+K+1)
+    L = ctx.shape[1]
+    seq = torch.cat([ctx, inputs["x"][:, None]], dim=1)  # (B, L+1, d_z)
+    t = torch.cat([torch.zeros(B, L, device=dev), inputs["t"][:, None]], dim=1)  # (B, L+1)
+    d = torch.cat([torch.zeros(B, L, device=dev), inputs["step_size"][:, None]], dim=1)  # (B, L+1)
+    a = torch.cat([ctx_a, inputs["action"][:, None]], dim=1)  # (B, L+1)
+    return student(seq, t, a, step_size=d, key_valid=valid)[:, -1]  # (B, d_z)
 
 
 def distill_loss(student: DiT, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

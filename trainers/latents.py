@@ -218,6 +218,7 @@ class LatentWindows:
         self.prev_action = torch.from_numpy(np.where(ds.action < 0, num_actions, ds.action)).to(device)
         self.reward = torch.from_numpy(ds.reward).to(device)
         self.terminated = torch.from_numpy(ds.terminated).to(device)
+        self.episode = torch.from_numpy(ds.episode).to(device)
         self.priority: np.ndarray | None = None  # float64 (num_windows,) from set_priorities, or uniform draws
         self.priority_fraction = 0.0
 
@@ -227,6 +228,22 @@ class LatentWindows:
         z = self.z[idx].float()  # (B, L, d_z)
         return Windows(x=(z - self.mean) / self.std, z=z, prev_action=self.prev_action[idx],
                        reward=self.reward[idx], terminated=self.terminated[idx])
+
+    def history(self, starts: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``length`` rows before each window start (a streaming student's history, oldest first).
+
+        Args:
+            starts: int64 ``(B,)`` window starts. length: ``H ≥ 0`` rows.
+        Returns:
+            ``(x float32 (B, H, d_z) standardised, prev_action int64 (B, H), valid bool (B, H))``; ``valid`` is
+            False for rows before the start of the window's episode (their ``x``/``prev_action`` are padding).
+        """
+        s = torch.from_numpy(starts).to(self.device)
+        idx = s[:, None] - length + torch.arange(length, device=self.device)[None]  # (B, H)
+        safe = idx.clamp(min=0)
+        valid = (idx >= 0) & (self.episode[safe] == self.episode[s][:, None])
+        x = (self.z[safe].float() - self.mean) / self.std
+        return x, self.prev_action[safe], valid
 
     def sample(self, batch: int) -> Windows:
         """``batch`` drawn windows (advances the sampler's RNG): uniformly, or with :meth:`set_priorities` a

@@ -69,8 +69,12 @@ def evaluate(net: PretrainNet, w: Windows, *, context_len: int, sampling_steps: 
     out["eval/flow_last"] = flow_matching_loss(v, x0, eps).item()
 
     ctx, ctx_a = w.x[:, :K], w.prev_action[:, :K]
+    streaming = net.dit.config.streaming  # a rolling cache, as the env keeps it
+    cache = net.dit.context_cache(ctx, ctx_a)
     for h in range(1, L - K + 1):
-        cache = net.dit.context_cache(ctx, ctx_a)
+        if h > 1:
+            cache = net.dit.extend_cache(cache, ctx[:, -1], ctx_a[:, -1]) if streaming else net.dit.context_cache(
+                ctx, ctx_a)
         a = w.prev_action[:, K + h - 1]
         noise = torch.randn(B, d, generator=gen, device=dev)
         x = net.dit.sample_next(noise, a, cache, sampling_steps)  # (B, d_z)

@@ -16,6 +16,13 @@ conditioning also gets ``step_emb(d)`` for the Euler step size ``d`` the sampler
 student can jump along its teacher's ``N``-step trajectory in ``1, 2, … N`` steps (shortcut models, Frans et al.
 2024; :mod:`trainers.distill`). ``step_emb`` ends in a zero-initialised layer, so a student copied from its teacher
 starts as exactly the teacher; step sizes below ``1/N`` use the ``1/N`` embedding (the teacher's own field).
+
+Streaming (``DiTConfig.streaming``, set by ``ditwm distill --streaming``): every token attends to itself and the
+``K`` tokens before it through :func:`~dit_envs.models.attention.window_attention` (relative position embeddings,
+no absolute position besides "context" ``pos_embed[K-1]`` vs "the token being denoised" ``pos_embed[K]``), so the
+per-layer keys/values of a context token never change: an env keeps them in a rolling cache
+(:meth:`DiT.extend_cache`) and encodes one new token per env step instead of the whole window, on sequences of any
+length (a longer history reaches further back through the layers, like Transformer-XL's recurrence).
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dit_envs.models.attention import window_attention
 from dit_envs.models.flow import sample, uniform_times
 
 _WARNED: set[tuple[int, int]] = set()  # (shortcut_steps, sampling steps) already warned about
@@ -50,6 +58,8 @@ class DiTConfig:
         freq_dim: size of the sinusoidal noise-level features.
         action_cond: also add an action embedding to the adaLN conditioning (besides the token input).
         shortcut_steps: ``N`` of a distilled student's step-size conditioning (0: none, a plain flow model).
+        streaming: sliding-window attention over the last ``context_len`` tokens with relative positions (see the
+            module docstring): a rolling cache, one new context token per env step.
     Raises:
         ValueError: a non-positive size or ``width`` not divisible by ``heads``.
     """
@@ -64,6 +74,7 @@ class DiTConfig:
     freq_dim: int = 256
     action_cond: bool = True
     shortcut_steps: int = 0
+    streaming: bool = False
 
     def __post_init__(self) -> None:
         for name in ("latent_dim", "num_actions", "context_len", "width", "depth", "heads", "freq_dim"):
@@ -126,9 +137,12 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class DiTBlock(nn.Module):
     """Pre-LN transformer block with adaLN-Zero conditioning and causal self-attention (Peebles & Xie 2023)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: float, window: int = 0) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.window = heads, window
+        if window:  # streaming: relative position embeddings of keys and values (zero: none yet)
+            self.rel_k = nn.Parameter(torch.zeros(window, width))
+            self.rel_v = nn.Parameter(torch.zeros(window, width))
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
@@ -139,10 +153,11 @@ class DiTBlock(nn.Module):
 
     def forward(
         self, x: torch.Tensor, c: torch.Tensor | None, past: tuple[torch.Tensor, torch.Tensor] | None = None,
-        mod: torch.Tensor | None = None,
+        mod: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Tokens ``x`` and conditioning ``c``, both ``(B, T, D)``; ``past`` = cached ``(k, v)`` of earlier tokens;
-        ``mod`` = precomputed ``adaLN_modulation(c)`` ``(B, T, 6D)`` (then ``c`` is unused).
+        ``mod`` = precomputed ``adaLN_modulation(c)`` ``(B, T, 6D)`` (then ``c`` is unused); ``key_valid`` bool
+        ``(B, P + T)`` marks padding keys of a windowed (streaming) block.
 
         Returns ``(x_out (B, T, D), (k, v))`` with ``k, v`` ``(B, heads, T, D/heads)`` of these ``T`` tokens.
         """
@@ -151,7 +166,11 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
         h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, T, D)
         q, k, v = self.qkv(h).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, T, D/H)
-        if past is None:
+        if self.window:
+            P = 0 if past is None else past[0].shape[2]
+            k_all, v_all = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+            a = window_attention(q, k_all, v_all, self.rel_k, self.rel_v, offset=P, key_valid=key_valid)
+        elif past is None:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D/H)
         else:
             P = past[0].shape[2]
@@ -193,7 +212,8 @@ class DiT(nn.Module):
         self.a_cond = nn.Embedding(A + 1, D) if config.action_cond else None
         self.step_embed = (nn.Sequential(nn.Linear(config.freq_dim, D), nn.SiLU(), nn.Linear(D, D))
                            if config.shortcut_steps else None)
-        self.blocks = nn.ModuleList(DiTBlock(D, config.heads, config.mlp_ratio) for _ in range(config.depth))
+        window = config.context_len + 1 if config.streaming else 0
+        self.blocks = nn.ModuleList(DiTBlock(D, config.heads, config.mlp_ratio, window) for _ in range(config.depth))
         self.norm_final = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.final_linear = nn.Linear(D, config.latent_dim)
@@ -222,16 +242,24 @@ class DiT(nn.Module):
 
     def _embed(
         self, x: torch.Tensor, noise_level: torch.Tensor, prev_action: torch.Tensor, offset: int,
-        step_size: torch.Tensor | None = None, cond: bool = True,
+        step_size: torch.Tensor | None = None, cond: bool = True, denoised_last: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token and conditioning embeddings, each ``(B, T, D)``, for positions ``offset .. offset+T-1``;
+        """Token and conditioning embeddings, each ``(B, T, D)``, for positions ``offset .. offset+T-1`` (streaming:
+        ``pos_embed[K-1]`` for context tokens, ``pos_embed[K]`` for the last one when ``denoised_last``);
         ``step_size`` ``(B, T)`` (0 = none for that token) is ignored by models without step conditioning;
         ``cond=False`` skips the conditioning (returned as None)."""
         T, dtype = x.shape[1], self.pos_embed.dtype
-        if offset + T > self.config.seq_len:
+        if self.config.streaming:
+            K = self.config.context_len
+            pos = self.pos_embed[K - 1].expand(T, -1)
+            if denoised_last:
+                pos = torch.cat([pos[:-1], self.pos_embed[K:]])  # (T, D)
+        elif offset + T > self.config.seq_len:
             raise ValueError(f"x: expected at most {self.config.seq_len} time steps, got {offset + T}")
+        else:
+            pos = self.pos_embed[offset : offset + T]  # (T, D)
         tok = torch.cat([self.z_embed(x.to(dtype)), self.a_embed(prev_action)], dim=-1)  # (B, T, 2D)
-        tok = self.in_proj(tok) + self.pos_embed[offset : offset + T]  # (B, T, D)
+        tok = self.in_proj(tok) + pos  # (B, T, D)
         if not cond:
             return tok, None
         c = self.t_embed(timestep_features(noise_level, self.config.freq_dim).to(dtype))  # (B, T, D)
@@ -248,19 +276,22 @@ class DiT(nn.Module):
         return self.final_linear(modulate(self.norm_final(h), shift, scale))  # (B, T, d_z)
 
     def forward(self, x: torch.Tensor, noise_level: torch.Tensor, prev_action: torch.Tensor,
-                step_size: torch.Tensor | None = None) -> torch.Tensor:
-        """Velocity of every token under causal attention.
+                step_size: torch.Tensor | None = None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity of every token under causal attention (streaming: windowed, and only the last token is
+        embedded as the one being denoised — a sequence of any length ending in the noisy latent).
 
         Args:
-            x: float ``(B, T, d_z)`` noisy (normalised) latents, ``T <= context_len + 1``.
+            x: float ``(B, T, d_z)`` noisy (normalised) latents, ``T <= context_len + 1`` (any ``T`` streaming).
             noise_level: float ``(B, T)`` in ``[0, 1]``, the flow time of each token (0 = clean).
             prev_action: int64 ``(B, T)`` in ``[0, num_actions]``, action preceding each latent.
             step_size: optional float ``(B, T)`` Euler step size of each token's next sampler step (0 = none,
                 e.g. clean context tokens); used only when ``config.shortcut_steps > 0``.
+            key_valid: optional bool ``(B, T)``, streaming only: False for padding tokens (history before an
+                episode start), which no later token attends to.
         Returns:
             float ``(B, T, d_z)`` predicted velocity ``ε − x0`` (model dtype).
         Raises:
-            ValueError: shapes that disagree or ``T`` too long.
+            ValueError: shapes that disagree, ``T`` too long, or ``key_valid`` for a non-streaming model.
         """
         if x.ndim != 3 or x.shape[2] != self.config.latent_dim:
             raise ValueError(f"x: expected (B, T, {self.config.latent_dim}), got {tuple(x.shape)}")
@@ -271,9 +302,12 @@ class DiT(nn.Module):
             )
         if step_size is not None and step_size.shape != x.shape[:2]:
             raise ValueError(f"step_size: expected shape {tuple(x.shape[:2])}, got {tuple(step_size.shape)}")
-        h, c = self._embed(x, noise_level, prev_action, offset=0, step_size=step_size)  # (B, T, D)
+        if key_valid is not None and (not self.config.streaming or key_valid.shape != x.shape[:2]):
+            raise ValueError(f"key_valid: expected None or, streaming, shape {tuple(x.shape[:2])}, got "
+                             f"{tuple(key_valid.shape)} (streaming {self.config.streaming})")
+        h, c = self._embed(x, noise_level, prev_action, offset=0, step_size=step_size, denoised_last=True)
         for block in self.blocks:
-            h, _ = block(h, c)  # (B, T, D)
+            h, _ = block(h, c, key_valid=key_valid)  # (B, T, D)
         return self._output(h, c)  # (B, T, d_z)
 
     def context_cache(self, z: torch.Tensor, prev_action: torch.Tensor) -> KVCache:
@@ -300,6 +334,34 @@ class DiT(nn.Module):
                 h, kv = block(h, None, mod=mod)  # (N, L, D)
                 cache.append(kv)
         return cache
+
+    def extend_cache(self, cache: KVCache, z: torch.Tensor, prev_action: torch.Tensor) -> KVCache:
+        """Streaming only: the rolling cache one env step later — the keys/values of one new clean context token
+        (attending to ``cache``) appended, the oldest dropped beyond ``context_len``; one token's work instead of
+        :meth:`context_cache`'s ``K``.
+
+        Args:
+            cache: from :meth:`context_cache` or :meth:`extend_cache` (``L <= context_len`` tokens).
+            z: float ``(N, d_z)`` the new clean normalised latent. prev_action: int64 ``(N,)`` the action before it.
+        Returns:
+            :data:`KVCache` of ``min(L + 1, context_len)`` tokens.
+        Raises:
+            ValueError: a non-streaming model (its keys/values depend on positions that shift every step).
+        """
+        if not self.config.streaming:
+            raise ValueError("config.streaming: expected True for extend_cache, got False (use context_cache)")
+        K = self.config.context_len
+        h, _ = self._embed(z[:, None], None, prev_action[:, None], offset=0, cond=False)  # (N, 1, D)
+        table, index = self._cond_table(0.0, None, prev_action[:, None])
+        out: KVCache = []
+        for i, (block, past) in enumerate(zip(self.blocks, cache)):
+            mod = block.adaLN_modulation(table)[index]  # (N, 1, 6D)
+            if i == len(self.blocks) - 1:
+                kv = block.keys_values(h, mod)
+            else:
+                h, kv = block(h, None, past=past, mod=mod)  # (N, 1, D)
+            out.append((torch.cat([past[0], kv[0]], 2)[:, :, -K:], torch.cat([past[1], kv[1]], 2)[:, :, -K:]))
+        return out
 
     def _cond_table(self, noise_level: float, step_size: float | None,
                     prev_action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,11 +403,13 @@ class DiT(nn.Module):
         uniform = x.shape[0] > 0 and (shared_level or (bool((noise_level == noise_level[0]).all()) and (
             d is None or bool((d == d[0]).all()))))
         if not uniform:  # general path: every token its own conditioning
-            h, c = self._embed(x[:, None], noise_level[:, None], prev_action[:, None], offset=L, step_size=d)
+            h, c = self._embed(x[:, None], noise_level[:, None], prev_action[:, None], offset=L, step_size=d,
+                               denoised_last=True)
             for block, past in zip(self.blocks, cache):
                 h, _ = block(h, c, past=past)  # (N, 1, D)
             return self._output(h, c)[:, 0]  # (N, d_z)
-        h, _ = self._embed(x[:, None], noise_level[:, None], prev_action[:, None], offset=L, cond=False)  # (N, 1, D)
+        h, _ = self._embed(x[:, None], noise_level[:, None], prev_action[:, None], offset=L, cond=False,
+                           denoised_last=True)  # (N, 1, D)
         table, index = self._cond_table(float(noise_level[0]), None if d is None else float(d[0]), prev_action)
         for block, past in zip(self.blocks, cache):
             h, _ = block(h, None, past=past, mod=block.adaLN_modulation(table)[index][:, None])  # (N, 1, D)

@@ -5,7 +5,9 @@ per-layer keys/values are computed once (:meth:`DiT.context_cache`), and the nex
 rectified-flow Euler sampler (:func:`dit_envs.models.flow.sample`, ``sampling_steps`` steps from noise drawn
 from the caller's ``torch.Generator``) by re-running only the single noisy token against that cache. The sample
 is mapped back to autoencoder units and clamped to the encoder's ``tanh`` range ``[-1, 1]``; the reward /
-termination head then reads ``(z_t, a_t, z_{t+1})``.
+termination head then reads ``(z_t, a_t, z_{t+1})``. A streaming DiT (``DiTConfig.streaming``) keeps its context
+keys/values in the state instead (``"kv"``) and, after sampling, encodes only the new latent into them
+(:meth:`DiT.extend_cache`).
 """
 from __future__ import annotations
 
@@ -180,7 +182,8 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
 
     # ----- WorldModel protocol ---------------------------------------------------------------------------------
     def initial_state(self, context_z: torch.Tensor, context_a: torch.Tensor) -> State:
-        """State ``{"z": float32 (N, K, d_z), "a": int64 (N, K)}`` from a context (copied onto the model device).
+        """State ``{"z": float32 (N, K, d_z), "a": int64 (N, K)}`` from a context (copied onto the model device);
+        a streaming DiT adds ``"kv"``: its rolling cache, model dtype ``(N, depth, 2, heads, K, width/heads)``.
 
         Raises:
             ValueError: shapes other than ``(N, K, d_z)`` / ``(N, K)``, non-integer actions, or actions outside
@@ -198,10 +201,14 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
                 f"context_a: expected values in [0, {self.num_actions}], "
                 f"got min {int(context_a.min())}, max {int(context_a.max())}"
             )
-        return {
+        state = {
             "z": context_z.to(device=self.device, dtype=torch.float32).clone(),
             "a": context_a.to(self.device).clone(),
         }
+        if self.dit.config.streaming:
+            with torch.no_grad():
+                state["kv"] = pack_cache(self.dit.context_cache(self.normalize(state["z"]), state["a"]))
+        return state
 
     def _check_action(self, action: torch.Tensor, n: int) -> torch.Tensor:
         if not isinstance(action, torch.Tensor) or action.dtype != torch.int64 or tuple(action.shape) != (n,):
@@ -221,7 +228,8 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
         """Imagine one step for every env (see :class:`~dit_envs.models.world_model.WorldModel`).
 
         Args:
-            state: ``{"z": (N, K, d_z), "a": (N, K)}`` from :meth:`initial_state` or :meth:`step`.
+            state: ``{"z": (N, K, d_z), "a": (N, K)}`` (streaming: and ``"kv"``) from :meth:`initial_state` or
+                :meth:`step`.
             action: int64 ``(N,)`` in ``[0, num_actions)``.
             generator: ``torch.Generator`` on the model's device for the initial noise (same seed → bit-identical
                 results on CPU); None uses torch's global RNG.
@@ -242,7 +250,17 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
         action = self._check_action(action, N)
         if generator is not None and generator.device.type != self.device.type:
             raise ValueError(f"generator: expected a generator on {self.device}, got one on {generator.device}")
-        cache = self.dit.context_cache(self.normalize(z), a)
+        streaming = self.dit.config.streaming
+        if streaming:
+            kv = state.get("kv")
+            c = self.dit.config
+            shape = (N, c.depth, 2, c.heads, self.context_len, c.width // c.heads)
+            if kv is None or tuple(kv.shape) != shape:
+                raise ValueError(f"state['kv']: expected shape {shape} (a streaming DiT's cache), got "
+                                 f"{None if kv is None else tuple(kv.shape)}")
+            cache = unpack_cache(kv)
+        else:
+            cache = self.dit.context_cache(self.normalize(z), a)
         noise = torch.randn(N, self.latent_dim, generator=generator, device=self.device, dtype=torch.float32)
         if self.temperature != 1.0:
             noise = noise * self.temperature
@@ -253,6 +271,8 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
             "z": torch.cat([z[:, 1:], z_next[:, None]], dim=1),
             "a": torch.cat([a[:, 1:], action[:, None]], dim=1),
         }
+        if streaming:
+            next_state["kv"] = pack_cache(self.dit.extend_cache(cache, self.normalize(z_next), action))
         return next_state, z_next, reward, terminated
 
     def latent_history(self, state: State) -> torch.Tensor:
@@ -268,3 +288,14 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 frames ``(N, 3, 64, 64)`` → float32 latents ``(N, d_z)``."""
         return self.autoencoder.encode(frames.to(self.device))
+
+
+def pack_cache(cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """A DiT cache (per block ``(k, v)``, each ``(N, heads, L, width/heads)``) as one tensor
+    ``(N, depth, 2, heads, L, width/heads)``: a state entry with leading ``N`` (valid under masked assignment)."""
+    return torch.stack([torch.stack(kv, dim=1) for kv in cache], dim=1)
+
+
+def unpack_cache(kv: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Inverse of :func:`pack_cache`."""
+    return [(kv[:, i, 0], kv[:, i, 1]) for i in range(kv.shape[1])]
