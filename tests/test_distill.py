@@ -159,7 +159,8 @@ def test_bf16_distillation_writes_a_float32_student(tiny_stage1_store, teacher_b
 
 
 @pytest.mark.parametrize("extra", [{}, dict(imagined_fraction=0.5, imagined_pool=16, imagined_steps=2,
-                                           pixel_weight=1.0)])
+                                           pixel_weight=1.0),
+                                   dict(streaming=True, imagined_fraction=0.5, imagined_pool=16, imagined_steps=2)])
 def test_distill_resume_equals_an_uninterrupted_run(tiny_stage1_store, teacher_bundle, tmp_path, extra):
     kw = dict(TINY, lr_decay_steps=8, **extra)
     common = dict(teacher=str(teacher_bundle), data=str(tiny_stage1_store))

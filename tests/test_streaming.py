@@ -126,21 +126,24 @@ def test_world_model_rolls_its_cache_like_the_sequence(teacher_bundle):
         wm.step({"z": state["z"], "a": state["a"]}, action)
 
 
-def test_history_rows_by_hand(tiny_stage1_store, teacher_bundle, tmp_path):
-    from trainers.latents import COLUMNS, LatentDataset, LatentWindows, encode_store
+def test_history_rows_by_hand(tmp_path):
+    from trainers.latents import LatentDataset, LatentWindows
 
-    wm = load_bundle(teacher_bundle).model
-    data = encode_store(tiny_stage1_store, wm.autoencoder)
-    ds = LatentDataset(**{k: data[k] for k in ("z", *COLUMNS)}, encoder_sha256="", path=tmp_path / "none")
-    w = LatentWindows(ds, 3, mean=torch.zeros(wm.latent_dim), std=torch.ones(wm.latent_dim),
-                      num_actions=wm.num_actions, seed=0, device=torch.device("cpu"))
-    first = int(np.flatnonzero(ds.episode == ds.episode[-1])[0])  # the first row of the last episode
-    starts = np.array([first + 1, first + 5, 4])
+    # episode 0: steps 0-5, then a gap (a lost chunk), then 20-25; episode 1: steps 0-5
+    step = np.array([*range(6), *range(20, 26), *range(6)])
+    episode = np.array([0] * 12 + [1] * 6)
+    R = len(step)
+    z = np.arange(R, dtype=np.float16)[:, None].repeat(2, 1)
+    action = np.where(step == 0, -1, step % 3)
+    ds = LatentDataset(z=z, episode=episode, step=step, action=action, reward=np.zeros(R, np.float32),
+                       terminated=np.zeros(R, bool), encoder_sha256="", path=tmp_path / "none")
+    w = LatentWindows(ds, 3, mean=torch.zeros(2), std=torch.ones(2), num_actions=A, seed=0, device=torch.device("cpu"))
+    starts = np.array([14, 13, 8, 3])  # episode 1 step 2; episode 1 step 1; episode 0 step 22; episode 0 step 3
     x, pa, valid = w.history(starts, 3)
-    assert valid.tolist() == [[False, False, True], [True, True, True], [True, True, True]]
-    assert torch.equal(x[1], torch.from_numpy(ds.z[first + 2: first + 5]).float())
-    assert pa[0, 2].item() == (wm.num_actions if ds.action[first] < 0 else ds.action[first])
-    assert w.history(starts, 0)[0].shape == (3, 0, wm.latent_dim)
+    assert valid.tolist() == [[False, True, True], [False, False, True], [False, True, True], [True, True, True]]
+    assert x[0, 1:, 0].tolist() == [12.0, 13.0] and x[3, :, 0].tolist() == [0.0, 1.0, 2.0]
+    assert pa[0, 1].item() == A and pa[0, 2].item() == 1  # the episode's first row has the null action
+    assert w.history(starts, 0)[0].shape == (4, 0, 2)
 
 
 def test_streaming_distillation_runs_steps_as_an_env_and_resumes(tiny_stage1_store, teacher_bundle, tmp_path):
@@ -157,6 +160,13 @@ def test_streaming_distillation_runs_steps_as_an_env_and_resumes(tiny_stage1_sto
     envs.reset(seed=0)
     again = [envs.reset(seed=0)[0]] + [envs.step(np.array([0, 1, 2]))[0] for _ in range(12)]
     assert np.isfinite(obs).all() and np.array_equal(np.stack(obs), np.stack(again))
+    core = envs.unwrapped.core  # a per-env reset replaces exactly the reset envs' rows of the rolling cache
+    before = core.state["kv"].clone()
+    mask = np.array([True, False, True])
+    core.reset_envs(mask)
+    fresh = core.model.initial_state(core.state["z"][mask], core.state["a"][mask])["kv"]
+    assert torch.equal(core.state["kv"][mask], fresh) and not torch.equal(before[mask], fresh)
+    assert torch.equal(core.state["kv"][~mask], before[~mask])
     envs.close()
     envs = gym.make_vec("DiTWM/Pong-v0", num_envs=3, checkpoint=str(tmp_path / "s" / "bundle"), obs_type="latent",
                         max_episode_steps=5)
@@ -166,5 +176,74 @@ def test_streaming_distillation_runs_steps_as_an_env_and_resumes(tiny_stage1_sto
     with pytest.raises(ArgError, match=r"--streaming: expected True \(the checkpoint's\), got False"):
         main(Args(**{**common, "steps": 8}, resume=True))
     assert main(Args(**{**common, "steps": 8}, resume=True, streaming=True)) == 0
-    with pytest.raises(ArgError, match="--imagined-fraction: expected 0 with --streaming"):
-        main(Args(**{**common, "out": str(tmp_path / "x")}, streaming=True, imagined_fraction=0.5))
+    im = dict(streaming=True, imagined_fraction=0.5, imagined_pool=32, imagined_steps=4)
+    assert main(Args(**{**common, "out": str(tmp_path / "im"), "steps": 4}, **im)) == 0  # imagined history too
+
+
+def test_imagined_pool_keeps_each_contexts_history(teacher_bundle):
+    """With ``history``, every pooled context comes with the rows before it: first the real rows before its start
+    window, then the rollout's own, so history + context is one contiguous imagined trajectory."""
+    from tests.test_distill_options import _Windows
+    from trainers.distill_pool import imagined_pool
+
+    wm = load_bundle(teacher_bundle).model
+    H, n, K = 4, 6, wm.context_len
+
+    class Hist(_Windows):
+        def __init__(self, wm):
+            super().__init__(wm)
+            g = torch.Generator().manual_seed(9)
+            self.hx, self.ha = torch.randn(20, H, wm.latent_dim, generator=g), torch.randint(0, A, (20, H), generator=g)
+            self.hv = torch.ones(20, H, dtype=torch.bool)
+            self.hv[::2, :2] = False  # even windows start 2 rows after their episode's first row
+
+        def history(self, starts, length):
+            i = torch.from_numpy(starts)
+            return self.hx[i][:, H - length:], self.ha[i][:, H - length:], self.hv[i][:, H - length:]
+
+    w = Hist(wm)
+    ctx, ctx_a, act, hx, ha, hv = imagined_pool(wm, w, size=3 * n, steps=3, seed=3, sticky=0.5, history=H)
+    assert hx.shape == (3 * n, H, wm.latent_dim) and ha.shape == hv.shape == (3 * n, H) and hv.dtype == torch.bool
+    seq, seq_a = torch.cat([hx, ctx], 1), torch.cat([ha, ctx_a], 1)  # (3n, H + K, ·)
+    for a, b in ((slice(0, n), slice(n, 2 * n)), (slice(n, 2 * n), slice(2 * n, 3 * n))):  # one step later
+        assert torch.allclose(seq[b, :-1], seq[a, 1:], atol=1e-6) and torch.equal(seq_a[b, :-1], seq_a[a, 1:])
+        assert torch.equal(hv[b, :-1], hv[a, 1:]) and bool(hv[b, -1].all())
+    for r in range(n):  # after one step: the real history minus its oldest row, then the start window's first row
+        s = [j for j in range(20) if torch.allclose(hx[r, :-1], w.hx[j, 1:])]
+        assert s and torch.allclose(hx[r, -1], w.x[s[0], 0], atol=1e-5) and torch.equal(hv[r, :-1], w.hv[s[0], 1:])
+    plain = imagined_pool(wm, _Windows(wm), size=3 * n, steps=3, seed=3, sticky=0.5)
+    assert len(plain) == 3
+
+
+def test_training_evaluation_rolls_the_cache_like_the_env(teacher_bundle):
+    """``eval/mse@h`` of a streaming student (trainers.pretrain_eval) equals the error of a world-model rollout
+    drawing the same noise: the evaluation rolls the cache exactly as the env does."""
+    from dit_envs.models.flow import logit_normal_times
+    from trainers.pretrain_eval import evaluate
+    from trainers.pretrain_objective import PretrainNet, Windows
+
+    b = load_bundle(teacher_bundle)
+    base = b.model
+    student = make_student(base.dit, 4, streaming=True)
+    with torch.no_grad():
+        for blk in student.blocks:
+            blk.rel_k.normal_(0, 0.3)
+            blk.rel_v.normal_(0, 0.3)
+    wm = DiTWorldModel(base.autoencoder, student, base.heads, sampling_steps=2).eval()
+    wm.set_latent_stats(base.latent_mean, base.latent_std)
+    Kw, B, H = wm.context_len, 3, 4
+    g = torch.Generator().manual_seed(5)
+    z = torch.rand(B, Kw + H, wm.latent_dim, generator=g) * 2 - 1
+    pa = torch.randint(0, wm.num_actions, (B, Kw + H), generator=g)
+    w = Windows(x=wm.normalize(z), z=z, prev_action=pa, reward=torch.zeros(B, Kw + H),
+                terminated=torch.zeros(B, Kw + H, dtype=torch.bool))
+    got = evaluate(PretrainNet(student, base.heads), w, context_len=Kw, sampling_steps=2, mean=wm.latent_mean,
+                   std=wm.latent_std, seed=7)
+    gen = torch.Generator().manual_seed(7)
+    logit_normal_times((B,), generator=gen)  # the evaluation's flow-loss draws come first
+    torch.randn(B, wm.latent_dim, generator=gen)
+    state = wm.initial_state(z[:, :Kw], pa[:, :Kw])
+    for h in range(1, H + 1):
+        state, z_next, _, _ = wm.step(state, pa[:, Kw + h - 1], gen)
+        if h in (1, 4):
+            assert got[f"eval/mse@{h}"] == pytest.approx((z_next - z[:, Kw + h - 1]).square().mean().item(), rel=1e-5)

@@ -15,8 +15,9 @@ exported ones), JSONL metrics, atomic resumable checkpoints (``--resume``; a res
 uninterrupted one), SIGTERM/SIGINT checkpoint and exit 143/130, bf16 autocast (CUDA by default, CPU with
 ``--precision bf16``), ``torchrun`` + DDP.
 Evaluation every ``--eval-every`` steps on fixed held-out windows: ``eval/gap@k`` (mean squared distance between
-the student's ``k``-step sample and the teacher's ``N``-step sample from the same noise, normalised units) and the
-open-loop latent error ``eval/mse@h`` of the student at ``--sampling-steps``.
+the student's ``k``-step sample and the teacher's ``N``-step sample from the same noise, normalised units; for a
+streaming student from a fresh cache of the K context rows: the first step after a reset) and the open-loop latent
+error ``eval/mse@h`` of the student at ``--sampling-steps`` (a streaming student rolling its cache as in an env).
 """
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ class Args(LoopArgs):
                                 "initialised from evenly spaced teacher blocks (the first and the last for 2 or more)")
     streaming: bool = arg(False, "a streaming student (sliding-window attention, relative positions): the env keeps "
                                  "its context keys/values and encodes one token per step instead of the whole context; "
-                                 "trained with 0 .. (depth - 1) x K history rows before each context")
+                                 "trained with 0 .. (depth - 1) x K history rows before each context (imagined "
+                                 "contexts: their real rows, then the rollout's)")
 
 
 RESUME_FIXED = ("pixel_weight", "motion_boost", "imagined_fraction", "imagined_pool", "imagined_steps", "streaming")
@@ -110,9 +112,6 @@ def validate(args: Args) -> Setup:
         raise ArgError("imagined_fraction", f"expected a number in [0, 1], got {args.imagined_fraction}")
     if args.imagined_fraction and round(args.imagined_fraction * args.batch) < 1:
         raise ArgError("imagined_fraction", f"expected 0 or at least one row of --batch {args.batch}, got "
-                                            f"{args.imagined_fraction}")
-    if args.streaming and args.imagined_fraction:
-        raise ArgError("imagined_fraction", f"expected 0 with --streaming (imagined contexts have no history), got "
                                             f"{args.imagined_fraction}")
     if not 0.0 <= args.ema < 1.0:
         raise ArgError("ema", f"expected a number in [0, 1), got {args.ema}")
@@ -251,7 +250,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     if args.imagined_fraction:
         t_pool = time.perf_counter()
         pool = imagined_pool(wm, windows, size=args.imagined_pool, steps=args.imagined_steps,
-                             seed=rank_seed(args.seed, d.rank) + 1)
+                             seed=rank_seed(args.seed, d.rank) + 1, history=max_history)
         if d.is_main:
             print(f"distill: {len(pool[0])} imagined contexts ({args.imagined_steps}-step teacher rollouts) in "
                   f"{time.perf_counter() - t_pool:.1f} s")
@@ -296,14 +295,18 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
             lr = lr_at(step, args.lr, args.warmup, args.lr_decay_steps or args.steps)
             starts = windows.draw_starts(args.batch)
             w = windows.windows(starts)
-            ctx, ctx_a, act = w.x[:, :K], w.prev_action[:, :K], w.prev_action[:, K]
+            batch: tuple[torch.Tensor, ...] = (w.x[:, :K], w.prev_action[:, :K], w.prev_action[:, K])
+            h = 0
+            if args.streaming:  # a history of 0 .. max_history rows: cold caches (resets) and warm ones
+                h = int(torch.randint(max_history + 1, (1,), generator=gen, device=gen.device))
+                batch += windows.history(starts, h)
             if pool is not None:
-                ctx, ctx_a, act = mix_in(pool, (ctx, ctx_a, act), round(args.imagined_fraction * args.batch), gen)
+                rows = pool[:3] + tuple(p[:, max_history - h:] for p in pool[3:])  # (only streaming pools have 6)
+                batch = mix_in(rows, batch, round(args.imagined_fraction * args.batch), gen)
             with autocast:
-                inputs = make_distill_inputs(teacher, ctx, ctx_a, act, teacher_steps=N, generator=gen)
-                if args.streaming:  # a history of 0 .. max_history rows: cold caches (resets) and warm ones
-                    h = int(torch.randint(max_history + 1, (1,), generator=gen, device=gen.device))
-                    inputs["history"], inputs["history_action"], inputs["history_valid"] = windows.history(starts, h)
+                inputs = make_distill_inputs(teacher, *batch[:3], teacher_steps=N, generator=gen)
+                if args.streaming:
+                    inputs["history"], inputs["history_action"], inputs["history_valid"] = batch[3:]
                 loss = model(inputs)
             grad_norm = optimizer_step(loss, net, ema, opt, lr=lr, grad_clip=args.grad_clip, step=step,
                                        ema_decay=args.ema)

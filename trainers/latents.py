@@ -219,6 +219,7 @@ class LatentWindows:
         self.reward = torch.from_numpy(ds.reward).to(device)
         self.terminated = torch.from_numpy(ds.terminated).to(device)
         self.episode = torch.from_numpy(ds.episode).to(device)
+        self.step = torch.from_numpy(ds.step).to(device)
         self.priority: np.ndarray | None = None  # float64 (num_windows,) from set_priorities, or uniform draws
         self.priority_fraction = 0.0
 
@@ -236,12 +237,16 @@ class LatentWindows:
             starts: int64 ``(B,)`` window starts. length: ``H ≥ 0`` rows.
         Returns:
             ``(x float32 (B, H, d_z) standardised, prev_action int64 (B, H), valid bool (B, H))``; ``valid`` is
-            False for rows before the start of the window's episode (their ``x``/``prev_action`` are padding).
+            False for rows before the start of the window's episode segment (another episode, or a gap in its
+            steps such as a lost chunk: the sampler's segments); their ``x``/``prev_action`` are padding.
         """
         s = torch.from_numpy(starts).to(self.device)
         idx = s[:, None] - length + torch.arange(length, device=self.device)[None]  # (B, H)
         safe = idx.clamp(min=0)
-        valid = (idx >= 0) & (self.episode[safe] == self.episode[s][:, None])
+        back = s[:, None] - idx  # (B, H) rows back from the start
+        valid = (idx >= 0) & (self.episode[safe] == self.episode[s][:, None]) & (
+            self.step[safe] == self.step[s][:, None] - back)
+        valid = valid.flip(1).cummin(1).values.flip(1)  # nothing before an invalid row (a gap) either
         x = (self.z[safe].float() - self.mean) / self.std
         return x, self.prev_action[safe], valid
 

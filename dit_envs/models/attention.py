@@ -10,6 +10,7 @@ its context instead of re-encoding the whole window (Transformer-XL's segment re
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_k: torch.Tensor, rel_v: torch.Tensor,
@@ -27,9 +28,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_k: t
         key_valid: optional bool ``(B, P + T)``, False for padding keys (e.g. history rows before an episode
             start); a query always sees itself, so every row of the softmax stays finite.
     Returns:
-        float ``(B, H, T, d_h)``.
+        ``(B, H, T, d_h)`` in ``q``'s dtype (``rel_k``, ``rel_v`` are cast to it; the softmax runs in float32).
     Raises:
-        ValueError: keys that do not hold ``offset + T`` tokens, or ``rel_v`` shaped unlike ``rel_k``.
+        ValueError: keys that do not hold ``offset + T`` tokens, ``rel_k``/``rel_v`` not ``(W, H·d_h)`` each, or
+            ``key_valid`` not ``(B, offset + T)``.
     """
     B, H, T, dh = q.shape
     W = rel_k.shape[0]
@@ -38,11 +40,13 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_k: t
                          f"{tuple(k.shape)} and {tuple(v.shape)}")
     if rel_v.shape != rel_k.shape or rel_k.shape[1] != H * dh:
         raise ValueError(f"rel_k, rel_v: expected ({W}, {H * dh}) each, got {tuple(rel_k.shape)}, {tuple(rel_v.shape)}")
+    if key_valid is not None and tuple(key_valid.shape) != (B, offset + T):
+        raise ValueError(f"key_valid: expected shape ({B}, {offset + T}), got {tuple(key_valid.shape)}")
     dev = q.device
     if T == 1 and key_valid is None and offset < W:  # one query seeing every key (an env step): plain attention
         rk = rel_k[: offset + 1].flip(0).view(offset + 1, H, dh).transpose(0, 1).to(q.dtype)  # (H, P+1, d_h)
         rv = rel_v[: offset + 1].flip(0).view(offset + 1, H, dh).transpose(0, 1).to(q.dtype)
-        return torch.nn.functional.scaled_dot_product_attention(q, k + rk, v + rv)  # (B, H, 1, d_h)
+        return F.scaled_dot_product_attention(q, k + rk, v + rv)  # (B, H, 1, d_h)
     idx = offset + torch.arange(T, device=dev)[:, None] - torch.arange(W, device=dev)[None]  # (T, W) key index
     ok = idx >= 0  # (T, W)
     idx = idx.clamp(min=0)

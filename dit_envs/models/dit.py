@@ -21,8 +21,11 @@ Streaming (``DiTConfig.streaming``, set by ``ditwm distill --streaming``): every
 ``K`` tokens before it through :func:`~dit_envs.models.attention.window_attention` (relative position embeddings,
 no absolute position besides "context" ``pos_embed[K-1]`` vs "the token being denoised" ``pos_embed[K]``), so the
 per-layer keys/values of a context token never change: an env keeps them in a rolling cache
-(:meth:`DiT.extend_cache`) and encodes one new token per env step instead of the whole window, on sequences of any
-length (a longer history reaches further back through the layers, like Transformer-XL's recurrence).
+(:meth:`DiT.extend_cache`) and encodes one new token per env step instead of the whole window. Through the layers
+the next latent depends on up to ``depth·K`` past tokens (the context and ``(depth − 1)·K`` before it; like
+Transformer-XL's recurrence), all of them since the last :meth:`DiT.context_cache` (a reset). A streaming
+:meth:`DiT.forward` embeds every token but the last as context, so only the last token's velocity is meaningful
+(no per-token-noise training of a streaming model).
 """
 from __future__ import annotations
 
@@ -58,8 +61,8 @@ class DiTConfig:
         freq_dim: size of the sinusoidal noise-level features.
         action_cond: also add an action embedding to the adaLN conditioning (besides the token input).
         shortcut_steps: ``N`` of a distilled student's step-size conditioning (0: none, a plain flow model).
-        streaming: sliding-window attention over the last ``context_len`` tokens with relative positions (see the
-            module docstring): a rolling cache, one new context token per env step.
+        streaming: each token attends to itself and the ``context_len`` tokens before it, with relative positions
+            (see the module docstring): a rolling cache, one new context token per env step.
     Raises:
         ValueError: a non-positive size or ``width`` not divisible by ``heads``.
     """
@@ -135,7 +138,14 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class DiTBlock(nn.Module):
-    """Pre-LN transformer block with adaLN-Zero conditioning and causal self-attention (Peebles & Xie 2023)."""
+    """Pre-LN transformer block with adaLN-Zero conditioning and causal self-attention (Peebles & Xie 2023).
+
+    Args:
+        width, heads, mlp_ratio: sizes.
+        window: 0 for full causal attention; ``W > 0`` (streaming) for sliding-window attention over the token and
+            the ``W − 1`` before it (:func:`~dit_envs.models.attention.window_attention`) with learned relative
+            position embeddings ``rel_k``, ``rel_v``, float ``(W, width)``, zero-initialised.
+    """
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, window: int = 0) -> None:
         super().__init__()
@@ -384,13 +394,14 @@ class DiT(nn.Module):
         step_size: torch.Tensor | None = None, shared_level: bool = False,
     ) -> torch.Tensor:
         """Velocity of one noisy token placed right after a cached context; equals the last position of
-        :meth:`forward` on ``concat(context, x)`` with context noise 0.
+        :meth:`forward` on ``concat(context, x)`` with context noise 0 (streaming: on ``concat(every token the
+        rolling cache has seen since its context_cache, x)``).
 
         Args:
             x: float ``(N, d_z)`` noisy normalised latent of the next step.
             noise_level: float ``(N,)`` flow time of ``x``.
             prev_action: int64 ``(N,)`` action taken at the newest context frame.
-            cache: from :meth:`context_cache` on the same ``N`` envs.
+            cache: from :meth:`context_cache` (streaming: or :meth:`extend_cache`) on the same ``N`` envs.
             step_size: optional float ``(N,)`` size of the sampler step about to be taken (step-conditioned
                 models only, see the module docstring).
             shared_level: the caller guarantees one noise level (and one step size) for all ``N`` tokens, as a
@@ -423,7 +434,7 @@ class DiT(nn.Module):
         Args:
             noise: float ``(N, d_z)`` initial noise ``ε``.
             prev_action: int64 ``(N,)`` action taken at the newest context frame.
-            cache: from :meth:`context_cache`.
+            cache: from :meth:`context_cache` (streaming: or :meth:`extend_cache`).
             steps: Euler steps ≥ 1.
         Returns:
             float32 ``(N, d_z)`` sample (normalised units, not clamped).

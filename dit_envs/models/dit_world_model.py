@@ -7,7 +7,9 @@ from the caller's ``torch.Generator``) by re-running only the single noisy token
 is mapped back to autoencoder units and clamped to the encoder's ``tanh`` range ``[-1, 1]``; the reward /
 termination head then reads ``(z_t, a_t, z_{t+1})``. A streaming DiT (``DiTConfig.streaming``) keeps its context
 keys/values in the state instead (``"kv"``) and, after sampling, encodes only the new latent into them
-(:meth:`DiT.extend_cache`).
+(:meth:`DiT.extend_cache`); its next latent then depends on up to ``depth·K`` latents since the last reset, more
+than ``latent_history`` shows, so a state rebuilt with :meth:`initial_state` from the last ``K`` latents (a fresh
+cache) continues differently from the rolled one.
 """
 from __future__ import annotations
 
