@@ -92,18 +92,24 @@ def test_rolling_cache_equals_the_whole_sequence():
         plain(full[:, :4], tt[:, :4], aa[:, :4], key_valid=valid[:, :4])
 
 
-def test_world_model_rolls_its_cache_like_the_sequence(teacher_bundle):
-    """Seven 1-step env steps of a streaming world model equal Euler steps of the DiT run on the whole imagined
-    sequence (start context + every sample so far), drawing the same noise."""
-    b = load_bundle(teacher_bundle)
-    base = b.model
+def streaming_world_model(base: DiTWorldModel, **kw) -> DiTWorldModel:
+    """The teacher ``base`` with a streaming student of its DiT (random relative embeddings) in its place."""
     student = make_student(base.dit, 4, streaming=True)
     with torch.no_grad():
         for blk in student.blocks:
             blk.rel_k.normal_(0, 0.3)
             blk.rel_v.normal_(0, 0.3)
-    wm = DiTWorldModel(base.autoencoder, student, base.heads, sampling_steps=1, temperature=0.7).eval()
+    wm = DiTWorldModel(base.autoencoder, student, base.heads, **kw).eval()
     wm.set_latent_stats(base.latent_mean, base.latent_std)
+    return wm
+
+
+def test_world_model_rolls_its_cache_like_the_sequence(teacher_bundle):
+    """Seven 1-step env steps of a streaming world model equal Euler steps of the DiT run on the whole imagined
+    sequence (start context + every sample so far), drawing the same noise."""
+    b = load_bundle(teacher_bundle)
+    wm = streaming_world_model(b.model, sampling_steps=1, temperature=0.7)
+    student = wm.dit
     N, Kw = 3, wm.context_len
     z0, a0 = b.start_z[:N].float(), b.start_a[:N]
     state = wm.initial_state(z0, a0)
@@ -224,13 +230,8 @@ def test_training_evaluation_rolls_the_cache_like_the_env(teacher_bundle):
 
     b = load_bundle(teacher_bundle)
     base = b.model
-    student = make_student(base.dit, 4, streaming=True)
-    with torch.no_grad():
-        for blk in student.blocks:
-            blk.rel_k.normal_(0, 0.3)
-            blk.rel_v.normal_(0, 0.3)
-    wm = DiTWorldModel(base.autoencoder, student, base.heads, sampling_steps=2).eval()
-    wm.set_latent_stats(base.latent_mean, base.latent_std)
+    wm = streaming_world_model(base, sampling_steps=2)
+    student = wm.dit
     Kw, B, H = wm.context_len, 3, 4
     g = torch.Generator().manual_seed(5)
     z = torch.rand(B, Kw + H, wm.latent_dim, generator=g) * 2 - 1

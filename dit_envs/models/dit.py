@@ -21,11 +21,10 @@ Streaming (``DiTConfig.streaming``, set by ``ditwm distill --streaming``): every
 ``K`` tokens before it through :func:`~dit_envs.models.attention.window_attention` (relative position embeddings,
 no absolute position besides "context" ``pos_embed[K-1]`` vs "the token being denoised" ``pos_embed[K]``), so the
 per-layer keys/values of a context token never change: an env keeps them in a rolling cache
-(:meth:`DiT.extend_cache`) and encodes one new token per env step instead of the whole window. Through the layers
-the next latent depends on up to ``depth·K`` past tokens (the context and ``(depth − 1)·K`` before it; like
-Transformer-XL's recurrence), all of them since the last :meth:`DiT.context_cache` (a reset). A streaming
-:meth:`DiT.forward` embeds every token but the last as context, so only the last token's velocity is meaningful
-(no per-token-noise training of a streaming model).
+(:meth:`DiT.extend_cache`) and encodes one new token per env step instead of the whole window. The next latent
+depends on up to ``depth·K`` past tokens since the last :meth:`DiT.context_cache` (a reset), as in Transformer-XL's
+recurrence. A streaming :meth:`DiT.forward` embeds every token but the last as context: only the last one's velocity
+is meaningful.
 """
 from __future__ import annotations
 
@@ -138,14 +137,10 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class DiTBlock(nn.Module):
-    """Pre-LN transformer block with adaLN-Zero conditioning and causal self-attention (Peebles & Xie 2023).
-
-    Args:
-        width, heads, mlp_ratio: sizes.
-        window: 0 for full causal attention; ``W > 0`` (streaming) for sliding-window attention over the token and
-            the ``W − 1`` before it (:func:`~dit_envs.models.attention.window_attention`) with learned relative
-            position embeddings ``rel_k``, ``rel_v``, float ``(W, width)``, zero-initialised.
-    """
+    """Pre-LN transformer block with adaLN-Zero conditioning and causal self-attention (Peebles & Xie 2023); with
+    ``window = W > 0`` (streaming) sliding-window attention over the token and the ``W − 1`` before it
+    (:func:`~dit_envs.models.attention.window_attention`), relative embeddings ``rel_k``, ``rel_v`` float ``(W, width)``
+    zero-initialised."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, window: int = 0) -> None:
         super().__init__()
