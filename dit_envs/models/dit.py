@@ -171,16 +171,14 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
         h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, T, D)
         q, k, v = self.qkv(h).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, T, D/H)
+        P = 0 if past is None else past[0].shape[2]
+        k_all, v_all = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))  # P+T
         if self.window:
-            P = 0 if past is None else past[0].shape[2]
-            k_all, v_all = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
             a = window_attention(q, k_all, v_all, self.rel_k, self.rel_v, offset=P, key_valid=key_valid)
         elif past is None:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D/H)
         else:
-            P = past[0].shape[2]
             mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)  # token i sees <= P+i
-            k_all, v_all = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P+T, D/H)
             a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, H, T, D/H)
         x = x + gate_msa * self.proj(a.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, T, D)
@@ -341,31 +339,33 @@ class DiT(nn.Module):
         return cache
 
     def extend_cache(self, cache: KVCache, z: torch.Tensor, prev_action: torch.Tensor) -> KVCache:
-        """Streaming only: the rolling cache one env step later — the keys/values of one new clean context token
-        (attending to ``cache``) appended, the oldest dropped beyond ``context_len``; one token's work instead of
-        :meth:`context_cache`'s ``K``.
+        """Streaming only: the rolling cache one env step later (``min(L + 1, context_len)`` tokens), arguments and
+        errors as :meth:`new_token_cache`, whose token it appends: one token's work, not :meth:`context_cache`'s K."""
+        K = self.config.context_len
+        return [(torch.cat([p[0], n[0]], 2)[:, :, -K:], torch.cat([p[1], n[1]], 2)[:, :, -K:])
+                for p, n in zip(cache, self.new_token_cache(cache, z, prev_action))]
+
+    def new_token_cache(self, cache: KVCache, z: torch.Tensor, prev_action: torch.Tensor) -> KVCache:
+        """Streaming only: per-layer keys/values ``(N, heads, 1, width/heads)`` of one new clean context token
+        attending to ``cache`` (from :meth:`context_cache` or :meth:`extend_cache`, ``L <= context_len`` tokens).
 
         Args:
-            cache: from :meth:`context_cache` or :meth:`extend_cache` (``L <= context_len`` tokens).
             z: float ``(N, d_z)`` the new clean normalised latent. prev_action: int64 ``(N,)`` the action before it.
-        Returns:
-            :data:`KVCache` of ``min(L + 1, context_len)`` tokens.
         Raises:
             ValueError: a non-streaming model (its keys/values depend on positions that shift every step).
         """
         if not self.config.streaming:
             raise ValueError("config.streaming: expected True for extend_cache, got False (use context_cache)")
-        K = self.config.context_len
         h, _ = self._embed(z[:, None], None, prev_action[:, None], offset=0, cond=False)  # (N, 1, D)
         table, index = self._cond_table(0.0, None, prev_action[:, None])
         out: KVCache = []
         for i, (block, past) in enumerate(zip(self.blocks, cache)):
             mod = block.adaLN_modulation(table)[index]  # (N, 1, 6D)
             if i == len(self.blocks) - 1:
-                kv = block.keys_values(h, mod)
+                out.append(block.keys_values(h, mod))
             else:
                 h, kv = block(h, None, past=past, mod=mod)  # (N, 1, D)
-            out.append((torch.cat([past[0], kv[0]], 2)[:, :, -K:], torch.cat([past[1], kv[1]], 2)[:, :, -K:]))
+                out.append(kv)
         return out
 
     def _cond_table(self, noise_level: float, step_size: float | None,

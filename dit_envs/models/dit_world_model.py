@@ -7,7 +7,7 @@ from the caller's ``torch.Generator``) by re-running only the single noisy token
 is mapped back to autoencoder units and clamped to the encoder's ``tanh`` range ``[-1, 1]``; the reward /
 termination head then reads ``(z_t, a_t, z_{t+1})``. A streaming DiT (``DiTConfig.streaming``) keeps its context
 keys/values in the state instead (``"kv"``) and, after sampling, encodes only the new latent into them
-(:meth:`DiT.extend_cache`); its next latent then depends on up to ``depth·K`` latents since the last reset, more
+(:meth:`DiT.new_token_cache`); its next latent then depends on up to ``depth·K`` latents since the last reset, more
 than ``latent_history`` shows, so a state rebuilt with :meth:`initial_state` from the last ``K`` latents (a fresh
 cache) continues differently from the rolled one.
 """
@@ -274,7 +274,8 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
             "a": torch.cat([a[:, 1:], action[:, None]], dim=1),
         }
         if streaming:
-            next_state["kv"] = pack_cache(self.dit.extend_cache(cache, self.normalize(z_next), action))
+            new = pack_cache(self.dit.new_token_cache(cache, self.normalize(z_next), action))  # (N, depth, 2, H, 1, ·)
+            next_state["kv"] = torch.cat([kv[:, :, :, :, 1:], new], dim=4)  # one copy: the window slides by one
         return next_state, z_next, reward, terminated
 
     def latent_history(self, state: State) -> torch.Tensor:
