@@ -95,8 +95,9 @@ def test_shortcut_targets_by_hand():
     assert bool((j[one] == 0).all()) and torch.allclose(out["v"][one], traj[0, one] - traj[4, one])
 
 
+@pytest.mark.parametrize("jumps", ["one", "all"])
 @pytest.mark.parametrize("depth, streaming", [(0, False), (1, False), (0, True)])  # 2 blocks, 1 block, streaming
-def test_tiny_distillation_lowers_the_gap_to_the_teacher_on_a_fixed_batch(depth, streaming):
+def test_tiny_distillation_lowers_the_gap_to_the_teacher_on_a_fixed_batch(depth, streaming, jumps):
     t = teacher()
     net = DistillNet(make_student(t, 4, depth=depth, streaming=streaming))
     ctx, ctx_a, a = batch(B=32)
@@ -110,7 +111,7 @@ def test_tiny_distillation_lowers_the_gap_to_the_teacher_on_a_fixed_batch(depth,
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(150):
-        loss = net(make_distill_inputs(t, ctx, ctx_a, a, teacher_steps=4, generator=gen))
+        loss = net(make_distill_inputs(t, ctx, ctx_a, a, teacher_steps=4, generator=gen, jumps=jumps))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -4,8 +4,9 @@ The student starts as a copy of the teacher's DiT plus a zero-initialised step-s
 ``--student-depth``, a copy of fewer of its blocks: a faster student, :func:`student_blocks`) and learns, on
 real contexts of the store's training episodes (with ``--imagined-fraction``, partly on contexts the teacher imagined
 under random actions: :mod:`trainers.distill_pool`), the teacher's average velocity over jumps of 1, 2, 4, … teacher
-steps (:mod:`trainers.distill_objective`, which gives the method, its reason and its papers; ``--pixel-weight``
-adds a pixel term on the decoded end points, :meth:`~trainers.distill_objective.DistillNet.pixel_loss`). The frozen
+steps (every jump of each teacher trajectory, the context encoded once: ``--jumps all``;
+:mod:`trainers.distill_objective`, which gives the method, its reason and its papers; ``--pixel-weight`` adds a
+pixel term on the decoded end points, :meth:`~trainers.distill_objective.DistillNet.pixel_loss`). The frozen
 autoencoder, the reward/termination head, the latent standardisation and the start contexts are the teacher's,
 unchanged; the exported bundle is a drop-in world model whose ``sampling_steps`` (default ``--sampling-steps``)
 stays a runtime setting of the env.
@@ -40,7 +41,7 @@ from trainers.autoencoder import lr_at
 from trainers.common import (PRECISIONS, ArgError, JsonlLogger, LoopArgs, adamw, arg, autocast_for, catch_stop_signals,
                              check_choice, check_out_dir, pick_device, run_cli, seed_everything, signal_exit_code)
 from trainers.data import EpisodeStore, heldout_mask
-from trainers.distill_objective import DistillNet, make_distill_inputs, sample_gap, step_levels
+from trainers.distill_objective import JUMPS, DistillNet, make_distill_inputs, sample_gap, step_levels
 from trainers.distill_pool import imagined_pool
 from trainers.latents import LatentWindows, load_latents_on_ranks
 from trainers.pretrain_eval import eval_windows, evaluate
@@ -78,10 +79,15 @@ class Args(LoopArgs):
                                  "its context keys/values and encodes one token per step instead of the whole context; "
                                  "trained with 0 .. (depth - 1) x K history rows before each context (imagined "
                                  "contexts: their real rows, then the rollout's)")
+    jumps: str = arg("all", "targets per teacher trajectory: 'all' its 2N - 1 jumps (the context encoded once, one "
+                            "query token per jump), or 'one' jump drawn per context (the objective before 'all')")
 
 
-RESUME_FIXED = ("pixel_weight", "motion_boost", "imagined_fraction", "imagined_pool", "imagined_steps", "streaming")
+RESUME_FIXED = ("pixel_weight", "motion_boost", "imagined_fraction", "imagined_pool", "imagined_steps", "streaming",
+                "jumps")
 """Flags a ``--resume`` must repeat (checked against the checkpoint's)."""
+LEGACY = {"jumps": "one"}
+"""What checkpoints written before a flag existed ran with, where it differs from the flag's default."""
 
 
 @dataclass
@@ -101,6 +107,7 @@ def validate(args: Args) -> Setup:
         if getattr(args, name) <= 0:
             raise ArgError(name, f"expected a number > 0, got {getattr(args, name)}")
     check_choice("precision", args.precision, PRECISIONS)
+    check_choice("jumps", args.jumps, JUMPS)
     for name in ("warmup", "lr_decay_steps", "weight_decay", "eval_every", "threads", "teacher_steps",
                  "student_depth", "pixel_weight", "motion_boost"):
         if not getattr(args, name) >= 0 or not math.isfinite(getattr(args, name)):
@@ -160,7 +167,7 @@ def validate(args: Args) -> Setup:
             raise ArgError("student_depth", f"expected {ck_depth} (the checkpoint's student), got "
                                             f"{args.student_depth or depth}")
         for name in RESUME_FIXED:  # the objective and the data it is drawn from: a resumed run equals an unbroken one
-            was = ck.get("args", {}).get(name, getattr(Args, name, None))
+            was = ck.get("args", {}).get(name, LEGACY.get(name, getattr(Args, name, None)))
             if was != getattr(args, name):
                 raise ArgError(name, f"expected {was} (the checkpoint's), got {getattr(args, name)}")
     return Setup(bundle=bundle, teacher_sha256=sha, meta=meta, teacher_steps=n)
@@ -304,7 +311,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
                 rows = pool[:3] + tuple(p[:, max_history - h:] for p in pool[3:])  # (only streaming pools have 6)
                 batch = mix_in(rows, batch, round(args.imagined_fraction * args.batch), gen)
             with autocast:
-                inputs = make_distill_inputs(teacher, *batch[:3], teacher_steps=N, generator=gen)
+                inputs = make_distill_inputs(teacher, *batch[:3], teacher_steps=N, generator=gen, jumps=args.jumps)
                 if args.streaming:
                     inputs["history"], inputs["history_action"], inputs["history_valid"] = batch[3:]
                 loss = model(inputs)
@@ -370,7 +377,8 @@ def export_student(out_dir: Path, s: Setup, student: DiT, args: Args, *, step: i
             "student blocks": f"{student.config.depth} of the teacher's {teacher.dit.config.depth}",
             "streaming (rolling context cache)": student.config.streaming,
             "default sampling_steps": args.sampling_steps, "distillation steps": step, "batch": args.batch,
-            "lr": args.lr, "pixel weight": args.pixel_weight, "imagined fraction": args.imagined_fraction,
+            "lr": args.lr, "jumps per trajectory": args.jumps,
+            "pixel weight": args.pixel_weight, "imagined fraction": args.imagined_fraction,
             **{k: f"{v:.4g}" for k, v in final.items()}}
     card = ("## Stage 2b: distillation\n\n| field | value |\n| --- | --- |\n"
             + "\n".join(f"| {k} | {v} |" for k, v in rows.items()) + "\n")

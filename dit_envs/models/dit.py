@@ -28,15 +28,13 @@ is meaningful.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dit_envs.models.attention import window_attention
+from dit_envs.models.dit_block import DiTBlock, modulate, timestep_features
 from dit_envs.models.flow import sample, uniform_times
 
 _WARNED: set[tuple[int, int]] = set()  # (shortcut_steps, sampling steps) already warned about
@@ -113,87 +111,6 @@ DIT_PRESETS: dict[str, dict] = {
     "B": dict(width=384, depth=8, heads=6),
     "L": dict(width=512, depth=12, heads=8),
 }
-
-
-def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features of noise levels (DiT's ``TimestepEmbedder`` on ``1000·t``).
-
-    Args:
-        t: float ``(...)`` in ``[0, 1]``.
-        dim: feature size.
-    Returns:
-        float32 ``(..., dim)``.
-    """
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = (1000.0 * t.float())[..., None] * freqs  # (..., half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return F.pad(emb, (0, dim % 2))
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation ``x·(1 + scale) + shift`` (all ``(B, T, D)``: per-token, not per-sequence)."""
-    return x * (1.0 + scale) + shift
-
-
-class DiTBlock(nn.Module):
-    """Pre-LN transformer block with adaLN-Zero conditioning and causal self-attention (Peebles & Xie 2023); with
-    ``window = W > 0`` (streaming) sliding-window attention over the token and the ``W − 1`` before it
-    (:func:`~dit_envs.models.attention.window_attention`), relative embeddings ``rel_k``, ``rel_v`` float ``(W, width)``
-    zero-initialised."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float, window: int = 0) -> None:
-        super().__init__()
-        self.heads, self.window = heads, window
-        if window:  # streaming: relative position embeddings of keys and values (zero: none yet)
-            self.rel_k = nn.Parameter(torch.zeros(window, width))
-            self.rel_v = nn.Parameter(torch.zeros(window, width))
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
-
-    def forward(
-        self, x: torch.Tensor, c: torch.Tensor | None, past: tuple[torch.Tensor, torch.Tensor] | None = None,
-        mod: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Tokens ``x`` and conditioning ``c``, both ``(B, T, D)``; ``past`` = cached ``(k, v)`` of earlier tokens;
-        ``mod`` = precomputed ``adaLN_modulation(c)`` ``(B, T, 6D)`` (then ``c`` is unused); ``key_valid`` bool
-        ``(B, P + T)`` marks padding keys of a windowed (streaming) block.
-
-        Returns ``(x_out (B, T, D), (k, v))`` with ``k, v`` ``(B, heads, T, D/heads)`` of these ``T`` tokens.
-        """
-        B, T, D = x.shape
-        mod = self.adaLN_modulation(c) if mod is None else mod  # (B, T, 6D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
-        h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, T, D)
-        q, k, v = self.qkv(h).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, T, D/H)
-        P = 0 if past is None else past[0].shape[2]
-        k_all, v_all = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))  # P+T
-        if self.window:
-            a = window_attention(q, k_all, v_all, self.rel_k, self.rel_v, offset=P, key_valid=key_valid)
-        elif past is None:
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D/H)
-        else:
-            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)  # token i sees <= P+i
-            a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, H, T, D/H)
-        x = x + gate_msa * self.proj(a.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
-        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, T, D)
-        return x, (k, v)
-
-    def keys_values(self, x: torch.Tensor, mod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Only the ``(k, v)`` of :meth:`forward` (``(B, heads, T, D/heads)`` each) for tokens ``x`` ``(B, T, D)``
-        with precomputed modulation ``mod`` ``(B, T, 6D)`` — what the last block of a context pass needs: its
-        queries, attention output and MLP would feed no later layer."""
-        B, T, D = x.shape
-        shift_msa, scale_msa = mod[..., :D], mod[..., D : 2 * D]
-        h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, T, D)
-        kv = F.linear(h, self.qkv.weight[D:], self.qkv.bias[D:])  # (B, T, 2D)
-        k, v = kv.view(B, T, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, T, D/H)
-        return k, v
 
 
 class DiT(nn.Module):
@@ -313,29 +230,45 @@ class DiT(nn.Module):
             h, _ = block(h, c, key_valid=key_valid)  # (B, T, D)
         return self._output(h, c)  # (B, T, d_z)
 
-    def context_cache(self, z: torch.Tensor, prev_action: torch.Tensor) -> KVCache:
-        """Per-layer keys/values of ``L`` clean context tokens (noise level 0), computed once per env step.
+    def context_cache(self, z: torch.Tensor, prev_action: torch.Tensor,
+                      key_valid: torch.Tensor | None = None) -> KVCache:
+        """Per-layer keys/values of ``L`` clean context tokens (noise level 0), computed once per env step (and,
+        with gradients, once per distillation batch for every jump of it).
 
         Args:
-            z: float ``(N, L, d_z)`` clean normalised latents, ``1 <= L <= context_len``.
+            z: float ``(N, L, d_z)`` clean normalised latents, ``1 <= L <= context_len`` (streaming: any ``L``, e.g.
+                history rows before a context; only the tokens the last ``context_len`` depend on are computed).
             prev_action: int64 ``(N, L)``.
+            key_valid: optional bool ``(N, L)``, streaming only: False for padding rows, as in :meth:`forward`.
         Returns:
-            :data:`KVCache` with one ``(k, v)`` pair per block.
+            :data:`KVCache` with one ``(k, v)`` pair per block, of the last ``min(L, context_len)`` tokens.
+        Raises:
+            ValueError: ``L > context_len`` or ``key_valid`` for a non-streaming model, or ``key_valid`` of
+                another shape.
         """
         N, L = prev_action.shape
-        if L > self.config.context_len:
-            raise ValueError(f"z: expected at most {self.config.context_len} context steps, got {L}")
+        K, streaming = self.config.context_len, self.config.streaming
+        if L > K and not streaming:
+            raise ValueError(f"z: expected at most {K} context steps, got {L}")
+        if key_valid is not None and (not streaming or key_valid.shape != prev_action.shape):
+            raise ValueError(f"key_valid: expected None or, streaming, shape {tuple(prev_action.shape)}, got "
+                             f"{tuple(key_valid.shape)} (streaming {streaming})")
         t0 = torch.zeros(N, L, device=z.device, dtype=torch.float32)
         h, _ = self._embed(z, t0, prev_action, offset=0, cond=False)  # (N, L, D)
         table, index = self._cond_table(0.0, None, prev_action)
         cache: KVCache = []
+        depth = len(self.blocks)
         for i, block in enumerate(self.blocks):
-            mod = block.adaLN_modulation(table)[index]  # (N, L, 6D)
-            if i == len(self.blocks) - 1:  # the last block's outputs feed nothing: keys and values only
-                cache.append(block.keys_values(h, mod))
+            if streaming:  # block i's last K outputs feed the last K·(depth − 1 − i) tokens of the blocks above
+                keep = K * (depth - i)
+                h, index = h[:, -keep:], index[:, -keep:]
+                key_valid = None if key_valid is None else key_valid[:, -keep:]
+            mod = block.adaLN_modulation(table)[index]  # (N, L', 6D)
+            if i == depth - 1:  # the last block's outputs feed nothing: keys and values only
+                cache.append(block.keys_values(h[:, -K:], mod[:, -K:]))
             else:
-                h, kv = block(h, None, mod=mod)  # (N, L, D)
-                cache.append(kv)
+                h, (k, v) = block(h, None, mod=mod, key_valid=key_valid)  # (N, L', D)
+                cache.append((k[:, :, -K:], v[:, :, -K:]))
         return cache
 
     def extend_cache(self, cache: KVCache, z: torch.Tensor, prev_action: torch.Tensor) -> KVCache:
