@@ -27,6 +27,7 @@ def test_all_jumps_by_hand():
         assert torch.allclose(out["v"][i], (traj[j] - traj[j + m]) / (m / 4))
     # each level shares a third of the weight equally: the expectation of shortcut_targets' one drawn jump
     assert torch.allclose(out["weight"], torch.tensor([1 / 12] * 4 + [1 / 6] * 2 + [1 / 3]))
+    assert out["final"].tolist() == [3, 5, 6]  # the jumps ending at the sample
 
 
 def student(streaming: bool) -> DiT:
@@ -48,10 +49,11 @@ def test_every_jump_at_once_equals_one_jump_at_a_time(streaming):
     inputs = make_distill_inputs(teacher(), ctx, ctx_a, a, teacher_steps=4, generator=torch.Generator(), jumps="all")
     if streaming:
         g = torch.Generator().manual_seed(2)
-        valid = torch.ones(B, 2 * K, dtype=torch.bool)
-        valid[0, :4], valid[3] = False, False  # history rows before an episode start
-        inputs.update(history=torch.randn(B, 2 * K, D_Z, generator=g),
-                      history_action=torch.randint(0, 5, (B, 2 * K), generator=g), history_valid=valid)
+        H = 3 * K  # H + K rows: more than the depth·K the last rows depend on, so the first block is trimmed too
+        valid = torch.ones(B, H, dtype=torch.bool)
+        valid[0, :4], valid[3], valid[4, :-1] = False, False, False  # history rows before an episode start
+        inputs.update(history=torch.randn(B, H, D_Z, generator=g),
+                      history_action=torch.randint(0, 5, (B, H), generator=g), history_valid=valid)
     v = student_velocities(s, inputs)
     assert v.shape == (7, B, D_Z)
     ref_loss = 0.0

@@ -80,7 +80,8 @@ class Args(LoopArgs):
                                  "trained with 0 .. (depth - 1) x K history rows before each context (imagined "
                                  "contexts: their real rows, then the rollout's)")
     jumps: str = arg("all", "targets per teacher trajectory: 'all' its 2N - 1 jumps (the context encoded once, one "
-                            "query token per jump), or 'one' jump drawn per context (the objective before 'all')")
+                            "query token per jump), or 'one' jump drawn per context (the objective before 'all'); "
+                            "with --pixel-weight, 'all' decodes log2(N) + 1 images per context instead of about 0.6")
 
 
 RESUME_FIXED = ("pixel_weight", "motion_boost", "imagined_fraction", "imagined_pool", "imagined_steps", "streaming",

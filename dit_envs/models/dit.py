@@ -239,7 +239,9 @@ class DiT(nn.Module):
             z: float ``(N, L, d_z)`` clean normalised latents, ``1 <= L <= context_len`` (streaming: any ``L``, e.g.
                 history rows before a context; only the tokens the last ``context_len`` depend on are computed).
             prev_action: int64 ``(N, L)``.
-            key_valid: optional bool ``(N, L)``, streaming only: False for padding rows, as in :meth:`forward`.
+            key_valid: optional bool ``(N, L)``, streaming only: False for padding rows, as in :meth:`forward`. It
+                masks keys inside this pass only: the cache carries no mask, so its last ``min(L, context_len)``
+                rows must be valid ones.
         Returns:
             :data:`KVCache` with one ``(k, v)`` pair per block, of the last ``min(L, context_len)`` tokens.
         Raises:
@@ -259,7 +261,7 @@ class DiT(nn.Module):
         cache: KVCache = []
         depth = len(self.blocks)
         for i, block in enumerate(self.blocks):
-            if streaming:  # block i's last K outputs feed the last K·(depth − 1 − i) tokens of the blocks above
+            if streaming:  # block i needs its inputs only on the last K·(depth − i) rows (windows of K + 1)
                 keep = K * (depth - i)
                 h, index = h[:, -keep:], index[:, -keep:]
                 key_valid = None if key_valid is None else key_valid[:, -keep:]
@@ -319,7 +321,7 @@ class DiT(nn.Module):
 
     def predict_next(
         self, x: torch.Tensor, noise_level: torch.Tensor, prev_action: torch.Tensor, cache: KVCache,
-        step_size: torch.Tensor | None = None, shared_level: bool = False,
+        step_size: torch.Tensor | None = None, shared_level: bool = False, per_token: bool = False,
     ) -> torch.Tensor:
         """Velocity of one noisy token placed right after a cached context; equals the last position of
         :meth:`forward` on ``concat(context, x)`` with context noise 0 (streaming: on ``concat(every token the
@@ -334,13 +336,15 @@ class DiT(nn.Module):
                 models only, see the module docstring).
             shared_level: the caller guarantees one noise level (and one step size) for all ``N`` tokens, as a
                 sampler does; skips the check (a device sync) that otherwise picks the conditioning-table path.
+            per_token: the caller knows the levels differ (e.g. every jump of a distillation batch): the per-token
+                path without the check.
         Returns:
             float ``(N, d_z)`` velocity (model dtype).
         """
         L = cache[0][0].shape[2]
         d = None if step_size is None else step_size[:, None]
-        uniform = x.shape[0] > 0 and (shared_level or (bool((noise_level == noise_level[0]).all()) and (
-            d is None or bool((d == d[0]).all()))))
+        uniform = x.shape[0] > 0 and not per_token and (shared_level or (
+            bool((noise_level == noise_level[0]).all()) and (d is None or bool((d == d[0]).all()))))
         if not uniform:  # general path: every token its own conditioning
             h, c = self._embed(x[:, None], noise_level[:, None], prev_action[:, None], offset=L, step_size=d,
                                denoised_last=True)
