@@ -189,6 +189,7 @@ def test_distill_resume_equals_an_uninterrupted_run(tiny_stage1_store, teacher_b
     (dict(motion_boost=-1.0), "motion_boost"),
     (dict(pixel_weight="nan"), "pixel_weight"),
     (dict(imagined_fraction=0.005), "imagined_fraction"),  # no row of a batch of 64
+    (dict(jumps="two"), "jumps"),
 ])
 def test_bad_arguments_exit_2_and_write_nothing(tiny_stage1_store, teacher_bundle, tmp_path, capsys, extra, field):
     from trainers.distill import cli

@@ -255,21 +255,27 @@ class DiT(nn.Module):
         if key_valid is not None and (not streaming or key_valid.shape != prev_action.shape):
             raise ValueError(f"key_valid: expected None or, streaming, shape {tuple(prev_action.shape)}, got "
                              f"{tuple(key_valid.shape)} (streaming {streaming})")
-        t0 = torch.zeros(N, L, device=z.device, dtype=torch.float32)
-        h, _ = self._embed(z, t0, prev_action, offset=0, cond=False)  # (N, L, D)
+        return self._clean_pass(z, prev_action, key_valid=key_valid)
+
+    def _clean_pass(self, z: torch.Tensor, prev_action: torch.Tensor, *, past: KVCache | None = None,
+                    key_valid: torch.Tensor | None = None) -> KVCache:
+        """Per-layer keys/values of the last ``min(L, K)`` of ``L`` clean tokens ``z`` ``(N, L, d_z)`` attending to
+        ``past`` (a cache, or none); a streaming model computes block ``i`` only on the last ``K·(depth − i)`` rows,
+        all that the last ``K`` outputs depend on (windows of ``K + 1``), and the last block only keys and values."""
+        K, depth = self.config.context_len, len(self.blocks)
+        h, _ = self._embed(z, None, prev_action, offset=0, cond=False)  # (N, L, D)
         table, index = self._cond_table(0.0, None, prev_action)
         cache: KVCache = []
-        depth = len(self.blocks)
         for i, block in enumerate(self.blocks):
-            if streaming:  # block i needs its inputs only on the last K·(depth − i) rows (windows of K + 1)
+            if self.config.streaming:
                 keep = K * (depth - i)
                 h, index = h[:, -keep:], index[:, -keep:]
                 key_valid = None if key_valid is None else key_valid[:, -keep:]
             mod = block.adaLN_modulation(table)[index]  # (N, L', 6D)
-            if i == depth - 1:  # the last block's outputs feed nothing: keys and values only
+            if i == depth - 1:  # its outputs feed nothing
                 cache.append(block.keys_values(h[:, -K:], mod[:, -K:]))
             else:
-                h, (k, v) = block(h, None, mod=mod, key_valid=key_valid)  # (N, L', D)
+                h, (k, v) = block(h, None, past=None if past is None else past[i], mod=mod, key_valid=key_valid)
                 cache.append((k[:, :, -K:], v[:, :, -K:]))
         return cache
 
@@ -291,17 +297,7 @@ class DiT(nn.Module):
         """
         if not self.config.streaming:
             raise ValueError("config.streaming: expected True for extend_cache, got False (use context_cache)")
-        h, _ = self._embed(z[:, None], None, prev_action[:, None], offset=0, cond=False)  # (N, 1, D)
-        table, index = self._cond_table(0.0, None, prev_action[:, None])
-        out: KVCache = []
-        for i, (block, past) in enumerate(zip(self.blocks, cache)):
-            mod = block.adaLN_modulation(table)[index]  # (N, 1, 6D)
-            if i == len(self.blocks) - 1:
-                out.append(block.keys_values(h, mod))
-            else:
-                h, kv = block(h, None, past=past, mod=mod)  # (N, 1, D)
-                out.append(kv)
-        return out
+        return self._clean_pass(z[:, None], prev_action[:, None], past=cache)
 
     def _cond_table(self, noise_level: float, step_size: float | None,
                     prev_action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
