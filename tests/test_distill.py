@@ -11,6 +11,7 @@ import dit_envs  # noqa: F401  (registers DiTWM/*)
 from dit_envs.bundle import load_bundle
 from dit_envs.models.dit import DiT, DiTConfig
 from trainers.checkpoint import load_checkpoint
+from trainers.common import ArgError
 from trainers.distill import Args, main, make_student
 from trainers.distill_objective import (DistillNet, make_distill_inputs, sample_gap, shortcut_targets, step_levels,
                                         teacher_trajectory)
@@ -160,7 +161,7 @@ def test_bf16_distillation_writes_a_float32_student(tiny_stage1_store, teacher_b
 
 
 @pytest.mark.parametrize("extra", [{}, dict(imagined_fraction=0.5, imagined_pool=16, imagined_steps=2,
-                                           pixel_weight=1.0),
+                                           imagined_sticky=0.9, pixel_weight=1.0),
                                    dict(streaming=True, imagined_fraction=0.5, imagined_pool=16, imagined_steps=2)])
 def test_distill_resume_equals_an_uninterrupted_run(tiny_stage1_store, teacher_bundle, tmp_path, extra):
     kw = dict(TINY, lr_decay_steps=8, **extra)
@@ -173,6 +174,9 @@ def test_distill_resume_equals_an_uninterrupted_run(tiny_stage1_store, teacher_b
     assert ma["step"] == mb["step"] == 8 and a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    if extra.get("imagined_sticky"):  # the pool's rollouts are part of the objective: a resume must repeat them
+        with pytest.raises(ArgError, match=r"--imagined-sticky: expected 0.9 \(the checkpoint's\), got 0.75"):
+            main(Args(**common, out=str(tmp_path / "split"), steps=9, resume=True, **{**kw, "imagined_sticky": 0.75}))
 
 
 @pytest.mark.parametrize("extra, field", [
@@ -186,6 +190,7 @@ def test_distill_resume_equals_an_uninterrupted_run(tiny_stage1_store, teacher_b
     (dict(imagined_fraction=1.5), "imagined_fraction"),
     (dict(imagined_steps=0), "imagined_steps"),
     (dict(imagined_pool=0), "imagined_pool"),
+    (dict(imagined_sticky=1.5), "imagined_sticky"),
     (dict(motion_boost=-1.0), "motion_boost"),
     (dict(pixel_weight="nan"), "pixel_weight"),
     (dict(imagined_fraction=0.005), "imagined_fraction"),  # no row of a batch of 64

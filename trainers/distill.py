@@ -73,6 +73,8 @@ class Args(LoopArgs):
     imagined_pool: int = arg(16384, "imagined contexts in that pool (at most; rollouts stop at a predicted game over), "
                                     "built by every process at the start of every run, resumed ones included")
     imagined_steps: int = arg(8, "imagined steps per rollout of the pool")
+    imagined_sticky: float = arg(0.75, "probability that a pool rollout repeats its previous action (else a uniform "
+                                       "random one): higher holds the paddle against a wall longer, as agents do")
     student_depth: int = arg(0, "transformer blocks of the student (0: the teacher's); fewer gives a faster student, "
                                 "initialised from evenly spaced teacher blocks (the first and the last for 2 or more)")
     streaming: bool = arg(False, "a streaming student (sliding-window attention, relative positions): the env keeps "
@@ -84,8 +86,8 @@ class Args(LoopArgs):
                             "with --pixel-weight, 'all' decodes log2(N) + 1 images per context instead of about 0.6")
 
 
-RESUME_FIXED = ("pixel_weight", "motion_boost", "imagined_fraction", "imagined_pool", "imagined_steps", "streaming",
-                "jumps")
+RESUME_FIXED = ("pixel_weight", "motion_boost", "imagined_fraction", "imagined_pool", "imagined_steps",
+                "imagined_sticky", "streaming", "jumps")
 """Flags a ``--resume`` must repeat (checked against the checkpoint's)."""
 LEGACY = {"jumps": "one"}
 """What checkpoints written before a flag existed ran with, where it differs from the flag's default."""
@@ -116,6 +118,8 @@ def validate(args: Args) -> Setup:
     for name in ("imagined_pool", "imagined_steps"):
         if getattr(args, name) < 1:
             raise ArgError(name, f"expected an integer >= 1, got {getattr(args, name)}")
+    if not 0.0 <= args.imagined_sticky <= 1.0:
+        raise ArgError("imagined_sticky", f"expected a probability in [0, 1], got {args.imagined_sticky}")
     if not 0.0 <= args.imagined_fraction <= 1.0:
         raise ArgError("imagined_fraction", f"expected a number in [0, 1], got {args.imagined_fraction}")
     if args.imagined_fraction and round(args.imagined_fraction * args.batch) < 1:
@@ -258,7 +262,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     if args.imagined_fraction:
         t_pool = time.perf_counter()
         pool = imagined_pool(wm, windows, size=args.imagined_pool, steps=args.imagined_steps,
-                             seed=rank_seed(args.seed, d.rank) + 1, history=max_history)
+                             seed=rank_seed(args.seed, d.rank) + 1, sticky=args.imagined_sticky, history=max_history)
         if d.is_main:
             print(f"distill: {len(pool[0])} imagined contexts ({args.imagined_steps}-step teacher rollouts) in "
                   f"{time.perf_counter() - t_pool:.1f} s")
@@ -380,6 +384,8 @@ def export_student(out_dir: Path, s: Setup, student: DiT, args: Args, *, step: i
             "default sampling_steps": args.sampling_steps, "distillation steps": step, "batch": args.batch,
             "lr": args.lr, "jumps per trajectory": args.jumps,
             "pixel weight": args.pixel_weight, "imagined fraction": args.imagined_fraction,
+            **({"imagined rollouts (steps, sticky)": f"{args.imagined_steps}, {args.imagined_sticky}"}
+               if args.imagined_fraction else {}),
             **{k: f"{v:.4g}" for k, v in final.items()}}
     card = ("## Stage 2b: distillation\n\n| field | value |\n| --- | --- |\n"
             + "\n".join(f"| {k} | {v} |" for k, v in rows.items()) + "\n")
