@@ -74,7 +74,8 @@ class Args(LoopArgs):
                                     "built by every process at the start of every run, resumed ones included")
     imagined_steps: int = arg(8, "imagined steps per rollout of the pool")
     imagined_sticky: float = arg(0.75, "probability that a pool rollout repeats its previous action (else a uniform "
-                                       "random one): higher holds the paddle against a wall longer, as agents do")
+                                       "random one): higher gives longer runs of one action, e.g. a paddle held "
+                                       "against a wall (on Pong 0.9 measured no better than 0.75)")
     student_depth: int = arg(0, "transformer blocks of the student (0: the teacher's); fewer gives a faster student, "
                                 "initialised from evenly spaced teacher blocks (the first and the last for 2 or more)")
     streaming: bool = arg(False, "a streaming student (sliding-window attention, relative positions): the env keeps "
