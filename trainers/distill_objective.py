@@ -170,21 +170,29 @@ class DistillNet(nn.Module):
         Raises:
             RuntimeError: :meth:`set_decoder` was not called.
         """
-        px = self.pixel
-        if px is None:
-            raise RuntimeError("decoder: expected set_decoder() before pixel_loss_all, got none")
         final = inputs["final"]  # (F,) one per level
         d = inputs["step_size"][final]  # (F,)
         x = inputs["x"][final]  # (F, B, d_z)
-        B = x.shape[1]
-        img = px.images((x - d[:, None, None] * v[final].float()).flatten(0, 1), clamp=True)  # (F·B, 3, 64, 64)
+        n, B = x.shape[:2]
+        err = self._end_point_error((x - d[:, None, None] * v[final].float()).flatten(0, 1),
+                                    x[0] - d[0] * inputs["v"][final[0]], inputs["context"][:, -1])  # (F·B,)
+        return (err.view(n, B).mean(dim=1) * (d / d.sum())).sum()
+
+    def _end_point_error(self, student_end: torch.Tensor, teacher_end: torch.Tensor,
+                         before: torch.Tensor) -> torch.Tensor:
+        """Object-weighted pixel MSE float32 ``(R·M,)`` of decoded student end points ``(R·M, d_z)`` against the
+        decoded teacher end points ``(M, d_z)``, with ``before`` ``(M, d_z)`` the newest context latents (the
+        teacher's side decoded once, without gradients, for the ``R`` student rows of each). Raises RuntimeError
+        without :meth:`set_decoder`."""
+        px = self.pixel
+        if px is None:
+            raise RuntimeError("decoder: expected set_decoder() before the pixel term, got none")
+        img = px.images(student_end, clamp=True)  # (R·M, 3, 64, 64)
+        r = student_end.shape[0] // teacher_end.shape[0]
         with torch.no_grad():
-            target = px.images(x[0] - d[0] * inputs["v"][final[0]], clamp=True)  # (B, 3, 64, 64)
-            prev = px.images(inputs["context"][:, -1], clamp=True)
-        n = len(final)
-        err = px.weighted_mse(img, target.repeat(n, 1, 1, 1), prev.repeat(n, 1, 1, 1), foreground=True)  # (F·B,)
-        w = d / d.sum()  # (F,)
-        return (err.view(n, B).mean(dim=1) * w).sum()
+            target = px.images(teacher_end, clamp=True).repeat(r, 1, 1, 1)
+            prev = px.images(before, clamp=True).repeat(r, 1, 1, 1)
+        return px.weighted_mse(img, target, prev, foreground=True)
 
     def pixel_loss(self, inputs: dict[str, torch.Tensor], v: torch.Tensor) -> torch.Tensor:
         """Object-weighted pixel MSE between the decoded end points of the student's and the teacher's jumps.
@@ -203,18 +211,14 @@ class DistillNet(nn.Module):
         Raises:
             RuntimeError: :meth:`set_decoder` was not called.
         """
-        px = self.pixel
-        if px is None:
-            raise RuntimeError("decoder: expected set_decoder() before pixel_loss, got none")
+        if self.pixel is None:
+            raise RuntimeError("decoder: expected set_decoder() before the pixel term, got none")
         final = (inputs["t"] - inputs["step_size"]).abs() < 1e-6  # (B,)
         if not bool(final.any()):
             return v.float().sum() * 0.0
         d, x = inputs["step_size"][final, None], inputs["x"][final]
-        img = px.images(x - d * v[final].float(), clamp=True)  # (F, 3, 64, 64)
-        with torch.no_grad():
-            target = px.images(x - d * inputs["v"][final], clamp=True)
-            prev = px.images(inputs["context"][final, -1], clamp=True)
-        return px.weighted_mse(img, target, prev, foreground=True).mean()
+        return self._end_point_error(x - d * v[final].float(), x - d * inputs["v"][final],
+                                     inputs["context"][final, -1]).mean()
 
 
 def context_rows(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
