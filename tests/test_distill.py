@@ -162,8 +162,10 @@ def test_bf16_distillation_writes_a_float32_student(tiny_stage1_store, teacher_b
 
 @pytest.mark.parametrize("extra", [{}, dict(imagined_fraction=0.5, imagined_pool=16, imagined_steps=2,
                                            imagined_sticky=0.9, pixel_weight=1.0),
-                                   dict(streaming=True, imagined_fraction=0.5, imagined_pool=16, imagined_steps=2)])
-def test_distill_resume_equals_an_uninterrupted_run(tiny_stage1_store, teacher_bundle, tmp_path, extra):
+                                   dict(streaming=True, imagined_fraction=0.5, imagined_pool=16, imagined_steps=2),
+                                   dict(streaming=True, imagined_fraction=0.5, imagined_pool=16, imagined_steps=2,
+                                        imagined_refresh=3)])
+def test_distill_resume_equals_an_uninterrupted_run(tiny_stage1_store, teacher_bundle, tmp_path, extra, capsys):
     kw = dict(TINY, lr_decay_steps=8, **extra)
     common = dict(teacher=str(teacher_bundle), data=str(tiny_stage1_store))
     assert main(Args(**common, out=str(tmp_path / "full"), steps=8, **kw)) == 0
@@ -174,6 +176,14 @@ def test_distill_resume_equals_an_uninterrupted_run(tiny_stage1_store, teacher_b
     assert ma["step"] == mb["step"] == 8 and a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    if extra.get("imagined_refresh"):  # rebuilt at 3 and 6; the split run rebuilt step 3's pool from saved weights
+        printed = capsys.readouterr().out
+        assert printed.count("distill: step 3: 16 contexts of the student's own rollouts") == 2
+        assert "distill: rebuilt the student's own rollouts of step 3 from the checkpoint" in printed
+        assert printed.count("distill: step 6: 16 contexts of the student's own rollouts") == 2
+        assert "| student's own rollouts rebuilt every (steps) | 3 |" in (tmp_path / "full/bundle/README.md").read_text()
+        with pytest.raises(ArgError, match=r"--imagined-refresh: expected 3 \(the checkpoint's\), got 0"):
+            main(Args(**common, out=str(tmp_path / "split"), steps=9, resume=True, **{**kw, "imagined_refresh": 0}))
     if extra.get("imagined_sticky"):  # the pool's rollouts are part of the objective: a resume must repeat them
         with pytest.raises(ArgError, match=r"--imagined-sticky: expected 0.9 \(the checkpoint's\), got 0.75"):
             main(Args(**common, out=str(tmp_path / "split"), steps=9, resume=True, **{**kw, "imagined_sticky": 0.75}))
@@ -195,6 +205,8 @@ def test_distill_resume_equals_an_uninterrupted_run(tiny_stage1_store, teacher_b
     (dict(pixel_weight="nan"), "pixel_weight"),
     (dict(imagined_fraction=0.005), "imagined_fraction"),  # no row of a batch of 64
     (dict(jumps="two"), "jumps"),
+    (dict(imagined_refresh=-1), "imagined_refresh"),
+    (dict(imagined_refresh=100), "imagined_refresh"),  # the student's rollouts go into the imagined pool: none here
 ])
 def test_bad_arguments_exit_2_and_write_nothing(tiny_stage1_store, teacher_bundle, tmp_path, capsys, extra, field):
     from trainers.distill import cli

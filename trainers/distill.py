@@ -3,7 +3,8 @@
 The student starts as a copy of the teacher's DiT plus a zero-initialised step-size embedding (with
 ``--student-depth``, a copy of fewer of its blocks: a faster student, :func:`student_blocks`) and learns, on
 real contexts of the store's training episodes (with ``--imagined-fraction``, partly on contexts the teacher imagined
-under random actions: :mod:`trainers.distill_pool`), the teacher's average velocity over jumps of 1, 2, 4, … teacher
+under random actions, and with ``--imagined-refresh`` on the student's own rollouts, DAgger-style:
+:mod:`trainers.distill_pool`), the teacher's average velocity over jumps of 1, 2, 4, … teacher
 steps (every jump of each teacher trajectory, the context encoded once: ``--jumps all``;
 :mod:`trainers.distill_objective`, which gives the method, its reason and its papers; ``--pixel-weight`` adds a
 pixel term on the decoded end points, :meth:`~trainers.distill_objective.DistillNet.pixel_loss`). The frozen
@@ -42,7 +43,7 @@ from trainers.common import (PRECISIONS, ArgError, JsonlLogger, LoopArgs, adamw,
                              check_choice, check_out_dir, pick_device, run_cli, seed_everything, signal_exit_code)
 from trainers.data import EpisodeStore, heldout_mask
 from trainers.distill_objective import JUMPS, DistillNet, make_distill_inputs, sample_gap, step_levels
-from trainers.distill_pool import imagined_pool
+from trainers.distill_pool import OwnRolloutPool, imagined_pool
 from trainers.latents import LatentWindows, load_latents_on_ranks
 from trainers.pretrain_eval import eval_windows, evaluate
 from trainers.pretrain_objective import PretrainNet, optimizer_step
@@ -73,6 +74,9 @@ class Args(LoopArgs):
     imagined_pool: int = arg(16384, "imagined contexts in that pool (at most; rollouts stop at a predicted game over), "
                                     "built by every process at the start of every run, resumed ones included")
     imagined_steps: int = arg(8, "imagined steps per rollout of the pool")
+    imagined_refresh: int = arg(0, "every this many steps, rebuild a second half of the imagined pool from the "
+                                   "student's own rollouts at its 1 .. N/2-step samplers, teacher targets unchanged "
+                                   "(DAgger; trainers.distill_pool.OwnRolloutPool); 0: the teacher's rollouts only")
     imagined_sticky: float = arg(0.75, "probability that a pool rollout repeats its previous action (else a uniform "
                                        "random one): higher gives longer runs of one action, e.g. a paddle held "
                                        "against a wall (on Pong 0.9 measured no better than 0.75)")
@@ -88,7 +92,7 @@ class Args(LoopArgs):
 
 
 RESUME_FIXED = ("pixel_weight", "motion_boost", "imagined_fraction", "imagined_pool", "imagined_steps",
-                "imagined_sticky", "streaming", "jumps")
+                "imagined_sticky", "imagined_refresh", "streaming", "jumps")
 """Flags a ``--resume`` must repeat (checked against the checkpoint's)."""
 LEGACY = {"jumps": "one"}
 """What checkpoints written before a flag existed ran with, where it differs from the flag's default."""
@@ -113,7 +117,7 @@ def validate(args: Args) -> Setup:
     check_choice("precision", args.precision, PRECISIONS)
     check_choice("jumps", args.jumps, JUMPS)
     for name in ("warmup", "lr_decay_steps", "weight_decay", "eval_every", "threads", "teacher_steps",
-                 "student_depth", "pixel_weight", "motion_boost"):
+                 "student_depth", "pixel_weight", "motion_boost", "imagined_refresh"):
         if not getattr(args, name) >= 0 or not math.isfinite(getattr(args, name)):
             raise ArgError(name, f"expected a number >= 0, got {getattr(args, name)}")
     for name in ("imagined_pool", "imagined_steps"):
@@ -126,6 +130,8 @@ def validate(args: Args) -> Setup:
     if args.imagined_fraction and round(args.imagined_fraction * args.batch) < 1:
         raise ArgError("imagined_fraction", f"expected 0 or at least one row of --batch {args.batch}, got "
                                             f"{args.imagined_fraction}")
+    if args.imagined_refresh and not args.imagined_fraction:
+        raise ArgError("imagined_refresh", f"expected 0 without --imagined-fraction, got {args.imagined_refresh}")
     if not 0.0 <= args.ema < 1.0:
         raise ArgError("ema", f"expected a number in [0, 1), got {args.ema}")
     pick_device(args.device)
@@ -259,7 +265,8 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     gen = torch.Generator(device=dev).manual_seed(rank_seed(args.seed, d.rank))
     mean, std = wm.latent_mean.detach().cpu(), wm.latent_std.detach().cpu()
     windows = LatentWindows(train, K + 1, mean=mean, std=std, num_actions=A, seed=[args.seed, d.rank], device=dev)
-    pool = None
+    levels = sorted(N // m for m in step_levels(N))
+    pool, own = None, None
     if args.imagined_fraction:
         t_pool = time.perf_counter()
         pool = imagined_pool(wm, windows, size=args.imagined_pool, steps=args.imagined_steps,
@@ -267,15 +274,26 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
         if d.is_main:
             print(f"distill: {len(pool[0])} imagined contexts ({args.imagined_steps}-step teacher rollouts) in "
                   f"{time.perf_counter() - t_pool:.1f} s")
+        if args.imagined_refresh:
+            own = OwnRolloutPool(wm, windows, pool, every=args.imagined_refresh, levels=[k for k in levels if k < N]
+                                 or levels, size=args.imagined_pool, steps=args.imagined_steps,
+                                 sticky=args.imagined_sticky, history=max_history, seed=rank_seed(args.seed, d.rank) + 2)
     resume = args.resume and ((out / "ckpt").exists() or (out / "ckpt.prev").exists())
-    step = restore_state(*read_state(out), d, net=net, ema=ema, opt=opt, gen=gen, windows=windows,
-                         seed=args.seed) if resume else 0
+    step = 0
+    if resume:
+        tensors, meta = read_state(out)
+        step = restore_state(tensors, meta, d, net=net, ema=ema, opt=opt, gen=gen, windows=windows, seed=args.seed)
+        if own is not None:
+            own.load_state_dict({k[len("extra.pool."):]: v for k, v in tensors.items()
+                                 if k.startswith("extra.pool.")}, ema.dit, step)
+            pool = own.rows
+            if own.at and d.is_main:
+                print(f"distill: rebuilt the student's own rollouts of step {own.at} from the checkpoint")
     model: torch.nn.Module = torch.compile(net) if args.compile else net
     if d.enabled:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     ev = eval_windows(test if len(test) else train, context_len=K, horizon=args.eval_horizon,
                       count=args.eval_windows, seed=args.seed, mean=mean, std=std, num_actions=A, device=dev)
-    levels = sorted(N // m for m in step_levels(N))
     run_meta = {"args": asdict(args), "teacher_sha256": s.teacher_sha256, "teacher_steps": N,
                 "student": asdict(net.dit.config)}
     log = JsonlLogger(out / "metrics.jsonl") if d.is_main else None
@@ -305,6 +323,13 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
         while step < args.steps:
             if dist_.any_rank(d, stop["sig"] is not None):
                 break
+            if own is not None and own.due(step):
+                t_pool = time.perf_counter()
+                n_own = own.refresh(step, ema.dit)
+                pool = own.rows
+                if d.is_main:
+                    print(f"distill: step {step}: {n_own} contexts of the student's own rollouts in "
+                          f"{time.perf_counter() - t_pool:.1f} s")
             lr = lr_at(step, args.lr, args.warmup, args.lr_decay_steps or args.steps)
             starts = windows.draw_starts(args.batch)
             w = windows.windows(starts)
@@ -333,14 +358,16 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
                 final = evaluate_all()
                 log.log(step, **final)
             if step % args.checkpoint_every == 0 and step < args.steps:
-                save_state(out, d, net=net, ema=ema, opt=opt, gen=gen, windows=windows, step=step, meta=run_meta)
+                save_state(out, d, net=net, ema=ema, opt=opt, gen=gen, windows=windows, step=step, meta=run_meta,
+                           extra=pool_state(own))
                 saved = step
     finally:
         bar.close()
         restore()
     dt = time.perf_counter() - t0
     if step != saved:
-        save_state(out, d, net=net, ema=ema, opt=opt, gen=gen, windows=windows, step=step, meta=run_meta)
+        save_state(out, d, net=net, ema=ema, opt=opt, gen=gen, windows=windows, step=step, meta=run_meta,
+                   extra=pool_state(own))
     if d.is_main:
         print(f"distill: {step - s0} steps in {dt:.1f} s: {(step - s0) / max(dt, 1e-9):.2f} steps/s; "
               f"checkpoint {out / 'ckpt'} at step {step}")
@@ -357,6 +384,11 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
         print(f"distill: bundle {path}" + "".join(f"; {k} {v:.4g}" for k, v in final.items()))
     dist_.barrier(d)
     return 0
+
+
+def pool_state(own: OwnRolloutPool | None) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of the student's own-rollout pool (``pool.*``; none without ``--imagined-refresh``)."""
+    return {f"pool.{k}": v for k, v in own.state_dict().items()} if own is not None else {}
 
 
 def mix_in(pool: tuple[torch.Tensor, ...], batch: tuple[torch.Tensor, ...], n: int,
@@ -387,6 +419,7 @@ def export_student(out_dir: Path, s: Setup, student: DiT, args: Args, *, step: i
             "pixel weight": args.pixel_weight, "imagined fraction": args.imagined_fraction,
             **({"imagined rollouts (steps, sticky)": f"{args.imagined_steps}, {args.imagined_sticky}"}
                if args.imagined_fraction else {}),
+            **({"student's own rollouts rebuilt every (steps)": args.imagined_refresh} if args.imagined_refresh else {}),
             **{k: f"{v:.4g}" for k, v in final.items()}}
     card = ("## Stage 2b: distillation\n\n| field | value |\n| --- | --- |\n"
             + "\n".join(f"| {k} | {v} |" for k, v in rows.items()) + "\n")

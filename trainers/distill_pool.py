@@ -1,5 +1,5 @@
 """Imagined distillation contexts for ``ditwm distill --imagined-fraction``: teacher rollouts under sticky random
-actions.
+actions (and with ``--imagined-refresh`` the student's own).
 
 The store's real contexts show the states its own (stage-1) policy visits. An agent in imagination drives the model
 elsewhere — e.g. it holds the paddle against a wall for many steps — and there the student, trained only on real
@@ -9,15 +9,18 @@ world model, exactly as the env does (:meth:`~dit_envs.models.dit_world_model.Di
 clamp), from real training contexts under sticky random actions, and keeps every visited context together with
 the next action: distillation on the teacher's own state distribution under exploratory actions, in the spirit of
 on-policy distillation (DAgger, Ross et al. 2011; Agarwal et al. 2024) — the student learns the teacher's jumps
-where a policy will query it, not only where the data's policy went.
+where a policy will query it, not only where the data's policy went. :class:`OwnRolloutPool` (``--imagined-refresh``)
+adds the student's own rollouts, rebuilt as it trains: DAgger proper, the states its own drift leads to.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 import torch
 
+from dit_envs.models.dit_world_model import DiTWorldModel
 from trainers.latents import LatentWindows
 
 
@@ -77,3 +80,88 @@ def imagined_pool(wm, windows: LatentWindows, *, size: int, steps: int, seed: in
             rows = (wm.normalize(state["z"]), state["a"], action) + ((hx, ha, hv) if history else ())
             out.append(tuple(r[alive] for r in rows))
     return tuple(torch.cat(parts)[:size] for parts in zip(*out))  # type: ignore[return-value]
+
+
+class OwnRolloutPool:
+    """The imagined pool of ``ditwm distill --imagined-refresh R``: the teacher's rollouts plus, from step ``R`` on,
+    the student's own, rebuilt every ``R`` steps — DAgger (Ross, Gordon & Bagnell 2011): a sequential predictor is
+    trained on the states its own predictions lead to, with the expert's answers there (here the teacher's jumps,
+    unchanged), so that it learns to follow the teacher from where its open-loop drift takes it, not only from where
+    the teacher's or the data's rollouts go. On-policy distillation of language models (GKD, Agarwal et al. 2024)
+    does the same with the student's own generations.
+
+    The student part has as many contexts as the teacher part (so with ``--imagined-fraction f`` each batch draws
+    about ``f / 2`` from each), split evenly over the student's sampler step counts ``levels``, each rolled exactly
+    as the env rolls it (:func:`imagined_pool` on a :class:`~dit_envs.models.dit_world_model.DiTWorldModel` with the
+    student's DiT and the teacher's head, latent statistics and temperature). The rollouts use the weights passed to
+    :meth:`refresh` (the EMA student: the one exported) and a seed of ``(seed, step)``; :meth:`state_dict` holds
+    those weights, so a resumed run rebuilds the same pool (:meth:`load_state_dict`).
+
+    Args:
+        wm: the teacher world model.
+        windows: the training windows (start contexts, history rows).
+        teacher_rows: the teacher's pool, as :func:`imagined_pool` returns it.
+        every: ``R``, steps between rebuilds (``≥ 1``).
+        levels: the student's sampler step counts to roll with, e.g. ``[1, 2]``.
+        size, steps, sticky, history: as for :func:`imagined_pool` (``size`` contexts in the student part at most).
+        seed: base seed (per process).
+    Raises:
+        ValueError: ``every`` < 1 or no ``levels``.
+    """
+
+    def __init__(self, wm, windows: LatentWindows, teacher_rows: tuple[torch.Tensor, ...], *, every: int,
+                 levels: list[int], size: int, steps: int, sticky: float, history: int, seed: int) -> None:
+        if every < 1 or not levels:
+            raise ValueError(f"every/levels: expected >= 1 and a non-empty list, got {every} and {levels}")
+        self.wm, self.windows, self.teacher_rows, self.every, self.levels = wm, windows, teacher_rows, every, levels
+        self.size, self.steps, self.sticky, self.history, self.seed = size, steps, sticky, history, seed
+        self.rows, self.at, self.source = teacher_rows, 0, None
+
+    def due(self, step: int) -> bool:
+        """Whether the student part must be rebuilt before training step ``step`` runs."""
+        return step > 0 and step % self.every == 0 and step != self.at
+
+    @torch.no_grad()
+    def refresh(self, step: int, student) -> int:
+        """Rebuild the student part from ``student`` (a :class:`~dit_envs.models.dit.DiT`, not modified) at ``step``;
+        returns the number of student contexts."""
+        self.source = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        was_training = student.training
+        student.eval()
+        parts = []
+        for i, k in enumerate(self.levels):
+            swm = DiTWorldModel(self.wm.autoencoder, student, self.wm.heads, sampling_steps=k,
+                                temperature=self.wm.temperature).to(self.wm.device)
+            swm.set_latent_stats(self.wm.latent_mean, self.wm.latent_std)
+            size = math.ceil(self.size / len(self.levels))
+            seed = int(np.random.SeedSequence([self.seed, step, i]).generate_state(1)[0])
+            parts.append(imagined_pool(swm, self.windows, size=size, steps=self.steps, seed=seed, sticky=self.sticky,
+                                       history=self.history))
+        student.train(was_training)
+        own = tuple(torch.cat(p)[:self.size] for p in zip(*parts))
+        self.rows = tuple(torch.cat([t, o]) for t, o in zip(self.teacher_rows, own))
+        self.at = step
+        return len(own[0])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The student weights of the last rebuild (``source.*``) and its step (``at``); empty before the first."""
+        if self.source is None:
+            return {}
+        return {"at": torch.tensor(self.at), **{f"source.{k}": v for k, v in self.source.items()}}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], student_like, step: int) -> None:
+        """Rebuild the pool a run had at its checkpoint of step ``step``: from the saved weights (loaded into a copy
+        of ``student_like``); nothing before the first rebuild, or at a rebuild step (the loop rebuilds there).
+
+        Raises:
+            ValueError: ``state`` lacks the weights of the last rebuild before ``step``.
+        """
+        last = step // self.every * self.every
+        if last in (0, step):
+            return
+        if not state or int(state["at"]) != last:
+            got = int(state["at"]) if state else "none"
+            raise ValueError(f"checkpoint: expected the student weights of the pool rebuilt at step {last}, got {got}")
+        student = copy.deepcopy(student_like)
+        student.load_state_dict({k[len("source."):]: v for k, v in state.items() if k.startswith("source.")})
+        self.refresh(last, student)

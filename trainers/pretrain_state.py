@@ -31,11 +31,13 @@ def rank_seed(seed: int, rank: int, step: int = 0) -> int:
 
 
 def save_state(out: Path, d: Dist, *, net: PretrainNet, ema: PretrainNet, opt: torch.optim.Optimizer,
-               gen: torch.Generator, windows: LatentWindows, step: int, meta: dict) -> None:
+               gen: torch.Generator, windows: LatentWindows, step: int, meta: dict,
+               extra: dict[str, torch.Tensor] | None = None) -> None:
     """Write ``out/ckpt`` (collective: every rank calls it at the same step; rank 0 writes).
 
     Args:
         meta: JSON-able run description stored alongside (args, configs, encoder hash, ...).
+        extra: more tensors of the run (rank 0's), stored as ``extra.<name>``; :func:`read_state` returns them.
     Raises:
         RuntimeError: DDP replicas whose weights differ (a bug; never checkpoint diverged replicas).
     """
@@ -51,6 +53,7 @@ def save_state(out: Path, d: Dist, *, net: PretrainNet, ema: PretrainNet, opt: t
         tensors.update({f"rng.gen.{r}": g for r, g in enumerate(gens)})
         tensors["rng.torch_cpu"] = torch.get_rng_state()
         tensors["latent_mean"], tensors["latent_std"] = windows.mean, windows.std
+        tensors.update({f"extra.{k}": v for k, v in (extra or {}).items()})
         if windows.priority is not None:  # identical on every rank (trainers.priority)
             tensors["windows.priority"] = torch.from_numpy(windows.priority)
         py = random.getstate()
