@@ -207,6 +207,8 @@ def test_distill_resume_equals_an_uninterrupted_run(tiny_stage1_store, teacher_b
     (dict(jumps="two"), "jumps"),
     (dict(imagined_refresh=-1), "imagined_refresh"),
     (dict(imagined_refresh=100), "imagined_refresh"),  # the student's rollouts go into the imagined pool: none here
+    (dict(temperatures=-0.5), "temperatures"),
+    (dict(temperatures="nan"), "temperatures"),
 ])
 def test_bad_arguments_exit_2_and_write_nothing(tiny_stage1_store, teacher_bundle, tmp_path, capsys, extra, field):
     from trainers.distill import cli

@@ -213,3 +213,39 @@ def test_mix_in_by_hand():
     assert out[0].shape == (4, 1) and out[0][3, 0] == -1.0 and out[1][3] == -1
     assert torch.equal(out[1][:3] - 100, out[0][:3, 0].long())  # the same pool rows in every tensor
     assert mix_in(pool, batch, 0, torch.Generator()) is batch
+
+
+def test_distillation_temperatures_scale_each_trajectory_start_and_keep_the_stream_at_one():
+    from trainers.distill_objective import make_distill_inputs
+
+    t, (ctx, ctx_a, a) = teacher(), batch()
+    ref = make_distill_inputs(t, ctx, ctx_a, a, teacher_steps=4, generator=torch.Generator().manual_seed(3))
+    same = make_distill_inputs(t, ctx, ctx_a, a, teacher_steps=4, generator=torch.Generator().manual_seed(3),
+                               temperatures=[1.0])
+    for k in ref:
+        assert torch.equal(ref[k], same[k]), k  # one temperature draws nothing: the default's stream unchanged
+    eps = torch.randn(16, D_Z, generator=torch.Generator().manual_seed(3))
+    half = make_distill_inputs(t, ctx, ctx_a, a, teacher_steps=4, generator=torch.Generator().manual_seed(3),
+                               temperatures=[0.5])
+    assert torch.equal(half["x"][0], 0.5 * eps)  # the first jump starts at the trajectory's start, t = 1
+    mixed = make_distill_inputs(t, ctx, ctx_a, a, teacher_steps=4, generator=torch.Generator().manual_seed(3),
+                                temperatures=[0.5, 1.0])
+    start = mixed["x"][0]
+    is_half = torch.isclose(start, 0.5 * eps).all(1)
+    assert (is_half | torch.isclose(start, eps).all(1)).all() and 0 < int(is_half.sum()) < 16
+    for bad in ([], [-0.5], [float("nan")]):
+        with pytest.raises(ValueError, match="temperatures: expected"):
+            make_distill_inputs(t, ctx, ctx_a, a, teacher_steps=4, generator=torch.Generator(), temperatures=bad)
+
+
+def test_distillation_at_two_temperatures_logs_both_gaps_and_resumes_only_with_them(tiny_stage1_store,
+                                                                                     teacher_bundle, tmp_path):
+    common = dict(teacher=str(teacher_bundle), data=str(tiny_stage1_store), out=str(tmp_path / "d"), **TINY)
+    assert main(Args(**common, steps=4, temperatures=[0.5, 1.0])) == 0
+    rows = [json.loads(line) for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/gap@1" in r]
+    assert evals and all("eval/gap@1@T0.5" in r and "eval/gap@4@T0.5" in r for r in evals)
+    assert "| distilled at temperatures | 0.5, 1 |" in (tmp_path / "d" / "bundle" / "README.md").read_text()
+    assert load_bundle(tmp_path / "d" / "bundle").model.temperature == 0.5  # the first: the bundle's default
+    with pytest.raises(ArgError, match=r"--temperatures: expected \[0.5, 1.0\] \(the checkpoint's\), got \[1.0\]"):
+        main(Args(**common, steps=6, resume=True))

@@ -61,3 +61,28 @@ def test_own_rollout_pool_is_the_students_env_rollout_and_rebuilds_from_saved_we
         OwnRolloutPool(wm, wins, teacher_rows, **kw).load_state_dict(state, later, 7)
     with pytest.raises(ValueError, match="every/levels"):
         OwnRolloutPool(wm, wins, teacher_rows, **{**kw, "levels": []})
+
+
+def test_own_rollout_pool_rolls_the_student_at_each_distillation_temperature(teacher_bundle, monkeypatch):
+    wm = load_bundle(teacher_bundle).model
+    predict = wm.heads.predict  # no predicted game over: every rollout keeps all its contexts
+    monkeypatch.setattr(wm.heads, "predict", lambda *a, **k: (predict(*a, **k)[0], torch.zeros(a[0].shape[0],
+                                                                                            dtype=torch.bool)))
+    wins, n = _Windows(wm), 4
+    teacher_rows = imagined_pool(wm, wins, size=n, steps=2, seed=3, sticky=0.5)
+    own = OwnRolloutPool(wm, wins, teacher_rows, every=3, levels=[1, 2], size=4 * n, steps=2, sticky=0.5, history=0,
+                         seed=5, temperatures=[0.5, 1.0])
+    student = _student(wm)
+    assert own.refresh(3, student) == 4 * n
+    by_hand = []  # (level, temperature) in order: (1, 0.5), (1, 1), (2, 0.5), (2, 1)
+    for i, (k, tau) in enumerate([(1, 0.5), (1, 1.0), (2, 0.5), (2, 1.0)]):
+        swm = DiTWorldModel(wm.autoencoder, student, wm.heads, sampling_steps=k, temperature=tau)
+        swm.set_latent_stats(wm.latent_mean, wm.latent_std)
+        seed = int(np.random.SeedSequence([5, 3, i]).generate_state(1)[0])
+        by_hand.append(imagined_pool(swm, wins, size=n, steps=2, seed=seed, sticky=0.5))
+    for got, t, *parts in zip(own.rows, teacher_rows, *by_hand):
+        assert torch.equal(got, torch.cat([t, *parts]))
+    assert not torch.equal(by_hand[0][0], by_hand[1][0])  # the temperature changes the student's futures
+    default = OwnRolloutPool(wm, wins, teacher_rows, every=3, levels=[1], size=n, steps=2, sticky=0.5, history=0,
+                             seed=5)
+    assert default.temperatures == [wm.temperature]  # no temperatures: the teacher's, as before

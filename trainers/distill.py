@@ -7,7 +7,9 @@ under random actions, and with ``--imagined-refresh`` on the student's own rollo
 :mod:`trainers.distill_pool`), the teacher's average velocity over jumps of 1, 2, 4, … teacher
 steps (every jump of each teacher trajectory, the context encoded once: ``--jumps all``;
 :mod:`trainers.distill_objective`, which gives the method, its reason and its papers; ``--pixel-weight`` adds a
-pixel term on the decoded end points, :meth:`~trainers.distill_objective.DistillNet.pixel_loss`). The frozen
+pixel term on the decoded end points, :meth:`~trainers.distill_objective.DistillNet.pixel_loss`; ``--temperatures``
+starts the teacher trajectories at the sampling temperatures the student will be used at, e.g. the release's 0.5,
+instead of 1 only; the first is the bundle's default). The frozen
 autoencoder, the reward/termination head, the latent standardisation and the start contexts are the teacher's,
 unchanged; the exported bundle is a drop-in world model whose ``sampling_steps`` (default ``--sampling-steps``)
 stays a runtime setting of the env.
@@ -18,7 +20,8 @@ uninterrupted one), SIGTERM/SIGINT checkpoint and exit 143/130, bf16 autocast (C
 ``--precision bf16``), ``torchrun`` + DDP.
 Evaluation every ``--eval-every`` steps on fixed held-out windows: ``eval/gap@k`` (mean squared distance between
 the student's ``k``-step sample and the teacher's ``N``-step sample from the same noise, normalised units; for a
-streaming student from a fresh cache of the K context rows: the first step after a reset) and the open-loop latent
+streaming student from a fresh cache of the K context rows: the first step after a reset; ``eval/gap@k@Tτ`` the same
+from noise ``τ·ε`` for each other of ``--temperatures``) and the open-loop latent
 error ``eval/mse@h`` of the student at ``--sampling-steps`` (a streaming student rolling its cache as in an env).
 """
 from __future__ import annotations
@@ -42,7 +45,8 @@ from trainers.autoencoder import lr_at
 from trainers.common import (PRECISIONS, ArgError, JsonlLogger, LoopArgs, adamw, arg, autocast_for, catch_stop_signals,
                              check_choice, check_out_dir, pick_device, run_cli, seed_everything, signal_exit_code)
 from trainers.data import EpisodeStore, heldout_mask
-from trainers.distill_objective import JUMPS, DistillNet, make_distill_inputs, sample_gap, step_levels
+from trainers.distill_objective import (JUMPS, DistillNet, check_temperatures, make_distill_inputs, sample_gap,
+                                        step_levels)
 from trainers.distill_pool import OwnRolloutPool, imagined_pool
 from trainers.latents import LatentWindows, load_latents_on_ranks
 from trainers.pretrain_eval import eval_windows, evaluate
@@ -86,15 +90,19 @@ class Args(LoopArgs):
                                  "its context keys/values and encodes one token per step instead of the whole context; "
                                  "trained with 0 .. (depth - 1) x K history rows before each context (imagined "
                                  "contexts: their real rows, then the rollout's)")
+    temperatures: list[float] = arg([1.0], "sampling temperatures the student is distilled at: each teacher "
+                                           "trajectory starts at tau x noise, tau drawn uniformly from these, and "
+                                           "--imagined-refresh rolls the student at each; the first is the bundle's "
+                                           "default (e.g. 0.5 1 for a model used at 0.5 by default and at 1)")
     jumps: str = arg("all", "targets per teacher trajectory: 'all' its 2N - 1 jumps (the context encoded once, one "
                             "query token per jump), or 'one' jump drawn per context (the objective before 'all'); "
                             "with --pixel-weight, 'all' decodes log2(N) + 1 images per context instead of about 0.6")
 
 
 RESUME_FIXED = ("pixel_weight", "motion_boost", "imagined_fraction", "imagined_pool", "imagined_steps",
-                "imagined_sticky", "imagined_refresh", "streaming", "jumps")
+                "imagined_sticky", "imagined_refresh", "streaming", "jumps", "temperatures")
 """Flags a ``--resume`` must repeat (checked against the checkpoint's)."""
-LEGACY = {"jumps": "one"}
+LEGACY = {"jumps": "one", "temperatures": [1.0]}
 """What checkpoints written before a flag existed ran with, where it differs from the flag's default."""
 
 
@@ -132,6 +140,10 @@ def validate(args: Args) -> Setup:
                                             f"{args.imagined_fraction}")
     if args.imagined_refresh and not args.imagined_fraction:
         raise ArgError("imagined_refresh", f"expected 0 without --imagined-fraction, got {args.imagined_refresh}")
+    try:
+        check_temperatures(args.temperatures)
+    except ValueError as e:
+        raise ArgError("temperatures", str(e).split(": ", 1)[1]) from None
     if not 0.0 <= args.ema < 1.0:
         raise ArgError("ema", f"expected a number in [0, 1), got {args.ema}")
     pick_device(args.device)
@@ -277,7 +289,8 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
         if args.imagined_refresh:
             own = OwnRolloutPool(wm, windows, pool, every=args.imagined_refresh, levels=[k for k in levels if k < N]
                                  or levels, size=args.imagined_pool, steps=args.imagined_steps,
-                                 sticky=args.imagined_sticky, history=max_history, seed=rank_seed(args.seed, d.rank) + 2)
+                                 sticky=args.imagined_sticky, history=max_history, seed=rank_seed(args.seed, d.rank) + 2,
+                                 temperatures=args.temperatures)
     resume = args.resume and ((out / "ckpt").exists() or (out / "ckpt.prev").exists())
     step = 0
     if resume:
@@ -299,9 +312,10 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     log = JsonlLogger(out / "metrics.jsonl") if d.is_main else None
 
     def evaluate_all() -> dict[str, float]:
-        stats = {f"eval/gap@{k}": sample_gap(ema.dit, teacher, ev.x[:, :K], ev.prev_action[:, :K],
-                                             ev.prev_action[:, K], teacher_steps=N, student_steps=k, seed=args.seed)
-                 for k in levels}
+        stats = {f"eval/gap@{k}" + (f"@T{tau:g}" if tau != 1.0 else ""):
+                 sample_gap(ema.dit, teacher, ev.x[:, :K], ev.prev_action[:, :K], ev.prev_action[:, K], teacher_steps=N,
+                            student_steps=k, seed=args.seed, temperature=tau)
+                 for tau in sorted({1.0, *args.temperatures}, reverse=True) for k in levels}
         roll = evaluate(PretrainNet(ema.dit, wm.heads).eval(), ev, context_len=K, sampling_steps=args.sampling_steps,
                         mean=windows.mean, std=windows.std, seed=args.seed)
         return {**stats, **{k: v for k, v in roll.items() if k.startswith("eval/mse@")}}
@@ -342,7 +356,8 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
                 rows = pool[:3] + tuple(p[:, max_history - h:] for p in pool[3:])  # (only streaming pools have 6)
                 batch = mix_in(rows, batch, round(args.imagined_fraction * args.batch), gen)
             with autocast:
-                inputs = make_distill_inputs(teacher, *batch[:3], teacher_steps=N, generator=gen, jumps=args.jumps)
+                inputs = make_distill_inputs(teacher, *batch[:3], teacher_steps=N, generator=gen, jumps=args.jumps,
+                                             temperatures=args.temperatures)
                 if args.streaming:
                     inputs["history"], inputs["history_action"], inputs["history_valid"] = batch[3:]
                 loss = model(inputs)
@@ -403,10 +418,12 @@ def mix_in(pool: tuple[torch.Tensor, ...], batch: tuple[torch.Tensor, ...], n: i
 
 def export_student(out_dir: Path, s: Setup, student: DiT, args: Args, *, step: int, final: dict) -> Path:
     """Save the student as a bundle: the teacher's autoencoder, head, standardisation and start contexts with the
-    student's DiT; the model card is the teacher's plus a distillation section."""
+    student's DiT, sampling at the first of ``--temperatures`` by default; the model card is the teacher's plus a
+    distillation section."""
     teacher: DiTWorldModel = s.bundle.model
     wm = DiTWorldModel(copy.deepcopy(teacher.autoencoder).cpu().float(), copy.deepcopy(student).cpu().float(),
-                       copy.deepcopy(teacher.heads).cpu().float(), sampling_steps=args.sampling_steps)
+                       copy.deepcopy(teacher.heads).cpu().float(), sampling_steps=args.sampling_steps,
+                       temperature=args.temperatures[0])
     wm.set_latent_stats(teacher.latent_mean.cpu().float(), teacher.latent_std.cpu().float())
     rows = {"teacher": f"{args.teacher} (dynamics sha256 {s.teacher_sha256[:12]})",
             "method": "step-size-conditioned trajectory distillation (shortcut models, Frans et al. 2024)",
@@ -416,6 +433,7 @@ def export_student(out_dir: Path, s: Setup, student: DiT, args: Args, *, step: i
             "streaming (rolling context cache)": student.config.streaming,
             "default sampling_steps": args.sampling_steps, "distillation steps": step, "batch": args.batch,
             "lr": args.lr, "jumps per trajectory": args.jumps,
+            "distilled at temperatures": ", ".join(f"{t:g}" for t in args.temperatures),
             "pixel weight": args.pixel_weight, "imagined fraction": args.imagined_fraction,
             **({"imagined rollouts (steps, sticky)": f"{args.imagined_steps}, {args.imagined_sticky}"}
                if args.imagined_fraction else {}),

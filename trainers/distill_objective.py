@@ -24,6 +24,8 @@ Pure functions (tested by hand): :func:`teacher_trajectory`, :func:`shortcut_tar
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -288,35 +290,59 @@ JUMPS = ("all", "one")
 
 
 def make_distill_inputs(teacher: DiT, context: torch.Tensor, context_action: torch.Tensor, action: torch.Tensor,
-                        *, teacher_steps: int, generator: torch.Generator,
-                        jumps: str = "all") -> dict[str, torch.Tensor]:
+                        *, teacher_steps: int, generator: torch.Generator, jumps: str = "all",
+                        temperatures: tuple[float, ...] | list[float] = (1.0,)) -> dict[str, torch.Tensor]:
     """One batch: noise, the teacher trajectory and its jumps: one drawn per sample (:func:`shortcut_targets`) or
     every one (:func:`all_jumps`).
 
     Args:
         teacher, context, context_action, action, teacher_steps: as in :func:`teacher_trajectory`.
-        generator: draws the noise (and the jumps).
+        generator: draws the noise (and the jumps, and with several ``temperatures`` each sample's).
         jumps: one of :data:`JUMPS`.
+        temperatures: sampling temperatures ``τ`` (:attr:`~dit_envs.models.dit_world_model.DiTWorldModel.
+            temperature`): each sample's trajectory starts at ``τ·ε``, ``τ`` drawn uniformly from these (none drawn
+            for one value). A student learns the teacher's map only from the start points it is trained on, and in
+            ``d_z`` dimensions ``‖τ·ε‖ ≈ τ·√d_z``: the starts of different temperatures do not overlap.
     Returns:
         The ``inputs`` of :class:`DistillNet`.
     Raises:
-        ValueError: an unknown ``jumps``.
+        ValueError: an unknown ``jumps``; no ``temperatures``, or one that is not a finite number ``>= 0``.
     """
     if jumps not in JUMPS:
         raise ValueError(f"jumps: expected one of {JUMPS}, got {jumps!r}")
+    check_temperatures(temperatures)
     noise = torch.randn(context.shape[0], context.shape[2], generator=generator, device=context.device)
+    if len(temperatures) > 1:
+        pick = torch.randint(len(temperatures), (noise.shape[0],), generator=generator, device=noise.device)
+        noise = noise * torch.tensor([float(t) for t in temperatures], device=noise.device)[pick, None]
+    elif temperatures[0] != 1.0:
+        noise = noise * float(temperatures[0])
     traj = teacher_trajectory(teacher, context, context_action, action, noise, teacher_steps)
     targets = all_jumps(traj) if jumps == "all" else shortcut_targets(traj, generator)
     return {"context": context, "context_action": context_action, "action": action, **targets}
 
 
+def check_temperatures(temperatures: tuple[float, ...] | list[float]) -> None:
+    """Validate the distillation temperatures (at least one; each a finite number ``>= 0``).
+
+    Raises:
+        ValueError: naming ``temperatures``, the expected and the actual value.
+    """
+    if not len(temperatures):
+        raise ValueError("temperatures: expected at least one temperature, got none")
+    for t in temperatures:
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
+            raise ValueError(f"temperatures: expected finite numbers >= 0, got {list(temperatures)}")
+
+
 @torch.no_grad()
 def sample_gap(student: DiT, teacher: DiT, context: torch.Tensor, context_action: torch.Tensor, action: torch.Tensor,
-               *, teacher_steps: int, student_steps: int, seed: int = 0) -> float:
+               *, teacher_steps: int, student_steps: int, seed: int = 0, temperature: float = 1.0) -> float:
     """Mean squared distance (normalised units) between the student's ``student_steps``-step sample and the
-    teacher's ``teacher_steps``-step sample from the same noise and context — the distillation gap."""
+    teacher's ``teacher_steps``-step sample from the same noise ``temperature · ε`` and context — the distillation
+    gap."""
     gen = torch.Generator(device=context.device).manual_seed(seed)
-    noise = torch.randn(context.shape[0], context.shape[2], generator=gen, device=context.device)
+    noise = temperature * torch.randn(context.shape[0], context.shape[2], generator=gen, device=context.device)
     ref = teacher.sample_next(noise, action, teacher.context_cache(context, context_action), teacher_steps)
     got = student.sample_next(noise, action, student.context_cache(context, context_action), student_steps)
     return (got - ref).square().mean().item()

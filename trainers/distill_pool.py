@@ -91,9 +91,10 @@ class OwnRolloutPool:
     does the same with the student's own generations.
 
     The student part has as many contexts as the teacher part (so with ``--imagined-fraction f`` each batch draws
-    about ``f / 2`` from each), split evenly over the student's sampler step counts ``levels``, each rolled exactly
-    as the env rolls it (:func:`imagined_pool` on a :class:`~dit_envs.models.dit_world_model.DiTWorldModel` with the
-    student's DiT and the teacher's head, latent statistics and temperature). The rollouts use the weights passed to
+    about ``f / 2`` from each), split evenly over the student's sampler step counts ``levels`` and the sampling
+    ``temperatures`` it is distilled at, each rolled exactly as the env rolls it (:func:`imagined_pool` on a
+    :class:`~dit_envs.models.dit_world_model.DiTWorldModel` with the student's DiT and the teacher's head and latent
+    statistics). The rollouts use the weights passed to
     :meth:`refresh` (the EMA student: the one exported) and a seed of ``(seed, step)``; :meth:`state_dict` holds
     those weights, so a resumed run rebuilds the same pool (:meth:`load_state_dict`).
 
@@ -103,6 +104,8 @@ class OwnRolloutPool:
         teacher_rows: the teacher's pool, as :func:`imagined_pool` returns it.
         every: ``R``, steps between rebuilds (``≥ 1``).
         levels: the student's sampler step counts to roll with, e.g. ``[1, 2]``.
+        temperatures: the sampling temperatures to roll with (``None``: the teacher's), e.g. those of
+            ``ditwm distill --temperatures``: a student distilled at 0.5 only is not rolled where it was never trained.
         size, steps, sticky, history: as for :func:`imagined_pool` (``size`` contexts in the student part at most).
         seed: base seed (per process).
     Raises:
@@ -110,10 +113,12 @@ class OwnRolloutPool:
     """
 
     def __init__(self, wm, windows: LatentWindows, teacher_rows: tuple[torch.Tensor, ...], *, every: int,
-                 levels: list[int], size: int, steps: int, sticky: float, history: int, seed: int) -> None:
+                 levels: list[int], size: int, steps: int, sticky: float, history: int, seed: int,
+                 temperatures: list[float] | None = None) -> None:
         if every < 1 or not levels:
             raise ValueError(f"every/levels: expected >= 1 and a non-empty list, got {every} and {levels}")
         self.wm, self.windows, self.teacher_rows, self.every, self.levels = wm, windows, teacher_rows, every, levels
+        self.temperatures = list(temperatures) if temperatures else [wm.temperature]
         self.size, self.steps, self.sticky, self.history, self.seed = size, steps, sticky, history, seed
         self.rows, self.at, self.source = teacher_rows, 0, None
 
@@ -129,11 +134,12 @@ class OwnRolloutPool:
         was_training = student.training
         student.eval()
         parts = []
-        for i, k in enumerate(self.levels):
+        combos = [(k, tau) for k in self.levels for tau in self.temperatures]
+        for i, (k, tau) in enumerate(combos):
             swm = DiTWorldModel(self.wm.autoencoder, student, self.wm.heads, sampling_steps=k,
-                                temperature=self.wm.temperature).to(self.wm.device)
+                                temperature=tau).to(self.wm.device)
             swm.set_latent_stats(self.wm.latent_mean, self.wm.latent_std)
-            size = math.ceil(self.size / len(self.levels))
+            size = math.ceil(self.size / len(combos))
             seed = int(np.random.SeedSequence([self.seed, step, i]).generate_state(1)[0])
             parts.append(imagined_pool(swm, self.windows, size=size, steps=self.steps, seed=seed, sticky=self.sticky,
                                        history=self.history))
