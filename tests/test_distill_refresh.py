@@ -18,11 +18,29 @@ def _student(wm):
     return student
 
 
-def test_own_rollout_pool_is_the_students_env_rollout_and_rebuilds_from_saved_weights(teacher_bundle, monkeypatch):
+def _endless(teacher_bundle, monkeypatch):
+    """The teacher world model with no predicted game over: every rollout keeps all its contexts."""
     wm = load_bundle(teacher_bundle).model
-    predict = wm.heads.predict  # no predicted game over: every rollout keeps all its contexts
+    predict = wm.heads.predict
     monkeypatch.setattr(wm.heads, "predict", lambda *a, **k: (predict(*a, **k)[0], torch.zeros(a[0].shape[0],
                                                                                             dtype=torch.bool)))
+    return wm
+
+
+def _by_hand(wm, student, wins, combos, n):
+    """The student's part of a pool rebuilt at step 3 with seed 5, part by part: ``n`` contexts of the student's env
+    rollouts (2 steps, sticky 0.5) for each ``(sampling steps, temperature)``."""
+    parts = []
+    for i, (k, tau) in enumerate(combos):
+        swm = DiTWorldModel(wm.autoencoder, student, wm.heads, sampling_steps=k, temperature=tau)
+        swm.set_latent_stats(wm.latent_mean, wm.latent_std)
+        seed = int(np.random.SeedSequence([5, 3, i]).generate_state(1)[0])
+        parts.append(imagined_pool(swm, wins, size=n, steps=2, seed=seed, sticky=0.5))
+    return parts
+
+
+def test_own_rollout_pool_is_the_students_env_rollout_and_rebuilds_from_saved_weights(teacher_bundle, monkeypatch):
+    wm = _endless(teacher_bundle, monkeypatch)
     wins, n = _Windows(wm), 6
     teacher_rows = imagined_pool(wm, wins, size=2 * n, steps=2, seed=3, sticky=0.5)
     kw = dict(every=3, levels=[1, 2], size=2 * n, steps=2, sticky=0.5, history=0, seed=5)
@@ -32,12 +50,7 @@ def test_own_rollout_pool_is_the_students_env_rollout_and_rebuilds_from_saved_we
     student = _student(wm)
     assert own.refresh(3, student) == 2 * n and not own.due(3) and own.due(6)
     # the teacher's part, then n contexts of the student's 1-step env rollouts and n of its 2-step ones
-    by_hand = []
-    for i, k in enumerate([1, 2]):
-        swm = DiTWorldModel(wm.autoencoder, student, wm.heads, sampling_steps=k, temperature=wm.temperature)
-        swm.set_latent_stats(wm.latent_mean, wm.latent_std)
-        seed = int(np.random.SeedSequence([5, 3, i]).generate_state(1)[0])
-        by_hand.append(imagined_pool(swm, wins, size=n, steps=2, seed=seed, sticky=0.5))
+    by_hand = _by_hand(wm, student, wins, [(1, wm.temperature), (2, wm.temperature)], n)
     for got, t, one, two in zip(own.rows, teacher_rows, *by_hand):
         assert torch.equal(got, torch.cat([t, one, two]))
     assert not torch.equal(by_hand[0][0], teacher_rows[0][:n])  # the student's futures are not the teacher's
@@ -64,22 +77,15 @@ def test_own_rollout_pool_is_the_students_env_rollout_and_rebuilds_from_saved_we
 
 
 def test_own_rollout_pool_rolls_the_student_at_each_distillation_temperature(teacher_bundle, monkeypatch):
-    wm = load_bundle(teacher_bundle).model
-    predict = wm.heads.predict  # no predicted game over: every rollout keeps all its contexts
-    monkeypatch.setattr(wm.heads, "predict", lambda *a, **k: (predict(*a, **k)[0], torch.zeros(a[0].shape[0],
-                                                                                            dtype=torch.bool)))
+    wm = _endless(teacher_bundle, monkeypatch)
     wins, n = _Windows(wm), 4
     teacher_rows = imagined_pool(wm, wins, size=n, steps=2, seed=3, sticky=0.5)
     own = OwnRolloutPool(wm, wins, teacher_rows, every=3, levels=[1, 2], size=4 * n, steps=2, sticky=0.5, history=0,
                          seed=5, temperatures=[0.5, 1.0])
     student = _student(wm)
     assert own.refresh(3, student) == 4 * n
-    by_hand = []  # (level, temperature) in order: (1, 0.5), (1, 1), (2, 0.5), (2, 1)
-    for i, (k, tau) in enumerate([(1, 0.5), (1, 1.0), (2, 0.5), (2, 1.0)]):
-        swm = DiTWorldModel(wm.autoencoder, student, wm.heads, sampling_steps=k, temperature=tau)
-        swm.set_latent_stats(wm.latent_mean, wm.latent_std)
-        seed = int(np.random.SeedSequence([5, 3, i]).generate_state(1)[0])
-        by_hand.append(imagined_pool(swm, wins, size=n, steps=2, seed=seed, sticky=0.5))
+    # (level, temperature) in order: (1, 0.5), (1, 1), (2, 0.5), (2, 1)
+    by_hand = _by_hand(wm, student, wins, [(1, 0.5), (1, 1.0), (2, 0.5), (2, 1.0)], n)
     for got, t, *parts in zip(own.rows, teacher_rows, *by_hand):
         assert torch.equal(got, torch.cat([t, *parts]))
     assert not torch.equal(by_hand[0][0], by_hand[1][0])  # the temperature changes the student's futures
