@@ -314,8 +314,8 @@ def make_distill_inputs(teacher: DiT, context: torch.Tensor, context_action: tor
     noise = torch.randn(context.shape[0], context.shape[2], generator=generator, device=context.device)
     if len(temperatures) > 1:
         pick = torch.randint(len(temperatures), (noise.shape[0],), generator=generator, device=noise.device)
-        noise = noise * torch.tensor([float(t) for t in temperatures], device=noise.device)[pick, None]
-    elif temperatures[0] != 1.0:
+        noise = noise * noise.new_tensor(temperatures)[pick, None]
+    else:  # no draw: one temperature keeps the generator's stream (and 1.0 · ε is ε, bit for bit)
         noise = noise * float(temperatures[0])
     traj = teacher_trajectory(teacher, context, context_action, action, noise, teacher_steps)
     targets = all_jumps(traj) if jumps == "all" else shortcut_targets(traj, generator)
