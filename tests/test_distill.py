@@ -12,9 +12,10 @@ from dit_envs.bundle import load_bundle
 from dit_envs.models.dit import DiT, DiTConfig
 from trainers.checkpoint import load_checkpoint
 from trainers.common import ArgError
-from trainers.distill import Args, main, make_student
+from trainers.distill import Args, main
 from trainers.distill_objective import (DistillNet, make_distill_inputs, sample_gap, shortcut_targets, step_levels,
                                         teacher_trajectory)
+from trainers.distill_student import make_student
 
 K, D_Z, A = 3, 8, 4
 

@@ -10,7 +10,8 @@ from tests.test_distill import D_Z, K, TINY, batch, teacher
 from tests.test_distill_options import perturb
 from trainers.checkpoint import load_checkpoint
 from trainers.common import ArgError
-from trainers.distill import Args, main, make_student
+from trainers.distill import Args, main
+from trainers.distill_student import make_student
 from trainers.distill_objective import (DistillNet, all_jumps, distill_loss, make_distill_inputs, student_velocities,
                                         student_velocity, teacher_trajectory)
 from trainers.pretrain_objective import motion_weighted_mse

@@ -13,7 +13,8 @@ from dit_envs.models.dit import DiT, DiTConfig
 from tests.test_distill import A, D_Z, K, TINY, batch, teacher
 from trainers.checkpoint import load_checkpoint
 from trainers.common import ArgError
-from trainers.distill import Args, main, make_student, student_blocks
+from trainers.distill import Args, main
+from trainers.distill_student import make_student, student_blocks
 from trainers.distill_objective import DistillNet
 
 

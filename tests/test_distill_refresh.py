@@ -6,7 +6,7 @@ import torch
 from dit_envs.bundle import load_bundle
 from dit_envs.models.dit_world_model import DiTWorldModel
 from tests.test_distill_options import _Windows
-from trainers.distill import make_student
+from trainers.distill_student import make_student
 from trainers.distill_pool import OwnRolloutPool, imagined_pool
 
 

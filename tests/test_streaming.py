@@ -15,7 +15,8 @@ from dit_envs.models.dit import DiT, DiTConfig
 from dit_envs.models.dit_world_model import DiTWorldModel, pack_cache, unpack_cache
 from tests.test_distill import TINY
 from trainers.common import ArgError
-from trainers.distill import Args, main, make_student
+from trainers.distill import Args, main
+from trainers.distill_student import make_student
 
 D_Z, A, K = 6, 3, 3
 

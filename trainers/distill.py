@@ -1,7 +1,7 @@
 """``ditwm distill``: stage 2b — distil a pretrained DiT world model into a 1-, 2- or 4-step sampler.
 
 The student starts as a copy of the teacher's DiT plus a zero-initialised step-size embedding (with
-``--student-depth``, a copy of fewer of its blocks: a faster student, :func:`student_blocks`) and learns, on
+``--student-depth``, a copy of fewer of its blocks: a faster student, :mod:`trainers.distill_student`) and learns, on
 real contexts of the store's training episodes (with ``--imagined-fraction``, partly on contexts the teacher imagined
 under random actions, and with ``--imagined-refresh`` on the student's own rollouts, DAgger-style:
 :mod:`trainers.distill_pool`), the teacher's average velocity over jumps of 1, 2, 4, … teacher
@@ -30,15 +30,14 @@ import copy
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from dit_envs.bundle import load_bundle, save_bundle
+from dit_envs.bundle import load_bundle
 from dit_envs.io import sha256_file
-from dit_envs.models.dit import DiT
 from dit_envs.models.dit_world_model import DiTWorldModel
 from trainers import distributed as dist_
 from trainers.autoencoder import lr_at
@@ -48,6 +47,7 @@ from trainers.data import EpisodeStore, heldout_mask
 from trainers.distill_objective import (JUMPS, DistillNet, check_temperatures, make_distill_inputs, sample_gap,
                                         step_levels)
 from trainers.distill_pool import OwnRolloutPool, imagined_pool
+from trainers.distill_student import export_student, make_student
 from trainers.latents import LatentWindows, load_latents_on_ranks
 from trainers.pretrain_eval import eval_windows, evaluate
 from trainers.pretrain_objective import PretrainNet, optimizer_step
@@ -195,55 +195,6 @@ def validate(args: Args) -> Setup:
             if was != getattr(args, name):
                 raise ArgError(name, f"expected {was} (the checkpoint's), got {getattr(args, name)}")
     return Setup(bundle=bundle, teacher_sha256=sha, meta=meta, teacher_steps=n)
-
-
-def student_blocks(teacher_depth: int, depth: int) -> list[int]:
-    """Indices of the teacher blocks a ``depth``-block student starts from: evenly spaced, the first and the last
-    included (``[0]`` for one block), e.g. ``4 → 2: [0, 3]``, ``4 → 3: [0, 2, 3]``, ``8 → 4: [0, 2, 5, 7]`` — layer
-    selection as in DistilBERT (Sanh et al. 2019) and in the block removal of BK-SDM (Kim et al. 2023).
-
-    Raises:
-        ValueError: ``depth`` outside ``[1, teacher_depth]``.
-    """
-    if not 1 <= depth <= teacher_depth:
-        raise ValueError(f"depth: expected 1 .. {teacher_depth} (the teacher's depth), got {depth}")
-    if depth == 1:
-        return [0]
-    return [round(i * (teacher_depth - 1) / (depth - 1)) for i in range(depth)]
-
-
-def make_student(teacher: DiT, teacher_steps: int, depth: int = 0, streaming: bool = False) -> DiT:
-    """A step-conditioned student (``shortcut_steps = teacher_steps``) built from ``teacher``'s weights.
-
-    Args:
-        teacher: an undistilled DiT.
-        teacher_steps: ``N``.
-        depth: student blocks (0: the teacher's). At the teacher's depth the student is an exact copy and outputs
-            what the teacher does until trained (its step embedding ends in zeros); with fewer blocks it keeps the
-            teacher's embeddings, output layer and the blocks :func:`student_blocks` picks.
-        streaming: a streaming student (``DiTConfig.streaming``: windowed attention, rolling cache) with zero
-            relative position embeddings; it must learn the order of its context the teacher read from positions.
-    Raises:
-        ValueError: a distilled ``teacher`` or a ``depth`` outside ``[0, teacher depth]``.
-    """
-    if teacher.config.shortcut_steps:
-        raise ValueError(f"teacher: expected an undistilled DiT, got shortcut_steps {teacher.config.shortcut_steps}")
-    keep = student_blocks(teacher.config.depth, depth or teacher.config.depth)
-    student = DiT(replace(teacher.config, shortcut_steps=teacher_steps, depth=len(keep), streaming=streaming))
-    state = {}
-    for k, v in teacher.state_dict().items():
-        if k.startswith("blocks."):
-            _, i, rest = k.split(".", 2)
-            if int(i) not in keep:
-                continue
-            k = f"blocks.{keep.index(int(i))}.{rest}"
-        state[k] = v
-    missing, unexpected = student.load_state_dict(state, strict=False)
-    fresh = lambda k: k.startswith("step_embed.") or streaming and k.endswith((".rel_k", ".rel_v"))  # noqa: E731
-    if unexpected or not all(fresh(k) for k in missing):
-        raise ValueError(f"teacher: expected a DiT without step conditioning, got missing {missing}, "
-                         f"unexpected {unexpected}")
-    return student
 
 
 def main(args: Args) -> int:
@@ -414,40 +365,6 @@ def mix_in(pool: tuple[torch.Tensor, ...], batch: tuple[torch.Tensor, ...], n: i
         return batch
     idx = torch.randint(len(pool[0]), (n,), generator=gen, device=gen.device)
     return tuple(torch.cat([p[idx], b[n:]]) for p, b in zip(pool, batch))
-
-
-def export_student(out_dir: Path, s: Setup, student: DiT, args: Args, *, step: int, final: dict) -> Path:
-    """Save the student as a bundle: the teacher's autoencoder, head, standardisation and start contexts with the
-    student's DiT, sampling at the first of ``--temperatures`` by default; the model card is the teacher's plus a
-    distillation section."""
-    teacher: DiTWorldModel = s.bundle.model
-    wm = DiTWorldModel(copy.deepcopy(teacher.autoencoder).cpu().float(), copy.deepcopy(student).cpu().float(),
-                       copy.deepcopy(teacher.heads).cpu().float(), sampling_steps=args.sampling_steps,
-                       temperature=args.temperatures[0])
-    wm.set_latent_stats(teacher.latent_mean.cpu().float(), teacher.latent_std.cpu().float())
-    rows = {"teacher": f"{args.teacher} (dynamics sha256 {s.teacher_sha256[:12]})",
-            "method": "step-size-conditioned trajectory distillation (shortcut models, Frans et al. 2024)",
-            "teacher steps N": s.teacher_steps, "student steps": ", ".join(str(s.teacher_steps // m)
-                                                                          for m in step_levels(s.teacher_steps)),
-            "student blocks": f"{student.config.depth} of the teacher's {teacher.dit.config.depth}",
-            "streaming (rolling context cache)": student.config.streaming,
-            "default sampling_steps": args.sampling_steps, "distillation steps": step, "batch": args.batch,
-            "lr": args.lr, "jumps per trajectory": args.jumps,
-            "distilled at temperatures": ", ".join(f"{t:g}" for t in args.temperatures),
-            "pixel weight": args.pixel_weight, "imagined fraction": args.imagined_fraction,
-            **({"imagined rollouts (steps, sticky)": f"{args.imagined_steps}, {args.imagined_sticky}"}
-               if args.imagined_fraction else {}),
-            **({"student's own rollouts rebuilt every (steps)": args.imagined_refresh} if args.imagined_refresh else {}),
-            **{k: f"{v:.4g}" for k, v in final.items()}}
-    card = ("## Stage 2b: distillation\n\n| field | value |\n| --- | --- |\n"
-            + "\n".join(f"| {k} | {v} |" for k, v in rows.items()) + "\n")
-    readme = Path(args.teacher) / "README.md"
-    teacher_card = readme.read_text() if readme.is_file() else ""
-    if "\n## " in teacher_card:
-        card += "\n" + teacher_card[teacher_card.index("\n## ") + 1:]
-    return save_bundle(wm.eval(), out_dir, game=s.bundle.config["game"],
-                       action_meanings=list(s.bundle.config["action_meanings"]), start_z=s.bundle.start_z.cpu(),
-                       start_a=s.bundle.start_a.cpu(), card=card, overwrite=True)
 
 
 def cli(argv: list[str] | None = None) -> int:
