@@ -31,7 +31,7 @@ from dit_envs.bundle import load_bundle  # noqa: E402
 from dit_envs.envs.loading import set_temperature  # noqa: E402
 from registry import get, resolve  # noqa: E402
 from trainers.data import EpisodeStore, heldout_mask  # noqa: E402
-from trainers.pong_objects import ball_reversals, locate_pong_objects  # noqa: E402
+from trainers.pong_objects import agent_return_rows, ball_columns, ball_reversals, locate_pong_objects  # noqa: E402
 
 MISS_COL = 57.0  # a ball at or past this column, moving right, has passed the agent's paddle (column ~56)
 
@@ -50,10 +50,7 @@ def find_events(ball_col: np.ndarray, episode: np.ndarray, *, context_len: int, 
     first = lead + context_len - 1
     rows = np.arange(first, R - tail)
     ok = episode[rows - first] == episode[rows + tail]  # the context and the tail in one episode
-    agent = np.zeros(R, bool)
-    for ep in np.unique(episode):
-        m = np.flatnonzero(episode == ep)
-        agent[m] = ball_reversals(ball_col[m])[0]
+    agent = agent_return_rows(ball_col, episode)
     prev = np.concatenate([[np.nan], ball_col[:-1]])
     with np.errstate(invalid="ignore"):
         miss = (ball_col >= MISS_COL) & (ball_col > prev) & ~(prev >= MISS_COL)
@@ -136,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if a.temperature is not None:
         set_temperature(model, a.temperature)
     data = EpisodeStore(a.data).load()
-    col = locate_pong_objects(data["obs"]).ball[:, 1]
+    col = ball_columns(data["obs"])
     returns, misses = find_events(col, data["episode"], context_len=model.context_len, lead=a.lead)
     held = heldout_mask(data["episode"])
     rng = np.random.default_rng(a.seed)

@@ -108,3 +108,41 @@ def test_ball_return_events_on_a_synthetic_track():
     assert returns.tolist() == [3] and misses.tolist() == [10]
     returns, _ = find(col, ep, context_len=3, lead=2)  # the return at row 3 has no room for 3 + 2 rows before it
     assert returns.tolist() == []
+
+
+def test_error_sources_splits_the_error_of_a_tiny_model(tiny_bundle, tmp_path, capsys):
+    from tests.test_fidelity import make_pong_store  # a store with held-out episodes
+
+    store = make_pong_store(tmp_path / "store")
+    out = _load("error_sources").main(["--data", str(store), "--world-model", str(tiny_bundle),
+                                       "--contexts", "4", "--horizon", "6", "--history", "4", "--seeds", "0", "1"])
+    n = out["contexts"]
+    assert 0 < n <= 8 and sum(r["contexts"] for r in out["by_first_point"].values()) == n
+    for r in out["by_object"].values():
+        assert 0.0 <= r["right"] <= 1.0 and 0.0 <= r["share_of_error_wrong"] <= 1.0 + 1e-9
+    assert "error sources at h 6" in capsys.readouterr().out
+
+
+def test_error_sources_classify_on_known_rollouts():
+    mod = _load("error_sources")
+    nan = np.nan
+    res = {"latent_se": np.array([[0.0, 1.0], [0.0, 3.0]]), "reward_pred": np.array([[0.0, -0.9], [0.2, 0.0]]),
+           "real_ball": np.array([[[1, 1], [5, 5]], [[1, 1], [nan, nan]]], float),
+           "pred_ball": np.array([[[1, 1], [6, 7]], [[1, 1], [nan, nan]]], float),
+           "real_agent_paddle": np.array([[0, 10], [0, 10]], float),
+           "pred_agent_paddle": np.array([[0, 12], [0, nan]], float),
+           "real_opponent_paddle": np.array([[0, nan], [0, 20]], float),
+           "pred_opponent_paddle": np.array([[0, nan], [0, 30]], float)}
+    f = mod.classify(res, np.array([[0.0, -1.0], [0.0, -1.0]]), 2, context_ball=np.array([True, False]))
+    assert f["se"].tolist() == [1.0, 3.0] and f["first_point"].tolist() == [1, 1]
+    assert f["score"].tolist() == [True, False]  # the second rollout missed the point lost at step 2
+    assert f["ball"].tolist() == [True, True] and f["agent"].tolist() == [True, False]
+    assert f["opponent"].tolist() == [True, False]
+    s = mod.summarise(f, 2)
+    assert s["all_right"]["fraction"] == 0.5 and s["all_right"]["latent_mse"] == 1.0
+    assert s["by_object"]["score"]["share_of_error_wrong"] == 0.75
+    assert f["no_point"].tolist() == [False, True] and s["point_missed_entirely"]["share_of_error"] == 0.75
+    assert f["ball_kept"].tolist() == [True, False] and not f["ball_dropped"].any()
+    res["pred_ball"][0, 0] = nan  # the first rollout now loses the ball one step ahead
+    assert mod.classify(res, np.zeros((2, 2)), 2, context_ball=np.array([True, True]))["ball_dropped"].tolist() == [
+        True, False]

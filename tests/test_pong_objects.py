@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dit_envs.envs.real import make_real_env
-from trainers.pong_objects import locate_pong_objects
+from trainers.pong_objects import agent_return_rows, ball_columns, locate_pong_objects
 
 BG = np.array([144, 72, 17], np.uint8)
 WALL_BLEND = np.array([177, 131, 96], np.uint8)  # row 10 of every real frame
@@ -95,3 +95,23 @@ def test_empty_and_smeared_frames_have_no_objects():
 def test_bad_input():
     with pytest.raises(ValueError, match="frames: expected uint8"):
         locate_pong_objects(np.zeros((2, 3, 64, 64), np.float32))
+
+
+def ball_frames(cols: list[int]) -> np.ndarray:
+    """Field frames with a one-pixel ball at row 30 and the given columns: uint8 ``(len(cols), 3, 64, 64)``."""
+    out = np.stack([_field_frame() for _ in cols])
+    for i, c in enumerate(cols):
+        out[i, :, 30, c] = 236
+    return out
+
+
+def test_agent_returns_are_apexes_on_the_agent_side_within_an_episode():
+    cols = [40, 45, 50, 46, 42, 20, 15, 10, 14, 30, 40, 50]  # apex at 2 (agent side), 7 (opponent side), 11 (end)
+    episode = np.array([0] * 10 + [1] * 2)
+    col = ball_columns(ball_frames(cols), chunk=5)
+    assert np.allclose(col, cols)
+    assert np.flatnonzero(agent_return_rows(col, episode)).tolist() == [2]
+    split = np.array([0] * 3 + [1] * 9)  # the same apex split over two episodes is no return
+    assert not agent_return_rows(col, split).any()
+    with pytest.raises(ValueError, match="episode.*12.*11"):
+        agent_return_rows(col, episode[:11])

@@ -137,6 +137,18 @@ def test_pixel_term_and_priorities_are_logged(store, tmp_path):
     assert (out / "bundle" / "config.json").is_file()
 
 
+def _rewrite_chunks(src: Path, dst: Path, edit) -> Path:
+    """A copy of store ``src`` at ``dst`` (latents dropped, so they are re-encoded) with ``edit(cols)`` applied to the
+    columns of every chunk."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("latents"))
+    for chunk in (dst / "chunks").glob("*.npz"):
+        with np.load(chunk, allow_pickle=False) as z:
+            cols = {k: z[k] for k in z.files}
+        edit(cols)
+        np.savez_compressed(chunk, **cols)
+    return dst
+
+
 def test_event_draw_oversamples_windows_near_reward_events(store, tmp_path, capsys):
     from trainers.data import EpisodeStore
 
@@ -150,18 +162,52 @@ def test_event_draw_oversamples_windows_near_reward_events(store, tmp_path, caps
 def test_event_draw_on_a_store_without_rewards_exits_2_and_leaves_no_output(store, tmp_path, capsys):
     from trainers import cli
 
-    quiet = tmp_path / "quiet"
-    shutil.copytree(store, quiet, ignore=shutil.ignore_patterns("latents"))
-    for chunk in (quiet / "chunks").glob("*.npz"):
-        with np.load(chunk, allow_pickle=False) as z:
-            cols = {k: z[k] for k in z.files}
-        cols["reward"] = np.zeros_like(cols["reward"])
-        np.savez_compressed(chunk, **cols)
+    quiet = _rewrite_chunks(store, tmp_path / "quiet", lambda cols: cols["reward"].fill(0.0))
     out = tmp_path / "o"
     argv = ["pretrain", "--data", str(quiet), "--stage1", str(store / "stage1"), "--out", str(out), "--steps", "2",
             *flags(**TINY), "--event-fraction", "0.5"]
     assert cli.main(argv) == 2
     assert "--event-fraction" in capsys.readouterr().err and not out.exists()
+
+
+def _paint_returns(cols: dict) -> None:
+    """Every frame becomes an empty field with a one-pixel ball whose column peaks on the agent's side at steps
+    10, 30, 50, … of each episode (a return of the ball every 20 steps)."""
+    field = cols["obs"][:1].copy()
+    field[:] = np.array([144, 72, 17], np.uint8)[:, None, None]
+    cols["obs"] = np.repeat(field, len(cols["obs"]), axis=0)
+    col = 50 - 3 * np.abs(cols["step"] % 20 - 10)
+    cols["obs"][np.arange(len(col)), :, 30, col] = 236
+
+
+def test_return_draw_oversamples_windows_near_returns_of_the_ball(store, tmp_path, capsys):
+    painted = _rewrite_chunks(store, tmp_path / "painted", _paint_returns)
+    out = tmp_path / "ret"
+    assert main(Args(data=str(painted), stage1=str(store / "stage1"), out=str(out), steps=2,
+                     **{**TINY, "return_fraction": 0.25, "event_fraction": 0.25})) == 0
+    m = re.search(r"50% of each batch from the (\d+) of (\d+) windows", capsys.readouterr().out)
+    assert m and 0 < int(m[1]) < int(m[2])
+    assert json.loads((out / "bundle" / "config.json").read_text())["game"] == "Pong"
+
+
+def test_return_draw_without_returns_or_on_another_game_exits_2_and_leaves_no_output(store, tmp_path, capsys):
+    from trainers import cli
+
+    def still(cols):  # no ball anywhere: no return to draw
+        cols["obs"][:] = np.array([144, 72, 17], np.uint8)[None, :, None, None]
+
+    quiet = _rewrite_chunks(store, tmp_path / "quiet", still)
+    other = tmp_path / "other"
+    shutil.copytree(store, other)
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "game": "Breakout"}))
+    for data, said in ((quiet, "returns of the ball"), (other, "Breakout")):
+        out = tmp_path / f"o_{data.name}"
+        argv = ["pretrain", "--data", str(data), "--stage1", str(store / "stage1"), "--out", str(out),
+                "--steps", "2", *flags(**TINY), "--return-fraction", "0.5"]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--return-fraction" in err and said in err and not out.exists()
 
 
 def test_sigterm_writes_checkpoint_and_exits_143(store, tmp_path):
@@ -240,6 +286,9 @@ def test_replicas_equal_detects_any_difference(differ):
     (["--event-fraction", "1.5"], "--event-fraction"),
     (["--event-fraction", "0.5", "--priority-fraction", "0.5"], "--event-fraction"),
     (["--event-horizon", "-1"], "--event-horizon"),
+    (["--return-fraction", "1.5"], "--return-fraction"),
+    (["--return-fraction", "0.5", "--priority-fraction", "0.5"], "--return-fraction"),
+    (["--return-fraction", "0.6", "--event-fraction", "0.6"], "--return-fraction"),
     (["--clean-context", "1.5"], "--clean-context"),
     (["--stage1", "/nonexistent"], "--stage1"),
     (["--rollout-steps", "100000"], "--data"),

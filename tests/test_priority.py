@@ -8,7 +8,8 @@ import torch
 from dit_envs.models.dit import DiT, DiTConfig
 from trainers.data import SequenceSampler
 from trainers.latents import LatentDataset, LatentWindows
-from trainers.priority import event_probabilities, lift, one_step_errors, priority_probabilities
+from trainers.priority import (event_probabilities, flag_probabilities, flagged_windows, lift, one_step_errors,
+                               priority_probabilities)
 
 
 def _dataset(lengths=(9, 3, 12), d=6, seed=0) -> LatentDataset:
@@ -111,3 +112,18 @@ def test_event_windows_of_one_sign_take_all_the_mass_and_none_is_an_error():
         event_probabilities(np.zeros(12), episode, starts, first_target=1, length=2, horizon=0)
     with pytest.raises(ValueError, match="first_target"):
         event_probabilities(reward, episode, starts, first_target=2, length=2, horizon=0)
+
+
+def test_flagged_windows_share_the_mass_uniformly_within_their_episode():
+    flags = np.zeros(20, bool)
+    flags[[6, 10, 13]] = True  # row 10 is episode 1's first row
+    episode = np.array([0] * 10 + [1] * 10)
+    starts = np.array([0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12])
+    mask = flagged_windows(flags, episode, starts, first_target=2, length=3, horizon=1)
+    assert starts[mask].tolist() == [3, 4, 10, 11]  # 7 reaches row 10 only across the episode boundary
+    p = flag_probabilities(flags, episode, starts, first_target=2, length=3, horizon=1, name="returns")
+    assert np.allclose(p[mask], 1 / 4) and not p[~mask].any()
+    with pytest.raises(ValueError, match="returns"):
+        flag_probabilities(np.zeros(20, bool), episode, starts, first_target=2, length=3, horizon=1, name="returns")
+    with pytest.raises(ValueError, match="flags.*20.*19"):
+        flagged_windows(flags[:19], episode, starts, first_target=2, length=3, horizon=1)

@@ -101,6 +101,35 @@ def ball_reversals(ball_col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return agent, opponent
 
 
+def ball_columns(frames: np.ndarray, chunk: int = 20000) -> np.ndarray:
+    """The ball's column per frame: float64 ``(R,)`` (NaN where not visible) of uint8 ``(R, 3, 64, 64)`` frames,
+    located ``chunk`` frames at a time (bounds the masks' memory)."""
+    parts = [locate_pong_objects(frames[i:i + chunk]).ball[:, 1] for i in range(0, len(frames), chunk)]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def agent_return_rows(ball_col: np.ndarray, episode: np.ndarray) -> np.ndarray:
+    """Rows where the agent's paddle returns the ball: the apex of :func:`ball_reversals` on the agent's side,
+    found within each episode run (a reversal never spans two episodes).
+
+    Args:
+        ball_col: float ``(R,)`` ball column per row (:func:`ball_columns`), rows sorted by episode then step.
+        episode: int ``(R,)`` episode id per row.
+    Returns:
+        bool ``(R,)``.
+    Raises:
+        ValueError: ``ball_col`` and ``episode`` of different lengths.
+    """
+    episode = np.asarray(episode)
+    if len(ball_col) != len(episode):
+        raise ValueError(f"episode: expected {len(ball_col)} rows (one per ball column), got {len(episode)}")
+    out = np.zeros(len(episode), bool)
+    bounds = np.concatenate([[0], np.flatnonzero(episode[1:] != episode[:-1]) + 1, [len(episode)]])
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        out[a:b] = ball_reversals(ball_col[a:b])[0]
+    return out
+
+
 def track_actions(frames: np.ndarray, action_meanings: list[str], rng: np.random.Generator) -> np.ndarray:
     """Ball-tracking Pong actions for uint8 frames ``(N, 3, 64, 64)`` → int64 ``(N,)``.
 

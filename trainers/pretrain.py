@@ -50,9 +50,10 @@ from trainers.common import (PRECISIONS, ArgError, JsonlLogger, LoopArgs, adamw,
                              check_choice, check_out_dir, pick_device, run_cli, seed_everything, signal_exit_code)
 from trainers.data import EpisodeStore, heldout_mask, segments
 from trainers.latents import LatentWindows, load_latents_on_ranks, store_index
+from trainers.pong_objects import agent_return_rows, ball_columns
 from trainers.pretrain_eval import data_summary, eval_windows, evaluate
 from trainers.pretrain_objective import ObjectiveConfig, PretrainNet, make_inputs, optimizer_step, total_loss
-from trainers.priority import event_probabilities, one_step_errors, priority_probabilities
+from trainers.priority import event_probabilities, flag_probabilities, one_step_errors, priority_probabilities
 from trainers.pretrain_state import (configs_meta, export_bundle, model_card, rank_seed, read_state, restore_state,
                                      save_state)
 
@@ -94,7 +95,11 @@ class Args(LoopArgs):
     event_fraction: float = arg(0.0, "fraction of each batch drawn from windows that predict a reward event or "
                                      "lead to one within --event-horizon rows, each reward sign with equal mass "
                                      "(trainers.priority.event_probabilities); 0: off")
-    event_horizon: int = arg(8, "rows after a window in which a reward event still makes it an event window")
+    event_horizon: int = arg(8, "rows after a window in which a reward event (or a return) still makes it an event "
+                                "window")
+    return_fraction: float = arg(0.0, "Pong: fraction of each batch drawn from windows that predict a return of the "
+                                      "ball by the agent's paddle or lead to one within --event-horizon rows (found "
+                                      "in the store's frames; trainers.pong_objects.agent_return_rows); 0: off")
     checkpoint_every: int = arg(1000, "steps between resumable checkpoints")
 
 
@@ -109,6 +114,7 @@ class Setup:
     seq_len: int
     window: int
     init_state: tuple[dict, dict] | None = None
+    returns: np.ndarray | None = None  # bool (R,): rows where the agent's paddle returns the ball (--return-fraction)
 
 
 def net_configs(preset: str, latent_dim: int, num_actions: int, context_len: int) -> tuple[DiTConfig, HeadsConfig]:
@@ -137,12 +143,16 @@ def validate(args: Args) -> Setup:
     for name, hi in (("ema", 1.0), ("action_dropout", 1.0)):
         if not 0.0 <= getattr(args, name) < hi:
             raise ArgError(name, f"expected a number in [0, 1), got {getattr(args, name)}")
-    for name in ("clean_context", "priority_fraction", "event_fraction"):
+    for name in ("clean_context", "priority_fraction", "event_fraction", "return_fraction"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ArgError(name, f"expected a number in [0, 1], got {getattr(args, name)}")
-    if args.priority_fraction and args.event_fraction:
-        raise ArgError("event_fraction", f"expected 0 with --priority-fraction {args.priority_fraction} (one "
-                                         f"prioritised draw at a time), got {args.event_fraction}")
+    for name in ("event_fraction", "return_fraction"):
+        if args.priority_fraction and getattr(args, name):
+            raise ArgError(name, f"expected 0 with --priority-fraction {args.priority_fraction} (error-prioritised "
+                                 f"and event draws do not mix), got {getattr(args, name)}")
+    if args.event_fraction + args.return_fraction > 1.0:
+        raise ArgError("return_fraction", f"expected at most 1 - --event-fraction = {1.0 - args.event_fraction:g}, "
+                                          f"got {args.return_fraction}")
     if args.rollout_steps == 1 or args.rollout_steps < 0:
         raise ArgError("rollout_steps", f"expected 0 (off) or an integer >= 2, got {args.rollout_steps}")
     pick_device(args.device)
@@ -169,6 +179,10 @@ def validate(args: Args) -> Setup:
     window = max(seq_len, k + args.rollout_steps, k + 1)
     episode, step, reward = store_index(args.data)
     train = ~heldout_mask(episode)
+    if args.return_fraction and meta["game"] != "Pong":
+        raise ArgError("return_fraction", f"expected a Pong store (returns are located in Pong frames), got "
+                                          f"game {meta['game']!r}")
+    returns = _return_rows(args.data, episode, train) if args.return_fraction else None
     if args.event_fraction and not (reward[train] != 0).any():
         raise ArgError("event_fraction", f"expected a store with reward events in its training episodes, got none "
                                          f"in {int(train.sum())} rows of {args.data}")
@@ -209,7 +223,53 @@ def validate(args: Args) -> Setup:
             raise ArgError("init", f"expected a run with this network config (DiT {asdict(dcfg)}), got "
                                    f"{ck.get('configs')}")
     return Setup(meta=meta, autoencoder=ae, encoder_sha256=sha, context_len=k, seq_len=seq_len, window=window,
-                 init_state=init_state)
+                 init_state=init_state, returns=returns)
+
+
+def _return_rows(data: str, episode: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """bool ``(R,)``: the rows of store ``data`` where the agent's paddle returns the ball, located in its frames.
+
+    Raises:
+        ArgError: the frames disagree with ``episode`` (the sorted store index), or no return in a training row.
+    """
+    rows = EpisodeStore(data).load()
+    if not np.array_equal(rows["episode"], episode):
+        raise ArgError("data", f"expected readable frames for all {len(episode)} rows of {data}, got "
+                               f"{len(rows['episode'])}")
+    returns = agent_return_rows(ball_columns(rows["obs"]), rows["episode"])
+    if not returns[train].any():
+        raise ArgError("return_fraction", f"expected returns of the ball by the agent's paddle in the training "
+                                          f"episodes of {data}, found none in {int(train.sum())} rows")
+    return returns
+
+
+def _event_draw(args: Args, train, starts: np.ndarray, *, first_target: int, length: int, train_mask: np.ndarray,
+                returns: np.ndarray | None) -> tuple[np.ndarray, float]:
+    """The event-balanced part of each batch: ``(probs float64 (N,), fraction)`` mixing the reward-event draw
+    (``--event-fraction``) and the return draw (``--return-fraction``) in proportion to their fractions.
+
+    Raises:
+        ArgError: no reward event, or no return of the ball, within reach of a training window.
+    """
+    kw = dict(first_target=first_target, length=length, horizon=args.event_horizon)
+    parts = []
+    if args.event_fraction:
+        try:
+            parts.append((args.event_fraction, event_probabilities(train.reward, train.episode, starts, **kw)))
+        except ValueError as e:  # validate() saw events; here none is within reach of a window
+            raise ArgError("event_fraction", f"expected reward events within reach of a window, got: {e}") from None
+    if args.return_fraction:
+        if returns is None or len(returns) != len(train_mask):
+            raise ArgError("data", f"expected the store's rows to match its latents ({len(train_mask)} rows), got "
+                                   f"{None if returns is None else len(returns)}: was the store changed meanwhile?")
+        try:
+            parts.append((args.return_fraction, flag_probabilities(returns[train_mask], train.episode, starts,
+                                                                   name="returns", **kw)))
+        except ValueError as e:  # _return_rows() saw returns; here none is within reach of a window
+            raise ArgError("return_fraction", f"expected returns of the ball within reach of a window, got: {e}"
+                           ) from None
+    fraction = sum(f for f, _ in parts)
+    return sum(f * p for f, p in parts) / fraction, fraction
 
 
 def _start(step: int, init: str) -> str:
@@ -261,16 +321,13 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
         step = restore_state(*state, d, net=net, ema=ema, opt=opt, gen=gen, windows=windows, seed=args.seed)
         if args.priority_fraction and "windows.priority" in state[0]:
             windows.set_priorities(state[0]["windows.priority"].numpy(), args.priority_fraction)
-    if args.event_fraction:  # a function of the data alone: the same on every rank and after a resume
-        try:
-            probs = event_probabilities(train.reward, train.episode, windows.sampler.all_window_starts(),
-                                        first_target=K, length=s.window, horizon=args.event_horizon)
-        except ValueError as e:  # validate() saw events; here none is within reach of a window
-            raise ArgError("event_fraction", f"expected reward events within reach of a window, got: {e}") from None
-        windows.set_priorities(probs, args.event_fraction)
+    if args.event_fraction or args.return_fraction:  # functions of the data alone: the same on every rank
+        probs, fraction = _event_draw(args, train, windows.sampler.all_window_starts(), first_target=K,
+                                     length=s.window, train_mask=~held, returns=s.returns)
+        windows.set_priorities(probs, fraction)
         if d.is_main:
-            print(f"pretrain: {args.event_fraction:.0%} of each batch from the {int((probs > 0).sum())} of "
-                  f"{len(probs)} windows within {args.event_horizon} rows of a reward event")
+            print(f"pretrain: {fraction:.0%} of each batch from the {int((probs > 0).sum())} of {len(probs)} windows "
+                  f"within {args.event_horizon} rows of a reward event / return")
     mean_d, std_d = windows.mean, windows.std
 
     def clamp(x: torch.Tensor) -> torch.Tensor:  # a sample → the encoder's tanh range, as inference does

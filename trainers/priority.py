@@ -1,5 +1,6 @@
 """Prioritised window sampling for stage-2 training: by error (prioritised experience replay, Schaul et al. 2016)
-or by reward event (:func:`event_probabilities`, class-balanced by reward sign).
+or by reward event (:func:`event_probabilities`, class-balanced by reward sign), or by any flagged row
+(:func:`flag_probabilities`, e.g. Pong's returns of the ball).
 
 Rare dynamics are rare in an episode store: in our stage-1 Pong store the agent's paddle returns the ball in under
 1 % of the windows, and a DiT trained on uniform windows learns that the ball passes through the paddle. Like
@@ -93,28 +94,60 @@ def event_probabilities(reward: np.ndarray, episode: np.ndarray, starts: np.ndar
     Raises:
         ValueError: ``first_target``/``length``/``horizon`` out of range, or no window near any reward event.
     """
-    if not 0 <= first_target < length or horizon < 0:
-        raise ValueError(f"first_target, length, horizon: expected 0 <= first_target < length and horizon >= 0, got "
-                         f"{first_target}, {length}, {horizon}")
-    reward, episode = np.asarray(reward), np.asarray(episode)
-    R, starts = len(reward), np.asarray(starts, np.int64)
-    probs = np.zeros(len(starts), np.float64)
-    bounds = np.concatenate([np.flatnonzero(episode[1:] != episode[:-1]) + 1, [R]])  # end of each episode run
-    run_end = bounds[np.searchsorted(bounds, starts, side="right")]  # (N,) first row after the window's episode
-    masks = []
-    for sign in (1, -1):
-        ev = np.sign(reward) == sign
-        cum = np.concatenate([[0], np.cumsum(ev)])  # events in rows [a, b) = cum[b] − cum[a]
-        lo = starts + first_target
-        hi = np.minimum(starts + length + horizon, run_end)
-        mask = cum[hi] - cum[np.minimum(lo, hi)] > 0
-        if mask.any():
-            masks.append(mask)
+    reward = np.asarray(reward)
+    masks = [m for m in (flagged_windows(np.sign(reward) == sign, episode, starts, first_target=first_target,
+                                         length=length, horizon=horizon) for sign in (1, -1)) if m.any()]
     if not masks:
         raise ValueError("reward: expected at least one reward event within reach of a window, got none")
+    probs = np.zeros(len(masks[0]), np.float64)
     for mask in masks:
         probs[mask] += 1.0 / (len(masks) * mask.sum())
     return probs
+
+
+def flagged_windows(flags: np.ndarray, episode: np.ndarray, starts: np.ndarray, *, first_target: int, length: int,
+                    horizon: int) -> np.ndarray:
+    """Which windows predict a flagged row or lead to one: the window starting at row ``s`` is flagged when a row
+    in ``[s + first_target, s + length − 1 + horizon]`` of the same episode run is.
+
+    Args:
+        flags: bool ``(R,)`` per row; episode: int ``(R,)``; rows sorted by episode then step.
+        starts: int64 ``(N,)`` window starts. first_target, length, horizon: as for :func:`event_probabilities`.
+    Returns:
+        bool ``(N,)``.
+    Raises:
+        ValueError: ``first_target``/``length``/``horizon`` out of range, or ``flags``/``episode`` lengths differ.
+    """
+    if not 0 <= first_target < length or horizon < 0:
+        raise ValueError(f"first_target, length, horizon: expected 0 <= first_target < length and horizon >= 0, got "
+                         f"{first_target}, {length}, {horizon}")
+    flags, episode = np.asarray(flags, bool), np.asarray(episode)
+    if len(flags) != len(episode):
+        raise ValueError(f"flags: expected {len(episode)} rows (one per episode row), got {len(flags)}")
+    R, starts = len(flags), np.asarray(starts, np.int64)
+    bounds = np.concatenate([np.flatnonzero(episode[1:] != episode[:-1]) + 1, [R]])  # end of each episode run
+    run_end = bounds[np.searchsorted(bounds, starts, side="right")]  # (N,) first row after the window's episode
+    cum = np.concatenate([[0], np.cumsum(flags)])  # flagged rows in [a, b) = cum[b] − cum[a]
+    lo = starts + first_target
+    hi = np.minimum(starts + length + horizon, run_end)
+    return cum[hi] - cum[np.minimum(lo, hi)] > 0
+
+
+def flag_probabilities(flags: np.ndarray, episode: np.ndarray, starts: np.ndarray, *, first_target: int,
+                       length: int, horizon: int, name: str = "flags") -> np.ndarray:
+    """Sampling probabilities uniform over the windows :func:`flagged_windows` marks, zero elsewhere — e.g. the
+    windows around a return of the ball by the agent's paddle (:func:`trainers.pong_objects.agent_return_rows`),
+    which a stage-1 Pong store holds in under 1 % of its windows.
+
+    Returns:
+        float64 ``(N,)`` summing to 1.
+    Raises:
+        ValueError: as :func:`flagged_windows`, or no flagged window (the message names ``name``).
+    """
+    mask = flagged_windows(flags, episode, starts, first_target=first_target, length=length, horizon=horizon)
+    if not mask.any():
+        raise ValueError(f"{name}: expected at least one flagged row within reach of a window, got none")
+    return mask / mask.sum()
 
 
 def lift(probs: np.ndarray, flags: np.ndarray) -> float:
