@@ -32,9 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout without install
 
-from dit_envs.bundle import load_bundle  # noqa: E402
-from dit_envs.envs.loading import set_temperature  # noqa: E402
-from registry import get, resolve  # noqa: E402
+from dit_envs.envs.loading import load_for_env  # noqa: E402
 from trainers.data import EpisodeStore  # noqa: E402
 from trainers.fidelity import encode_frames, rollout, select_starts  # noqa: E402
 from trainers.fidelity_metrics import EVENT_THRESHOLD  # noqa: E402
@@ -113,29 +111,26 @@ def summarise(flags: dict[str, np.ndarray], h: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="episode store of Pong frames (its held-out episodes are used)")
-    p.add_argument("--world-model", default="DiTWM/Pong-v0", help="registered env id or bundle directory (DiT/RSSM)")
-    p.add_argument("--sampling-steps", type=int, default=0, help="denoising steps (0: the bundle's default)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the bundle's)")
     p.add_argument("--contexts", type=int, default=256, help="start contexts per seed")
     p.add_argument("--horizon", type=int, default=64, help="imagined steps")
     p.add_argument("--history", type=int, default=16, help="real rows required before a start (as the evaluator)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the context draw and the sampling")
+    p.add_argument("--world-model", default="DiTWM/Pong-v0", help="registered env id or bundle directory (DiT/RSSM)")
+    p.add_argument("--sampling-steps", type=int, default=0, help="denoising steps (0: the bundle's default)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the bundle's)")
     a = p.parse_args(argv)
     for name in ("contexts", "horizon"):
         if getattr(a, name) < 1:
             p.error(f"--{name}: expected >= 1, got {getattr(a, name)}")
-    source = resolve(get(a.world_model)) if a.world_model.startswith("DiTWM/") else a.world_model
-    bundle = load_bundle(source)
+    env_id = a.world_model if a.world_model.startswith("DiTWM/") else None
+    try:
+        bundle, _ = load_for_env(env_id, None if env_id else a.world_model, sampling_steps=a.sampling_steps or None,
+                                 temperature=a.temperature)
+    except ValueError as e:  # e.g. a temperature for the RSSM
+        p.error(f"--world-model {a.world_model}: {e}")
     model = bundle.model.eval()
     if bundle.config["game"] != "Pong":
         p.error(f"--world-model: expected a Pong model, got game {bundle.config['game']!r}")
-    if a.sampling_steps:
-        model.sampling_steps = a.sampling_steps
-    if a.temperature is not None:
-        try:
-            set_temperature(model, a.temperature)
-        except ValueError as e:  # a model without a temperature (the RSSM)
-            p.error(f"--temperature: {e}")
     data = EpisodeStore(a.data).load()
     if a.history < model.context_len:
         p.error(f"--history: expected >= the model's context_len {model.context_len}, got {a.history}")

@@ -121,6 +121,9 @@ def test_error_sources_splits_the_error_of_a_tiny_model(tiny_bundle, tmp_path, c
     for r in out["by_object"].values():
         assert 0.0 <= r["right"] <= 1.0 and 0.0 <= r["share_of_error_wrong"] <= 1.0 + 1e-9
     assert "error sources at h 6" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        _load("error_sources").main(["--data", str(store), "--world-model", str(tiny_bundle), "--horizon", "0"])
+    assert "--horizon: expected >= 1, got 0" in capsys.readouterr().err
 
 
 def test_error_sources_classify_on_known_rollouts():
