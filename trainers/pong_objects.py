@@ -123,10 +123,10 @@ def agent_return_rows(ball_col: np.ndarray, episode: np.ndarray) -> np.ndarray:
     episode = np.asarray(episode)
     if len(ball_col) != len(episode):
         raise ValueError(f"episode: expected {len(ball_col)} rows (one per ball column), got {len(episode)}")
-    out = np.zeros(len(episode), bool)
-    bounds = np.concatenate([[0], np.flatnonzero(episode[1:] != episode[:-1]) + 1, [len(episode)]])
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        out[a:b] = ball_reversals(ball_col[a:b])[0]
+    out = ball_reversals(ball_col)[0]
+    same = episode[1:] == episode[:-1]  # an apex needs its neighbours in its own episode
+    out[1:] &= same
+    out[:-1] &= same
     return out
 
 

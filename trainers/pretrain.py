@@ -182,7 +182,6 @@ def validate(args: Args) -> Setup:
     if args.return_fraction and meta["game"] != "Pong":
         raise ArgError("return_fraction", f"expected a Pong store (returns are located in Pong frames), got "
                                           f"game {meta['game']!r}")
-    returns = _return_rows(args.data, episode, train) if args.return_fraction else None
     if args.event_fraction and not (reward[train] != 0).any():
         raise ArgError("event_fraction", f"expected a store with reward events in its training episodes, got none "
                                          f"in {int(train.sum())} rows of {args.data}")
@@ -222,6 +221,7 @@ def validate(args: Args) -> Setup:
         if ck.get("configs") != {"dit": asdict(dcfg), "heads": asdict(hcfg)}:
             raise ArgError("init", f"expected a run with this network config (DiT {asdict(dcfg)}), got "
                                    f"{ck.get('configs')}")
+    returns = _return_rows(args.data, episode, train) if args.return_fraction else None  # reads every frame: last
     return Setup(meta=meta, autoencoder=ae, encoder_sha256=sha, context_len=k, seq_len=seq_len, window=window,
                  init_state=init_state, returns=returns)
 
@@ -259,9 +259,9 @@ def _event_draw(args: Args, train, starts: np.ndarray, *, first_target: int, len
         except ValueError as e:  # validate() saw events; here none is within reach of a window
             raise ArgError("event_fraction", f"expected reward events within reach of a window, got: {e}") from None
     if args.return_fraction:
-        if returns is None or len(returns) != len(train_mask):
+        if len(returns) != len(train_mask):
             raise ArgError("data", f"expected the store's rows to match its latents ({len(train_mask)} rows), got "
-                                   f"{None if returns is None else len(returns)}: was the store changed meanwhile?")
+                                   f"{len(returns)}: was the store changed meanwhile?")
         try:
             parts.append((args.return_fraction, flag_probabilities(returns[train_mask], train.episode, starts,
                                                                    name="returns", **kw)))
