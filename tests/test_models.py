@@ -135,6 +135,12 @@ def test_interpolation_loss_and_times():
     v = noise - x0
     v[0, 1:] += 5.0  # errors outside the mask do not count
     assert flow_matching_loss(v, x0, noise, mask) == 0
+    # Element weights: all ones is the plain mean; a weight on one element alone gives that element's error.
+    v = noise - x0 + torch.arange(8.0)
+    assert torch.allclose(flow_matching_loss(v, x0, noise, weight=torch.ones(2, 3, 8)), flow_matching_loss(v, x0, noise))
+    one = torch.zeros(2, 3, 8)
+    one[..., 5] = 3.0
+    assert torch.allclose(flow_matching_loss(v, x0, noise, weight=one), torch.tensor(25.0))
     ts = logit_normal_times((1000,), generator=_gen())
     assert ts.shape == (1000,) and 0 < ts.min() and ts.max() < 1 and abs(ts.median() - 0.5) < 0.05
     assert torch.equal(ts, logit_normal_times((1000,), generator=_gen()))

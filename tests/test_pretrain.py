@@ -293,6 +293,8 @@ def test_replicas_equal_detects_any_difference(differ):
     (["--stage1", "/nonexistent"], "--stage1"),
     (["--rollout-steps", "100000"], "--data"),
     (["--init", "/nonexistent"], "--init"),
+    (["--latent-motion-weight", "-1"], "--latent-motion-weight"),
+    (["--latent-motion-threshold", "0"], "--latent-motion-threshold"),
 ])
 def test_bad_arguments_exit_2_and_write_nothing(store, tmp_path, capsys, extra, field):
     from trainers import cli
@@ -321,12 +323,41 @@ def test_init_fine_tunes_from_an_earlier_run(store, tmp_path, capsys):
     for k in ema_keys:
         assert torch.allclose(ft["net." + k[4:]], base[k], atol=1e-6), k
         assert torch.allclose(ft[k], base[k], atol=1e-6), k
-    # Another preset or K than the --init run's is refused before anything is written.
+    # Another preset or a shorter K than the --init run's is refused before anything is written.
     for extra, field in ((["--preset", "S"], "--preset"), (["--context-len", "3"], "--context-len")):
         argv = ["pretrain", "--data", str(store), "--out", str(tmp_path / "bad"), "--steps", "2",
                 "--init", str(tmp_path / "base"), *flags(**{**TINY, "preset": "tiny"}), *extra]
         assert cli.main(argv) == 2
         assert field in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_init_grows_the_context(store, tmp_path, capsys):
+    from trainers.pretrain_state import init_weights
+
+    assert run(store, tmp_path / "base", 4) == 0
+    base, base_meta = load_checkpoint(tmp_path / "base")
+    k = base_meta["context_len"]
+    assert run(store, tmp_path / "k2", 2, init=str(tmp_path / "base"), context_len=k + 2, lr=1e-12,
+               weight_decay=0.0) == 0
+    ft, meta = load_checkpoint(tmp_path / "k2")
+    assert meta["context_len"] == k + 2 and meta["configs"]["dit"]["context_len"] == k + 2
+    pos = base["ema.dit.pos_embed"]  # (K+1, D): aligned at the end, the two new older positions start at pos[0]
+    assert torch.allclose(ft["ema.dit.pos_embed"], torch.cat([pos[:1], pos[:1], pos]), atol=1e-6)
+    for key in (x for x in base if x.startswith("ema.") and x != "ema.dit.pos_embed"):
+        assert torch.allclose(ft[key], base[key], atol=1e-6), key
+    assert json.loads((tmp_path / "k2" / "bundle" / "config.json").read_text())["context_len"] == k + 2
+    envs = gym.make_vec("DiTWM/Pong-v0", num_envs=2, checkpoint=str(tmp_path / "k2" / "bundle"))
+    envs.reset(seed=0)
+    obs = envs.step(envs.action_space.sample())[0]
+    assert obs.shape == (2, 3, 64, 64)
+    envs.close()
+    with pytest.raises(ValueError, match="context_len: expected >= "):
+        init_weights(base, base_meta, k - 1)
+    streaming = {**base_meta, "configs": {**base_meta["configs"],
+                                          "dit": {**base_meta["configs"]["dit"], "streaming": True}}}
+    with pytest.raises(ValueError, match="streaming"):
+        init_weights(base, streaming, k + 1)
+    assert init_weights(base, base_meta, k)["dit.pos_embed"] is base["ema.dit.pos_embed"]
 
 
 def test_bad_store_and_non_empty_out(tmp_path, capsys):

@@ -4,7 +4,7 @@ import torch
 from dit_envs.models.dit import DiT, DiTConfig
 from dit_envs.models.heads import HeadsConfig, RewardTermHead
 from trainers.pretrain_objective import (ObjectiveConfig, PretrainNet, Windows, ema_decay_at, ema_update,
-                                         imagine_context, make_inputs, total_loss)
+                                         imagine_context, latent_motion_weights, make_inputs, total_loss)
 
 A, K, D_Z = 3, 3, 8
 
@@ -146,3 +146,22 @@ def test_pixel_term_joins_the_loss_when_configured():
     assert torch.allclose(total_loss(terms, cfg), base + 2.0 * terms["pixel"])
     assert "pixel" not in net()(make_inputs(w, ObjectiveConfig(seq_len=K + 1), num_actions=A,
                                             generator=torch.Generator().manual_seed(0)))
+
+
+def test_latent_motion_weights_the_elements_that_moved_in_the_flow_and_multistep_terms():
+    w = windows(L=K + 3)
+    w.z[:, 2] = w.z[:, 1]  # row 2 repeats row 1 but for element 4
+    w.z[:, 2, 4] += 0.5
+    cfg = ObjectiveConfig(seq_len=K + 1, rollout_steps=3, latent_motion_weight=9.0, latent_motion_threshold=0.05)
+    gen = torch.Generator().manual_seed(0)
+    inp = make_inputs(w, cfg, num_actions=A, generator=gen, dit=net().dit, context_len=K, clamp=lambda x: x)
+    lw = inp["lw"]
+    assert lw.shape == (6, K + 1, D_Z) and torch.equal(lw[:, 0], torch.ones(6, D_Z))  # no row before the first
+    assert torch.equal(lw[:, 2], latent_motion_weights(w.z[:, 2], w.z[:, 1], 9.0, 0.05))
+    assert lw[:, 2, 4].eq(10.0).all() and lw[:, 2].sum(-1).eq(D_Z + 9.0).all()
+    assert inp["ro_lw"].shape == (6, D_Z) and set(inp["ro_lw"].unique().tolist()) <= {1.0, 10.0}
+    terms = net()(inp)
+    plain = net()({k: v for k, v in inp.items() if k not in ("lw", "ro_lw")})
+    assert not torch.allclose(terms["flow"], plain["flow"]) and not torch.allclose(terms["rollout"], plain["rollout"])
+    off = make_inputs(w, ObjectiveConfig(seq_len=K + 1), num_actions=A, generator=torch.Generator().manual_seed(0))
+    assert "lw" not in off and "ro_lw" not in off

@@ -54,8 +54,8 @@ from trainers.pong_objects import agent_return_rows, ball_columns
 from trainers.pretrain_eval import data_summary, eval_windows, evaluate
 from trainers.pretrain_objective import ObjectiveConfig, PretrainNet, make_inputs, optimizer_step, total_loss
 from trainers.priority import event_probabilities, flag_probabilities, one_step_errors, priority_probabilities
-from trainers.pretrain_state import (configs_meta, export_bundle, model_card, rank_seed, read_state, restore_state,
-                                     save_state)
+from trainers.pretrain_state import (configs_meta, export_bundle, init_weights, model_card, rank_seed, read_state,
+                                     restore_state, save_state)
 
 
 @dataclass(kw_only=True)
@@ -65,8 +65,9 @@ class Args(LoopArgs):
     out: str = arg(help="output directory: ckpt/, metrics.jsonl, bundle/ (new or empty unless --resume)")
     steps: int = arg(help="optimiser steps in total")
     init: str = arg("", "fine-tune: start from the EMA weights and latent standardisation of an earlier pretrain "
-                        "OUT (its ckpt; same encoder, preset and K), with a fresh optimiser and schedule ('': "
-                        "from scratch)")
+                        "OUT (its ckpt; same encoder and preset; --context-len >= its K, the time positions grown "
+                        "by trainers.pretrain_state.init_weights), with a fresh optimiser and schedule ('': from "
+                        "scratch)")
     preset: str = arg("S", "DiT size preset", choices=tuple(DIT_PRESETS))
     batch: int = arg(32, "windows per step per process")
     lr: float = arg(6e-4, "peak learning rate (AdamW, linear warm-up then cosine decay to a tenth)")
@@ -87,6 +88,9 @@ class Args(LoopArgs):
     pixel_weight: float = arg(0.0, "weight of the decoded-pixel term (motion-weighted pixel MSE of the model's clean "
                                     "estimate through the frozen decoder; 0: off)")
     motion_boost: float = arg(100.0, "extra weight of moving pixels in the pixel term")
+    latent_motion_weight: float = arg(0.0, "extra weight W of latent elements that moved since the row before (flow "
+                                           "and multi-step terms: 1 + W; trainers.pretrain_objective); 0: off")
+    latent_motion_threshold: float = arg(0.05, "a latent element moved when it changed by more than this")
     priority_fraction: float = arg(0.0, "fraction of each batch drawn in proportion to the model's own one-step "
                                         "error^alpha (prioritised replay, trainers.priority); 0: uniform windows")
     priority_alpha: float = arg(1.0, "exponent alpha of the prioritised draw")
@@ -134,9 +138,10 @@ def validate(args: Args) -> Setup:
     """Check every argument; raise :class:`ArgError` (names the flag) before anything is written."""
     _positive(args, ("steps", "batch", "lr", "grad_clip", "term_weight", "log_every", "checkpoint_every",
                      "sampling_steps", "start_contexts", "eval_windows", "eval_horizon", "rollout_sampling_steps",
-                     "priority_every"))
+                     "priority_every", "latent_motion_threshold"))
     _positive(args, ("warmup", "lr_decay_steps", "weight_decay", "context_len", "seq_len", "eval_every", "threads",
-                     "rollout_weight", "priority_alpha", "pixel_weight", "motion_boost", "event_horizon"), strict=False)
+                     "rollout_weight", "priority_alpha", "pixel_weight", "motion_boost", "event_horizon",
+                     "latent_motion_weight"), strict=False)
     check_choice("precision", args.precision, PRECISIONS)
     if args.preset not in DIT_PRESETS:
         raise ArgError("preset", f"expected one of {tuple(DIT_PRESETS)}, got {args.preset!r}")
@@ -213,11 +218,11 @@ def validate(args: Args) -> Setup:
         if ck.get("encoder_sha256") != sha:
             raise ArgError("init", f"expected a run on this stage-1 autoencoder (sha256 {sha}), got one on "
                                    f"{ck.get('encoder_sha256')}")
-        for name, have, want in (("preset", args.preset, ck["args"]["preset"]),
-                                 ("context_len", k, ck.get("context_len"))):
-            if want != have:
-                raise ArgError(name, f"expected {want!r} (the --init run's), got {have!r}")
-        dcfg, hcfg = net_configs(args.preset, ae.latent_dim, len(meta["action_meanings"]), k)
+        if args.preset != ck["args"]["preset"]:
+            raise ArgError("preset", f"expected {ck['args']['preset']!r} (the --init run's), got {args.preset!r}")
+        if k < ck.get("context_len", k):  # a context can grow (init_weights), not shrink
+            raise ArgError("context_len", f"expected >= {ck['context_len']} (the --init run's), got {k}")
+        dcfg, hcfg = net_configs(args.preset, ae.latent_dim, len(meta["action_meanings"]), ck.get("context_len", k))
         if ck.get("configs") != {"dit": asdict(dcfg), "heads": asdict(hcfg)}:
             raise ArgError("init", f"expected a run with this network config (DiT {asdict(dcfg)}), got "
                                    f"{ck.get('configs')}")
@@ -295,10 +300,9 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
 
     seed_everything(args.seed)  # identical initialisation on every rank
     dcfg, hcfg = net_configs(args.preset, ae.latent_dim, A, K)
-    cfg = ObjectiveConfig(seq_len=s.seq_len, clean_context=args.clean_context, action_dropout=args.action_dropout,
-                          term_weight=args.term_weight, rollout_steps=args.rollout_steps,
-                          rollout_weight=args.rollout_weight, rollout_sampling_steps=args.rollout_sampling_steps,
-                          pixel_weight=args.pixel_weight, motion_boost=args.motion_boost)
+    cfg = ObjectiveConfig(seq_len=s.seq_len, **{k: getattr(args, k) for k in (
+        "clean_context", "action_dropout", "term_weight", "rollout_steps", "rollout_weight", "rollout_sampling_steps",
+        "pixel_weight", "motion_boost", "latent_motion_weight", "latent_motion_threshold")})
     net = PretrainNet(DiT(dcfg), RewardTermHead(hcfg), args.term_weight).to(dev)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     opt = adamw(net, args.lr, args.weight_decay)
@@ -309,7 +313,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     state = read_state(out) if resume else None
     if state is None and s.init_state is not None:  # fine-tuning: the EMA weights become the starting point
         init_t = s.init_state[0]  # its network config was checked in validate()
-        ema_w = {k[len("ema."):]: v for k, v in init_t.items() if k.startswith("ema.")}
+        ema_w = init_weights(init_t, s.init_state[1], K)  # K may exceed its context: positions grown
         net.load_state_dict(ema_w)
         ema.load_state_dict(ema_w)
         mean, std = init_t["latent_mean"], init_t["latent_std"]

@@ -67,6 +67,33 @@ def read_state(out: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_checkpoint(out, "cpu")
 
 
+def init_weights(tensors: dict[str, torch.Tensor], meta: dict, context_len: int) -> dict[str, torch.Tensor]:
+    """The EMA weights of an ``--init`` checkpoint for a model with ``context_len`` K' >= its own K.
+
+    With K' > K the absolute time positions ``dit.pos_embed`` ``(K+1, D)`` are grown to ``(K'+1, D)`` aligned at
+    the end: the token being denoised and the K context tokens before it keep the positions they were trained
+    with (the window always ends at the denoised token), and the K' − K older tokens start at the oldest one,
+    ``pos_embed[0]``. Every other weight is independent of K in a non-streaming DiT and is copied unchanged.
+
+    Raises:
+        ValueError: ``context_len`` below the checkpoint's, a streaming checkpoint (its relative positions are
+            sized by K), or a weight shape other than ``pos_embed`` that differs.
+    """
+    old = int(meta["context_len"])
+    w = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+    if context_len == old:
+        return w
+    if context_len < old:
+        raise ValueError(f"context_len: expected >= the --init run's {old} (a context can grow, not shrink), got "
+                         f"{context_len}")
+    if meta["configs"]["dit"].get("streaming"):
+        raise ValueError(f"context_len: expected {old} for a streaming --init run (its attention window is sized by "
+                         f"it), got {context_len}")
+    pos = w["dit.pos_embed"]  # (K+1, D)
+    w["dit.pos_embed"] = torch.cat([pos[:1].expand(context_len - old, -1), pos])  # (K'+1, D)
+    return w
+
+
 def restore_state(tensors: dict[str, torch.Tensor], meta: dict, d: Dist, *, net: PretrainNet, ema: PretrainNet,
                   opt: torch.optim.Optimizer, gen: torch.Generator, windows: LatentWindows, seed: int) -> int:
     """Load a checkpoint read by :func:`read_state` into the live objects; returns its step.

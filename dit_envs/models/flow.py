@@ -55,7 +55,8 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def flow_matching_loss(
-    velocity: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor | None = None
+    velocity: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rectified-flow loss ``mean ‖velocity − (noise − x0)‖²``.
 
@@ -65,10 +66,17 @@ def flow_matching_loss(
         noise: the ``ε`` used to build ``x_t``, same shape.
         mask: optional bool/float of the leading dims ``(...)``; only masked-in positions count (e.g. the
             padded steps of a sequence), averaged over them.
+        weight: optional non-negative float per element, same shape as ``velocity``: each position's error is
+            then the weighted mean ``Σ w·e / Σ w`` over the last dim instead of the plain mean.
     Returns:
         Scalar float32 tensor, mean over elements (and over the last dim).
     """
-    err = (velocity.float() - velocity_target(x0, noise).float()).square().mean(-1)  # (...)
+    se = (velocity.float() - velocity_target(x0, noise).float()).square()  # (..., d)
+    if weight is None:
+        err = se.mean(-1)  # (...)
+    else:
+        w = weight.float()
+        err = (se * w).sum(-1) / w.sum(-1).clamp(min=1e-12)  # (...)
     if mask is None:
         return err.mean()
     m = mask.to(err.dtype)
