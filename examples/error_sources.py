@@ -6,7 +6,8 @@ contexts by what the imagined frame at ``h`` gets right on Pong:
 
 * ``score`` — the rollout imagined as many points won and lost as the real game in steps ``1..h`` (reward events
   as in DESIGN.md §4: ``|r| >= 0.5``), so the score digits agree;
-* ``ball`` — both frames show the ball within 2 px, or neither shows it;
+* ``ball`` — both frames show the ball within 2 px, or neither shows it (a wrong ball is split into misplaced,
+  missing from the imagined frame, or extra in it, each with its mean error);
 * ``agent`` / ``opponent`` — the paddle's row within 2 px (or, for the opponent, hidden in both).
 
 For each it prints the fraction of contexts that are right, the mean error of the right and the wrong ones, and
@@ -60,7 +61,8 @@ def classify(res: dict[str, np.ndarray], real_reward: np.ndarray, h: int,
         ``se`` float ``(N,)`` latent MSE at ``h``; bool ``(N,)`` ``score``, ``ball``, ``agent``, ``opponent``;
         ``first_point`` int ``(N,)``: 0-based step of the first real reward in ``1..h`` (``h`` when none);
         bool ``(N,)`` ``no_point`` (a real point, none imagined), ``ball_kept`` (the ball in the last context frame
-        and the next real frame) and ``ball_dropped`` (then missing from the imagined next frame).
+        and the next real frame) and ``ball_dropped`` (then missing from the imagined next frame); bool ``(N,)``
+        ``ball_real`` / ``ball_pred``: the ball is visible at ``h`` in the real / imagined frame.
     """
     pred = np.where(np.abs(res["reward_pred"][:, :h]) >= EVENT_THRESHOLD, np.sign(res["reward_pred"][:, :h]), 0)
     real = np.sign(real_reward[:, :h])
@@ -76,6 +78,7 @@ def classify(res: dict[str, np.ndarray], real_reward: np.ndarray, h: int,
         "first_point": np.where((real != 0).any(1), (real != 0).argmax(1), h),
         "no_point": (real != 0).any(1) & ~(pred != 0).any(1),
         "ball_kept": kept, "ball_dropped": kept & np.isnan(res["pred_ball"][:, 0, 0]),
+        "ball_real": ~np.isnan(res["real_ball"][:, i, 0]), "ball_pred": ~np.isnan(res["pred_ball"][:, i, 0]),
     }
 
 
@@ -93,6 +96,10 @@ def summarise(flags: dict[str, np.ndarray], h: int) -> dict:
     all_ok = flags["score"] & flags["ball"] & flags["agent"] & flags["opponent"]
     out["all_right"] = {"fraction": float(all_ok.mean()),
                         "latent_mse": float(se[all_ok].mean()) if all_ok.any() else nan}
+    wrong, real, pred = ~flags["ball"], flags["ball_real"], flags["ball_pred"]
+    out["ball_wrong"] = {name: {"fraction": float(m.mean()), "latent_mse": float(se[m].mean()) if m.any() else nan}
+                         for name, m in (("misplaced", wrong & real & pred), ("missing", wrong & real & ~pred),
+                                         ("extra", wrong & ~real & pred))}
     kept = flags["ball_kept"]
     out["ball_dropped_at_step_1"] = {"contexts": int(kept.sum()),
                                      "fraction": float(flags["ball_dropped"][kept].mean()) if kept.any() else nan}
@@ -162,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  ball in the last context frame and the next real one: {r['contexts']} contexts, missing from the "
           f"imagined next frame in {r['fraction']:.2f}; a real point and none imagined: {m['contexts']} contexts, "
           f"{m['share_of_error']:.0%} of the error")
+    print("  ball wrong at h: " + "; ".join(f"{k} in {r['fraction']:.2f} (MSE {r['latent_mse']:.2e})"
+                                            for k, r in out["ball_wrong"].items()))
     for name, r in out["by_first_point"].items():
         print(f"  first real point at step {name:>6}: {r['contexts']:4d} contexts, MSE {r['latent_mse']:.2e}, "
               f"score right {r['score_right']:.2f}")

@@ -146,6 +146,12 @@ def test_error_sources_classify_on_known_rollouts():
     assert s["by_object"]["score"]["share_of_error_wrong"] == 0.75
     assert f["no_point"].tolist() == [False, True] and s["point_missed_entirely"]["share_of_error"] == 0.75
     assert f["ball_kept"].tolist() == [True, False] and not f["ball_dropped"].any()
+    assert f["ball_real"].tolist() == [True, False] and f["ball_pred"].tolist() == [True, False]
+    res["pred_ball"][1, 1] = [3, 3]  # an imagined ball the real frame does not show: "extra"
+    s = mod.summarise(mod.classify(res, np.array([[0.0, -1.0], [0.0, -1.0]]), 2), 2)["ball_wrong"]
+    assert s["extra"] == {"fraction": 0.5, "latent_mse": 3.0} and s["misplaced"]["fraction"] == 0.0
+    assert s["missing"]["fraction"] == 0.0 and np.isnan(s["missing"]["latent_mse"])
+    res["pred_ball"][1, 1] = nan
     res["pred_ball"][0, 0] = nan  # the first rollout now loses the ball one step ahead
     assert mod.classify(res, np.zeros((2, 2)), 2, context_ball=np.array([True, True]))["ball_dropped"].tolist() == [
         True, False]
