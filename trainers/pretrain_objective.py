@@ -26,10 +26,10 @@ A training batch is ``B`` windows of ``L`` consecutive rows of one episode (:cla
   al. 2022's decoder-space training).
 * **latent motion** (optional, ``latent_motion_weight = W > 0``) — in the flow and multi-step terms each latent
   element of a target row whose raw value changed by more than ``latent_motion_threshold`` since the row before
-  it is weighted ``1 + W`` (each token's error the weighted mean over its elements). On Pong a threshold of 0.05
-  flags 10 % of the elements and the ball's 8×8-pixel cell in 99 % of the frames where the ball is visible: the
-  same emphasis on what moves as the pixel term, in the latent space the fidelity is measured in, with no
-  decoder pass.
+  it is weighted ``1 + W`` (each token's error the weighted mean over its elements). On Pong the default
+  threshold flags the latent cells of the ball, the paddles and the score where they changed and leaves the
+  static field at weight 1: the same emphasis on what moves as the pixel term, in the latent space the fidelity
+  is measured in, with no decoder pass.
 * **heads** — :class:`~dit_envs.models.heads.RewardTermHead` on the real transitions ``(z_{i−1}, a_i, z_i)``
   of every window (rows ``i ≥ 1`` are always real transitions: windows never cross an episode start). Two-hot
   reward cross-entropy plus termination BCE with ``pos_weight = term_weight`` (terminations are rare: one per

@@ -76,8 +76,8 @@ def init_weights(tensors: dict[str, torch.Tensor], meta: dict, context_len: int)
     ``pos_embed[0]``. Every other weight is independent of K in a non-streaming DiT and is copied unchanged.
 
     Raises:
-        ValueError: ``context_len`` below the checkpoint's, a streaming checkpoint (its relative positions are
-            sized by K), or a weight shape other than ``pos_embed`` that differs.
+        ValueError: ``context_len`` below the checkpoint's, or a streaming checkpoint (its attention window is
+            sized by K).
     """
     old = int(meta["context_len"])
     w = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
