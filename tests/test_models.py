@@ -137,7 +137,8 @@ def test_interpolation_loss_and_times():
     assert flow_matching_loss(v, x0, noise, mask) == 0
     # Element weights: all ones is the plain mean; a weight on one element alone gives that element's error.
     v = noise - x0 + torch.arange(8.0)
-    assert torch.allclose(flow_matching_loss(v, x0, noise, weight=torch.ones(2, 3, 8)), flow_matching_loss(v, x0, noise))
+    ones = torch.ones(2, 3, 8)
+    assert torch.allclose(flow_matching_loss(v, x0, noise, weight=ones), flow_matching_loss(v, x0, noise))
     one = torch.zeros(2, 3, 8)
     one[..., 5] = 3.0
     assert torch.allclose(flow_matching_loss(v, x0, noise, weight=one), torch.tensor(25.0))
