@@ -142,6 +142,8 @@ def test_interpolation_loss_and_times():
     one = torch.zeros(2, 3, 8)
     one[..., 5] = 3.0
     assert torch.allclose(flow_matching_loss(v, x0, noise, weight=one), torch.tensor(25.0))
+    one[0, 0, 5], one[0, 0, 6] = 0.0, 1.0  # and with a mask: only the masked-in position counts
+    assert torch.allclose(flow_matching_loss(v, x0, noise, mask, weight=one), torch.tensor(36.0))
     ts = logit_normal_times((1000,), generator=_gen())
     assert ts.shape == (1000,) and 0 < ts.min() and ts.max() < 1 and abs(ts.median() - 0.5) < 0.05
     assert torch.equal(ts, logit_normal_times((1000,), generator=_gen()))

@@ -346,6 +346,11 @@ def test_init_grows_the_context(store, tmp_path, capsys):
     for key in (x for x in base if x.startswith("ema.") and x != "ema.dit.pos_embed"):
         assert torch.allclose(ft[key], base[key], atol=1e-6), key
     assert json.loads((tmp_path / "k2" / "bundle" / "config.json").read_text())["context_len"] == k + 2
+    # Without --context-len the --init run's K is the default (here the grown one), and a grown run resumes.
+    assert run(store, tmp_path / "k2b", 2, init=str(tmp_path / "k2")) == 0
+    assert load_checkpoint(tmp_path / "k2b")[1]["context_len"] == k + 2
+    assert run(store, tmp_path / "k2", 4, init=str(tmp_path / "base"), context_len=k + 2, resume=True) == 0
+    assert load_checkpoint(tmp_path / "k2")[1]["step"] == 4
     envs = gym.make_vec("DiTWM/Pong-v0", num_envs=2, checkpoint=str(tmp_path / "k2" / "bundle"))
     envs.reset(seed=0)
     obs = envs.step(envs.action_space.sample())[0]

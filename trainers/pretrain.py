@@ -74,7 +74,8 @@ class Args(LoopArgs):
     warmup: int = arg(500, "linear warm-up steps")
     lr_decay_steps: int = arg(0, "length of the warm-up + cosine schedule (0: --steps)")
     weight_decay: float = arg(0.01, "AdamW decoupled weight decay of matrices (biases/norms: none)")
-    context_len: int = arg(0, "K context frames (0: stage 1's agent.json context_len, else 4)")
+    context_len: int = arg(0, "K context frames (0: the --init run's K, else stage 1's agent.json context_len, "
+                               "else 4)")
     seq_len: int = arg(0, "tokens per diffusion-forcing window, 2..K+1 (0: K+1)")
     clean_context: float = arg(0.5, "fraction of samples with a clean context and only the last token noisy")
     action_dropout: float = arg(0.1, "per-token probability of the null action (for unconditional use)")
@@ -88,8 +89,8 @@ class Args(LoopArgs):
     pixel_weight: float = arg(0.0, "weight of the decoded-pixel term (motion-weighted pixel MSE of the model's clean "
                                     "estimate through the frozen decoder; 0: off)")
     motion_boost: float = arg(100.0, "extra weight of moving pixels in the pixel term")
-    latent_motion_weight: float = arg(0.0, "extra weight W of latent elements that moved since the row before (flow "
-                                           "and multi-step terms: 1 + W; trainers.pretrain_objective); 0: off")
+    latent_motion_weight: float = arg(0.0, "flow terms: latent elements that moved since the row before weigh 1 + W "
+                                           "in each token's weighted-mean error (trainers.pretrain_objective); 0: off")
     latent_motion_threshold: float = arg(0.05, "a latent element moved when it changed by more than this")
     priority_fraction: float = arg(0.0, "fraction of each batch drawn in proportion to the model's own one-step "
                                         "error^alpha (prioritised replay, trainers.priority); 0: uniform windows")
@@ -174,7 +175,13 @@ def validate(args: Args) -> Setup:
     except (FileNotFoundError, ValueError) as e:
         raise ArgError("stage1", f"expected stage-1 artifacts (autoencoder.json + autoencoder.safetensors), "
                                  f"got {e}") from None
-    k = args.context_len
+    init_state = None
+    if args.init:
+        try:
+            init_state = read_state(Path(args.init))
+        except FileNotFoundError as e:
+            raise ArgError("init", f"expected a pretrain output directory with a checkpoint, got {e}") from None
+    k = args.context_len or (int(init_state[1].get("context_len", 0)) if init_state else 0)  # default: --init's K
     if k == 0:
         agent = stage1 / "agent.json"
         k = int(json.loads(agent.read_text()).get("context_len", 4)) if agent.is_file() else 4
@@ -208,12 +215,7 @@ def validate(args: Args) -> Setup:
             want = ck["args"]["preset"] if name == "preset" else ck.get("context_len")
             if want != have:
                 raise ArgError(name, f"expected {want!r} (the checkpoint's), got {have!r}")
-    init_state = None
-    if args.init:
-        try:
-            init_state = read_state(Path(args.init))
-        except FileNotFoundError as e:
-            raise ArgError("init", f"expected a pretrain output directory with a checkpoint, got {e}") from None
+    if init_state is not None:
         ck = init_state[1]
         if ck.get("encoder_sha256") != sha:
             raise ArgError("init", f"expected a run on this stage-1 autoencoder (sha256 {sha}), got one on "

@@ -71,15 +71,17 @@ def init_weights(tensors: dict[str, torch.Tensor], meta: dict, context_len: int)
     """The EMA weights of an ``--init`` checkpoint for a model with ``context_len`` K' >= its own K.
 
     With K' > K the absolute time positions ``dit.pos_embed`` ``(K+1, D)`` are grown to ``(K'+1, D)`` aligned at
-    the end: the token being denoised and the K context tokens before it keep the positions they were trained
-    with (the window always ends at the denoised token), and the K' − K older tokens start at the oldest one,
-    ``pos_embed[0]``. Every other weight is independent of K in a non-streaming DiT and is copied unchanged.
+    the end: in a full window of K' + 1 tokens (inference: K' context tokens and the one being denoised) the last
+    K + 1 keep the positions they were trained with, and the K' − K older ones start at the oldest,
+    ``pos_embed[0]``. Positions count from a window's first token, so in a shorter diffusion-forcing window
+    token ``i`` starts at the old position ``max(0, i − (K' − K))``. Every other weight is independent of K in a
+    non-streaming DiT and is copied unchanged.
 
     Raises:
         ValueError: ``context_len`` below the checkpoint's, or a streaming checkpoint (its attention window is
             sized by K).
     """
-    old = int(meta["context_len"])
+    old = int(meta.get("context_len", context_len))
     w = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
     if context_len == old:
         return w
