@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dit_envs.envs.real import make_real_env
-from trainers.pong_objects import agent_return_rows, ball_columns, locate_pong_objects
+from trainers.pong_objects import agent_return_rows, ball_columns, locate_pong_objects, store_ball_columns
 
 BG = np.array([144, 72, 17], np.uint8)
 WALL_BLEND = np.array([177, 131, 96], np.uint8)  # row 10 of every real frame
@@ -115,3 +115,23 @@ def test_agent_returns_are_apexes_on_the_agent_side_within_an_episode():
     assert not agent_return_rows(col, split).any()
     with pytest.raises(ValueError, match="episode.*12.*11"):
         agent_return_rows(col, episode[:11])
+
+
+def test_store_ball_columns_reads_chunk_by_chunk_in_load_order(tmp_path):
+    from trainers.data import EpisodeStore
+
+    store = EpisodeStore(tmp_path / "s", chunk_rows=3)
+    store.write_meta(game="Pong", action_meanings=["NOOP"])
+    cols = [40, 45, 50, 46, 42, 20, 15]
+    for ep, rows in ((1, [5, 6]), (0, [0, 1, 2, 3, 4])):  # episode 1's chunk is written first
+        n = len(rows)
+        store.add(obs=ball_frames([cols[r] for r in rows]), action=np.zeros(n, np.int64),
+                  reward=np.zeros(n, np.float32), terminated=np.zeros(n, bool), truncated=np.zeros(n, bool),
+                  episode=np.full(n, ep, np.int64), step=np.arange(n, dtype=np.int64))
+        store.flush()
+    episode, col = store_ball_columns(store)
+    loaded = store.load()
+    assert np.array_equal(episode, loaded["episode"]) and np.allclose(col, ball_columns(loaded["obs"]))
+    assert episode.tolist() == [0] * 5 + [1] * 2 and np.allclose(col, [40, 45, 50, 46, 42, 20, 15])
+    empty = store_ball_columns(EpisodeStore(tmp_path / "none"))
+    assert empty[0].shape == (0,) and empty[1].shape == (0,)

@@ -108,6 +108,19 @@ def ball_columns(frames: np.ndarray, chunk: int = 20000) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
+def store_ball_columns(store) -> tuple[np.ndarray, np.ndarray]:
+    """``(episode int64 (R,), ball column float64 (R,))`` of the readable rows of a
+    :class:`~trainers.data.EpisodeStore`, sorted by episode then step as :meth:`~trainers.data.EpisodeStore.load`
+    sorts them, located one chunk at a time: memory of one chunk's frames, not the whole store's."""
+    parts = [(p["episode"], p["step"], ball_columns(p["obs"]))
+             for p in map(store.read_chunk, store.chunk_paths()) if p is not None]
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0)
+    episode, step, col = (np.concatenate(x) for x in zip(*parts))
+    order = np.lexsort((step, episode))
+    return episode[order], col[order]
+
+
 def agent_return_rows(ball_col: np.ndarray, episode: np.ndarray) -> np.ndarray:
     """Rows where the agent's paddle returns the ball: the apex of :func:`ball_reversals` on the agent's side,
     found within each episode run (a reversal never spans two episodes).

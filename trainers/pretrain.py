@@ -50,7 +50,7 @@ from trainers.common import (PRECISIONS, ArgError, JsonlLogger, LoopArgs, adamw,
                              check_choice, check_out_dir, pick_device, run_cli, seed_everything, signal_exit_code)
 from trainers.data import EpisodeStore, heldout_mask, segments
 from trainers.latents import LatentWindows, load_latents_on_ranks, store_index
-from trainers.pong_objects import agent_return_rows, ball_columns
+from trainers.pong_objects import agent_return_rows, store_ball_columns
 from trainers.pretrain_eval import data_summary, eval_windows, evaluate
 from trainers.pretrain_objective import ObjectiveConfig, PretrainNet, make_inputs, optimizer_step, total_loss
 from trainers.priority import event_probabilities, flag_probabilities, one_step_errors, priority_probabilities
@@ -228,7 +228,7 @@ def validate(args: Args) -> Setup:
         if ck.get("configs") != {"dit": asdict(dcfg), "heads": asdict(hcfg)}:
             raise ArgError("init", f"expected a run with this network config (DiT {asdict(dcfg)}), got "
                                    f"{ck.get('configs')}")
-    returns = _return_rows(args.data, episode, train) if args.return_fraction else None  # reads every frame: last
+    returns = _return_rows(args.data, episode, train) if args.return_fraction else None  # reads the frames: last
     return Setup(meta=meta, autoencoder=ae, encoder_sha256=sha, context_len=k, seq_len=seq_len, window=window,
                  init_state=init_state, returns=returns)
 
@@ -239,11 +239,10 @@ def _return_rows(data: str, episode: np.ndarray, train: np.ndarray) -> np.ndarra
     Raises:
         ArgError: the frames disagree with ``episode`` (the sorted store index), or no return in a training row.
     """
-    rows = EpisodeStore(data).load()
-    if not np.array_equal(rows["episode"], episode):
-        raise ArgError("data", f"expected readable frames for all {len(episode)} rows of {data}, got "
-                               f"{len(rows['episode'])}")
-    returns = agent_return_rows(ball_columns(rows["obs"]), rows["episode"])
+    ep, col = store_ball_columns(EpisodeStore(data))  # one chunk's frames in memory at a time
+    if not np.array_equal(ep, episode):
+        raise ArgError("data", f"expected readable frames for all {len(episode)} rows of {data}, got {len(ep)}")
+    returns = agent_return_rows(col, ep)
     if not returns[train].any():
         raise ArgError("return_fraction", f"expected returns of the ball by the agent's paddle in the training "
                                           f"episodes of {data}, found none in {int(train.sum())} rows")
