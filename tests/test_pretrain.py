@@ -295,6 +295,7 @@ def test_replicas_equal_detects_any_difference(differ):
     (["--init", "/nonexistent"], "--init"),
     (["--latent-motion-weight", "-1"], "--latent-motion-weight"),
     (["--latent-motion-threshold", "0"], "--latent-motion-threshold"),
+    (["--depth", "-1"], "--depth"),
 ])
 def test_bad_arguments_exit_2_and_write_nothing(store, tmp_path, capsys, extra, field):
     from trainers import cli
@@ -363,6 +364,29 @@ def test_init_grows_the_context(store, tmp_path, capsys):
     with pytest.raises(ValueError, match="streaming"):
         init_weights(base, streaming, k + 1)
     assert init_weights(base, base_meta, k)["dit.pos_embed"] is base["ema.dit.pos_embed"]
+
+
+def test_depth_overrides_the_preset_and_must_match_on_resume_and_init(store, tmp_path, capsys):
+    from trainers import cli
+
+    assert run(store, tmp_path / "d3", 4, depth=3) == 0
+    ck, meta = load_checkpoint(tmp_path / "d3")
+    assert meta["configs"]["dit"]["depth"] == 3 and "ema.dit.blocks.2.mlp.0.weight" in ck
+    assert "ema.dit.blocks.3.mlp.0.weight" not in ck
+    assert json.loads((tmp_path / "d3" / "bundle" / "config.json").read_text())["configs"]["dit"]["depth"] == 3
+    assert "tiny depth 3" in (tmp_path / "d3" / "bundle" / "README.md").read_text()
+    envs = gym.make_vec("DiTWM/Pong-v0", num_envs=2, checkpoint=str(tmp_path / "d3" / "bundle"))
+    envs.reset(seed=0)
+    assert envs.step(envs.action_space.sample())[0].shape == (2, 3, 64, 64)
+    envs.close()
+    assert run(store, tmp_path / "d3", 6, depth=3, resume=True) == 0
+    assert load_checkpoint(tmp_path / "d3")[1]["step"] == 6
+    capsys.readouterr()
+    for extra, field in ((["--resume", "--out", str(tmp_path / "d3"), "--steps", "8"], "--depth"),
+                         (["--init", str(tmp_path / "d3"), "--out", str(tmp_path / "bad"), "--steps", "2"], "--init")):
+        assert cli.main(["pretrain", "--data", str(store), *flags(**TINY), *extra]) == 2
+        assert field in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "d3")[1]["step"] == 6 and not (tmp_path / "bad").exists()
 
 
 def test_bad_store_and_non_empty_out(tmp_path, capsys):

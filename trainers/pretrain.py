@@ -3,18 +3,16 @@
 Every frame of the store is encoded once with the frozen stage-1 encoder (:mod:`trainers.latents`, cached in
 ``STORE/latents/``). A causal DiT (Peebles & Xie 2023; :mod:`dit_envs.models.dit`) learns the next latent by
 rectified flow (Liu et al. 2022; SD3's logit-normal times, Esser et al. 2024) with diffusion forcing (Chen et
-al. 2024), action dropout to the null index and a multi-step ``z_{t+n}`` term on its own rollouts (``--rollout-steps``,
-default 4: on Pong it lowered the held-out latent error at horizon 16 from 2.34e-3 to 1.66e-3 and at 64 from 3.43e-3
-to 2.88e-3; it trains at 9.2 steps/s at batch 32 on 2 idle CPU threads);
-a reward/termination head learns from real transitions (:mod:`trainers.pretrain_objective`). Only non-held-out
-episodes train (:func:`trainers.data.heldout_mask`); held-out ones are evaluated (:mod:`trainers.pretrain_eval`).
+al. 2024), action dropout to the null index and a multi-step ``z_{t+n}`` term on its own rollouts (``--rollout-steps``
+4: on Pong the held-out latent error at h 16 2.34e-3 → 1.66e-3, at h 64 3.43e-3 → 2.88e-3); a reward/termination
+head learns from real transitions (:mod:`trainers.pretrain_objective`). Only non-held-out episodes train
+(:func:`trainers.data.heldout_mask`); held-out ones are evaluated (:mod:`trainers.pretrain_eval`).
 
-Three options target rare, small events (in Pong: the agent's paddle returning the ball, under 1 % of the windows
-of our stage-1 store, a few pixels in the frame; a point won, one for every 8 to 56 lost), all off by default:
-``--pixel-weight`` adds a motion-weighted pixel loss through the frozen decoder
-(:class:`trainers.pretrain_objective.PretrainNet`), ``--priority-fraction`` draws part of each batch in
-proportion to the model's own one-step error (prioritised replay), and ``--event-fraction`` draws part of it from
-windows near reward events with each reward sign given equal mass (:mod:`trainers.priority`).
+Options for rare, small events (in Pong: the agent's paddle returning the ball, under 1 % of our stage-1 windows, a
+few pixels; a point won, one for every 8 to 56 lost), all off by default: ``--pixel-weight`` (a motion-weighted
+pixel loss through the frozen decoder, :class:`trainers.pretrain_objective.PretrainNet`), ``--priority-fraction``
+(prioritised replay on the model's one-step error), ``--event-fraction`` (windows near reward events, each sign
+with equal mass; :mod:`trainers.priority`). ``--depth`` overrides the preset's number of DiT blocks.
 
 nanoGPT-style straight-line loop: AdamW with an explicit warm-up + cosine schedule (:func:`trainers.autoencoder.
 lr_at`), gradient clipping, EMA weights; metrics to ``OUT/metrics.jsonl`` every ``--log-every`` steps, evaluation
@@ -69,6 +67,7 @@ class Args(LoopArgs):
                         "by trainers.pretrain_state.init_weights), with a fresh optimiser and schedule ('': from "
                         "scratch)")
     preset: str = arg("S", "DiT size preset", choices=tuple(DIT_PRESETS))
+    depth: int = arg(0, "DiT blocks (0: the preset's; e.g. --preset S --depth 6 for a deeper S)")
     batch: int = arg(32, "windows per step per process")
     lr: float = arg(6e-4, "peak learning rate (AdamW, linear warm-up then cosine decay to a tenth)")
     warmup: int = arg(500, "linear warm-up steps")
@@ -111,7 +110,6 @@ class Args(LoopArgs):
 @dataclass
 class Setup:
     """What validation found: the store, the frozen encoder, the action space, ``K``."""
-
     meta: dict
     autoencoder: torch.nn.Module
     encoder_sha256: str
@@ -122,9 +120,11 @@ class Setup:
     returns: np.ndarray | None = None  # bool (R,): rows where the agent's paddle returns the ball (--return-fraction)
 
 
-def net_configs(preset: str, latent_dim: int, num_actions: int, context_len: int) -> tuple[DiTConfig, HeadsConfig]:
+def net_configs(preset: str, latent_dim: int, num_actions: int, context_len: int,
+                depth: int = 0) -> tuple[DiTConfig, HeadsConfig]:
     """The DiT and reward/termination-head configs of a run (what ``--init`` and ``--resume`` must match)."""
-    dcfg = DiTConfig.from_preset(preset, latent_dim=latent_dim, num_actions=num_actions, context_len=context_len)
+    dcfg = DiTConfig.from_preset(preset, latent_dim=latent_dim, num_actions=num_actions, context_len=context_len,
+                                 **({"depth": depth} if depth else {}))
     return dcfg, HeadsConfig(latent_dim=latent_dim, num_actions=num_actions, hidden=dcfg.width)
 
 
@@ -142,7 +142,7 @@ def validate(args: Args) -> Setup:
                      "priority_every", "latent_motion_threshold"))
     _positive(args, ("warmup", "lr_decay_steps", "weight_decay", "context_len", "seq_len", "eval_every", "threads",
                      "rollout_weight", "priority_alpha", "pixel_weight", "motion_boost", "event_horizon",
-                     "latent_motion_weight"), strict=False)
+                     "latent_motion_weight", "depth"), strict=False)
     check_choice("precision", args.precision, PRECISIONS)
     if args.preset not in DIT_PRESETS:
         raise ArgError("preset", f"expected one of {tuple(DIT_PRESETS)}, got {args.preset!r}")
@@ -211,8 +211,8 @@ def validate(args: Args) -> Setup:
         if ck.get("encoder_sha256") != sha:
             raise ArgError("stage1", f"expected the autoencoder of the checkpoint (sha256 {ck.get('encoder_sha256')}"
                                      f"), got {sha}")
-        for name, have in (("preset", args.preset), ("context_len", k)):
-            want = ck["args"]["preset"] if name == "preset" else ck.get("context_len")
+        for name, have in (("preset", args.preset), ("depth", args.depth), ("context_len", k)):
+            want = ck.get("context_len") if name == "context_len" else ck["args"].get(name, 0)
             if want != have:
                 raise ArgError(name, f"expected {want!r} (the checkpoint's), got {have!r}")
     if init_state is not None:
@@ -224,7 +224,8 @@ def validate(args: Args) -> Setup:
             raise ArgError("preset", f"expected {ck['args']['preset']!r} (the --init run's), got {args.preset!r}")
         if k < ck.get("context_len", k):  # a context can grow (init_weights), not shrink
             raise ArgError("context_len", f"expected >= {ck['context_len']} (the --init run's), got {k}")
-        dcfg, hcfg = net_configs(args.preset, ae.latent_dim, len(meta["action_meanings"]), ck.get("context_len", k))
+        dcfg, hcfg = net_configs(args.preset, ae.latent_dim, len(meta["action_meanings"]), ck.get("context_len", k),
+                                 args.depth)
         if ck.get("configs") != {"dit": asdict(dcfg), "heads": asdict(hcfg)}:
             raise ArgError("init", f"expected a run with this network config (DiT {asdict(dcfg)}), got "
                                    f"{ck.get('configs')}")
@@ -300,7 +301,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     summary = data_summary(ds, ~held)
 
     seed_everything(args.seed)  # identical initialisation on every rank
-    dcfg, hcfg = net_configs(args.preset, ae.latent_dim, A, K)
+    dcfg, hcfg = net_configs(args.preset, ae.latent_dim, A, K, args.depth)
     cfg = ObjectiveConfig(seq_len=s.seq_len, **{k: getattr(args, k) for k in (
         "clean_context", "action_dropout", "term_weight", "rollout_steps", "rollout_weight", "rollout_sampling_steps",
         "pixel_weight", "motion_boost", "latent_motion_weight", "latent_motion_threshold")})
@@ -426,9 +427,9 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
             log.log(step, **final)
         log.close()
         split = "held-out episodes" if len(test) else "training episodes (the store has no held-out one)"
+        size = f"{args.preset}{f' depth {args.depth}' if args.depth else ''} ({n_params / 1e6:.2f} M params)"
         info = {"store": Path(args.data).name, **summary, "eval split": split,
-                "encoder sha256": s.encoder_sha256[:12],
-                "preset": f"{args.preset} ({n_params / 1e6:.2f} M params)", "training steps": step,
+                "encoder sha256": s.encoder_sha256[:12], "preset": size, "training steps": step,
                 "batch": f"{args.batch} x {d.world_size}", "lr": args.lr, "objective": json.dumps(asdict(cfg)),
                 "final flow loss": f"{terms['flow'].item():.4f}" if terms else "-",
                 **{k: f"{v:.4g}" for k, v in final.items()}}
