@@ -381,6 +381,8 @@ def test_depth_overrides_the_preset_and_must_match_on_resume_and_init(store, tmp
     envs.close()
     assert run(store, tmp_path / "d3", 6, depth=3, resume=True) == 0
     assert load_checkpoint(tmp_path / "d3")[1]["step"] == 6
+    assert run(store, tmp_path / "d2", 2, depth=2) == 0  # tiny's own depth: spelled or not, the same network
+    assert run(store, tmp_path / "d2", 4, resume=True) == 0 and load_checkpoint(tmp_path / "d2")[1]["step"] == 4
     capsys.readouterr()
     for extra, field in ((["--resume", "--out", str(tmp_path / "d3"), "--steps", "8"], "--depth"),
                          (["--init", str(tmp_path / "d3"), "--out", str(tmp_path / "bad"), "--steps", "2"], "--init")):

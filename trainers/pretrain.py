@@ -182,9 +182,8 @@ def validate(args: Args) -> Setup:
         except FileNotFoundError as e:
             raise ArgError("init", f"expected a pretrain output directory with a checkpoint, got {e}") from None
     k = args.context_len or (int(init_state[1].get("context_len", 0)) if init_state else 0)  # default: --init's K
-    if k == 0:
-        agent = stage1 / "agent.json"
-        k = int(json.loads(agent.read_text()).get("context_len", 4)) if agent.is_file() else 4
+    agent = stage1 / "agent.json"  # else stage 1's K
+    k = k or (int(json.loads(agent.read_text()).get("context_len", 4)) if agent.is_file() else 4)
     seq_len = args.seq_len or k + 1
     if not 2 <= seq_len <= k + 1:
         raise ArgError("seq_len", f"expected 2..{k + 1} (K + 1 with K = {k}), got {seq_len}")
@@ -211,8 +210,9 @@ def validate(args: Args) -> Setup:
         if ck.get("encoder_sha256") != sha:
             raise ArgError("stage1", f"expected the autoencoder of the checkpoint (sha256 {ck.get('encoder_sha256')}"
                                      f"), got {sha}")
-        for name, have in (("preset", args.preset), ("depth", args.depth), ("context_len", k)):
-            want = ck.get("context_len") if name == "context_len" else ck["args"].get(name, 0)
+        depth = args.depth or DIT_PRESETS[args.preset]["depth"]  # the blocks, however spelled
+        for name, have in (("preset", args.preset), ("depth", depth), ("context_len", k)):
+            want = ck["args"]["preset"] if name == "preset" else ck.get(name) or ck["configs"]["dit"][name]
             if want != have:
                 raise ArgError(name, f"expected {want!r} (the checkpoint's), got {have!r}")
     if init_state is not None:
