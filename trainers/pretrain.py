@@ -210,9 +210,9 @@ def validate(args: Args) -> Setup:
         if ck.get("encoder_sha256") != sha:
             raise ArgError("stage1", f"expected the autoencoder of the checkpoint (sha256 {ck.get('encoder_sha256')}"
                                      f"), got {sha}")
-        depth = args.depth or DIT_PRESETS[args.preset]["depth"]  # the blocks, however spelled
-        for name, have in (("preset", args.preset), ("depth", depth), ("context_len", k)):
-            want = ck["args"]["preset"] if name == "preset" else ck.get(name) or ck["configs"]["dit"][name]
+        dit_now = asdict(net_configs(args.preset, ae.latent_dim, len(meta["action_meanings"]), k, args.depth)[0])
+        for name, have in (("preset", args.preset), ("depth", dit_now["depth"]), ("context_len", k)):
+            want = ck["args"]["preset"] if name == "preset" else ck["configs"]["dit"][name]
             if want != have:
                 raise ArgError(name, f"expected {want!r} (the checkpoint's), got {have!r}")
     if init_state is not None:
