@@ -155,3 +155,31 @@ def test_error_sources_classify_on_known_rollouts():
     res["pred_ball"][0, 0] = nan  # the first rollout now loses the ball one step ahead
     assert mod.classify(res, np.zeros((2, 2)), 2, context_ball=np.array([True, True]))["ball_dropped"].tolist() == [
         True, False]
+
+
+def test_model_agreement_of_a_model_with_itself_and_on_known_errors(tiny_bundle, tmp_path, capsys):
+    from tests.test_fidelity import make_pong_store  # a store with held-out episodes
+
+    mod = _load("model_agreement")
+    store = make_pong_store(tmp_path / "store")
+    out = mod.main(["--data", str(store), "--world-models", str(tiny_bundle), str(tiny_bundle) + "/",
+                    "--contexts", "4", "--horizons", "1", "3", "--history", "4", "--seeds", "0", "1",
+                    "--temperature", "0"])
+    (pair,) = out["pairs"].values()  # the same model twice, the same seed: the same rollouts
+    assert pair["between"] == [0.0, 0.0] and np.allclose(pair["error_corr"], 1.0)
+    assert np.allclose(pair["mean_mse"], out["mse"][str(tiny_bundle)]) and min(pair["mean_mse"]) > 0
+    assert "error correlation" in capsys.readouterr().out
+    real = np.zeros((1, 2, 3))
+    e = np.array([[[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]])
+    r = mod.agreement({"a": e, "b": -e, "c": np.roll(e, 1, axis=2)}, real, [1])
+    assert r["pairs"]["a | b"]["error_corr"] == [-1.0] and r["pairs"]["a | b"]["mean_mse"] == [0.0]
+    assert r["pairs"]["a | c"]["error_corr"] == [0.0] and r["mse"]["a"] == [5.0 / 6.0]
+    assert r["pairs"]["a | b"]["between"] == [20.0 / 6.0]
+    with pytest.raises(ValueError, match=r"pred\['a'\]: expected shape"):
+        mod.agreement({"a": e[:, :1], "b": e}, real, [1])
+    with pytest.raises(SystemExit):
+        mod.main(["--data", str(store), "--world-models", str(tiny_bundle)])
+    assert "--world-models: expected >= 2 bundles, got 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mod.main(["--data", str(store), "--world-models", str(tiny_bundle), str(tmp_path / "none")])
+    assert f"--world-models {tmp_path / 'none'}:" in capsys.readouterr().err
