@@ -127,8 +127,12 @@ def main(argv: list[str] | None = None) -> dict:
             rows = starts[:, None] + np.arange(-K, H)[None]
             actions = torch.from_numpy(np.where(data["action"][rows] < 0, m.num_actions, data["action"][rows]))
             z = encode_frames(m, data["obs"][rows], torch.device("cpu"))
+            target = z[:, K - 1 + np.array(horizons)].float().numpy().transpose(1, 0, 2)
             if real is None:
-                real = z[:, K - 1 + np.array(horizons)].float().numpy().transpose(1, 0, 2)
+                real, first = target, path
+            elif np.abs(target - real).max() > 1e-3:
+                p.error(f"--world-models {path}: expected the frozen encoder of {first}, got one that encodes the "
+                        f"same frames {np.abs(target - real).max():.3g} apart (another stage-1 run)")
             preds[path].append(predictions(m, z, actions, horizons, seed))
         reals.append(real)
     out = agreement({k: np.concatenate(v, 1) for k, v in preds.items()}, np.concatenate(reals, 1), horizons)

@@ -158,6 +158,12 @@ def test_error_sources_classify_on_known_rollouts():
 
 
 def test_model_agreement_of_a_model_with_itself_and_on_known_errors(tiny_bundle, tmp_path, capsys):
+    import hashlib
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
     from tests.test_fidelity import make_pong_store  # a store with held-out episodes
 
     mod = _load("model_agreement")
@@ -183,3 +189,15 @@ def test_model_agreement_of_a_model_with_itself_and_on_known_errors(tiny_bundle,
     with pytest.raises(SystemExit):
         mod.main(["--data", str(store), "--world-models", str(tiny_bundle), str(tmp_path / "none")])
     assert f"--world-models {tmp_path / 'none'}:" in capsys.readouterr().err
+    other = tmp_path / "other_encoder"  # the same DiT behind another stage-1 encoder
+    shutil.copytree(tiny_bundle, other)
+    w = load_file(other / "autoencoder.safetensors")
+    save_file({k: v + 0.5 if v.is_floating_point() else v for k, v in w.items()}, other / "autoencoder.safetensors")
+    config = json.loads((other / "config.json").read_text())
+    weights = (other / "autoencoder.safetensors").read_bytes()
+    config["files"]["autoencoder.safetensors"] = hashlib.sha256(weights).hexdigest()
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit):
+        mod.main(["--data", str(store), "--world-models", str(tiny_bundle), str(other), "--contexts", "2",
+                  "--horizons", "1", "--history", "4"])
+    assert f"--world-models {other}: expected the frozen encoder of {tiny_bundle}" in capsys.readouterr().err
