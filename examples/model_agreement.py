@@ -5,9 +5,9 @@ open-loop from the same held-out contexts of a store with the real actions (as t
 seed, :func:`trainers.fidelity.select_starts`) and prints, at each horizon ``h``:
 
 * each model's latent MSE against the real latent (the evaluator's figure);
-* for each pair of models, the MSE between their two predictions, and the **error correlation**
-  ``sum(e_A · e_B) / sqrt(sum |e_A|² · sum |e_B|²)`` over all contexts, with ``e = prediction − real``: 1 when both
-  models make the same error, 0 when their errors are unrelated;
+* for each pair of models, the MSE between their two predictions, and the **error correlation**: the cosine
+  ``sum(e_A · e_B) / sqrt(sum |e_A|² · sum |e_B|²)`` of the two error vectors over all contexts, with
+  ``e = prediction − real`` (uncentred): 1 when both models make the same error, 0 when their errors are orthogonal;
 * the latent MSE of the pair's mean prediction (not a rollout of any model: it shows how much of the error two
   independent errors would cancel).
 
@@ -102,19 +102,33 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"--{name}: expected >= 1, got {getattr(a, name)}")
     if min(a.horizons) < 1:
         p.error(f"--horizons: expected every horizon >= 1, got {a.horizons}")
+    if min(a.seeds) < 0:
+        p.error(f"--seeds: expected every seed >= 0, got {a.seeds}")
+    resolved = [str(Path(m).resolve()) for m in a.world_models]
+    if len(set(resolved)) < len(resolved):
+        p.error(f"--world-models: expected distinct bundles, got {a.world_models}")
     horizons = sorted(set(a.horizons))
-    models = {}
+    models, store = {}, EpisodeStore(a.data)
+    try:
+        meta = store.read_meta()
+    except (OSError, ValueError) as e:
+        p.error(f"--data: expected an episode store directory, got {a.data!r}: {e}")
     for path in a.world_models:
         try:
-            dit = json.loads((Path(path) / "config.json").read_text()).get("model_type") == "dit"
+            config = json.loads((Path(path) / "config.json").read_text())
+            dit = config.get("model_type") == "dit"
             m = load_for_env(None, path, sampling_steps=(a.sampling_steps or None) if dit else None,
                              temperature=a.temperature if dit else None)[0].model.eval()  # the RSSM: its own sampler
         except (ValueError, OSError) as e:
             p.error(f"--world-models {path}: {e}")
+        for key in ("game", "action_meanings"):
+            if meta.get(key) != config.get(key):
+                p.error(f"--data: {key}: expected {config.get(key)!r} (the bundle {path}'s), the store has "
+                        f"{meta.get(key)!r}")
         if a.history < m.context_len:
             p.error(f"--history: expected >= the context_len {m.context_len} of {path}, got {a.history}")
         models[path] = m
-    data = EpisodeStore(a.data).load()
+    data = store.load()
     H, preds, reals = max(horizons), {k: [] for k in models}, []
     for seed in a.seeds:
         try:
@@ -130,9 +144,11 @@ def main(argv: list[str] | None = None) -> dict:
             target = z[:, K - 1 + np.array(horizons)].float().numpy().transpose(1, 0, 2)
             if real is None:
                 real, first = target, path
-            elif np.abs(target - real).max() > 1e-3:
+            elif target.shape != real.shape or np.abs(target - real).max() > 1e-3:
+                apart = f"{np.abs(target - real).max():.3g} apart" if target.shape == real.shape else \
+                    f"to {target.shape[-1]} latent dimensions, not {real.shape[-1]}"
                 p.error(f"--world-models {path}: expected the frozen encoder of {first}, got one that encodes the "
-                        f"same frames {np.abs(target - real).max():.3g} apart (another stage-1 run)")
+                        f"same frames {apart} (another stage-1 run)")
             preds[path].append(predictions(m, z, actions, horizons, seed))
         reals.append(real)
     out = agreement({k: np.concatenate(v, 1) for k, v in preds.items()}, np.concatenate(reals, 1), horizons)

@@ -162,19 +162,34 @@ def test_model_agreement_of_a_model_with_itself_and_on_known_errors(tiny_bundle,
     import json
     import shutil
 
+    import torch
     from safetensors.torch import load_file, save_file
 
+    from dit_envs.envs.loading import load_for_env
     from tests.test_fidelity import make_pong_store  # a store with held-out episodes
+    from trainers.data import EpisodeStore
+    from trainers.fidelity import encode_frames, rollout, select_starts
 
     mod = _load("model_agreement")
     store = make_pong_store(tmp_path / "store")
-    out = mod.main(["--data", str(store), "--world-models", str(tiny_bundle), str(tiny_bundle) + "/",
-                    "--contexts", "4", "--horizons", "1", "3", "--history", "4", "--seeds", "0", "1",
-                    "--temperature", "0"])
+    twin = tmp_path / "twin"  # the same model under another path
+    shutil.copytree(tiny_bundle, twin)
+    out = mod.main(["--data", str(store), "--world-models", str(tiny_bundle), str(twin), "--contexts", "4",
+                    "--horizons", "1", "3", "--history", "4", "--seeds", "0", "--temperature", "0"])
     (pair,) = out["pairs"].values()  # the same model twice, the same seed: the same rollouts
     assert pair["between"] == [0.0, 0.0] and np.allclose(pair["error_corr"], 1.0)
     assert np.allclose(pair["mean_mse"], out["mse"][str(tiny_bundle)]) and min(pair["mean_mse"]) > 0
     assert "error correlation" in capsys.readouterr().out
+    # the evaluator's own rollout of the same starts gives the same error at each horizon
+    model = load_for_env(None, str(tiny_bundle), temperature=0.0)[0].model.eval()
+    data, K = EpisodeStore(store).load(), model.context_len
+    starts, _ = select_starts(data, history=4, horizon=3, count=4, seed=0)
+    rows = starts[:, None] + np.arange(-K, 3)[None]
+    actions = torch.from_numpy(np.where(data["action"][rows] < 0, model.num_actions, data["action"][rows]))
+    z = encode_frames(model, data["obs"][rows], torch.device("cpu"))
+    res = rollout(model, z, actions, data["obs"][rows[:, K:]], horizons=[3],
+                  generator=torch.Generator().manual_seed(0), pong=False, gif_contexts=0)
+    assert np.allclose(out["mse"][str(tiny_bundle)], res["latent_se"][:, [0, 2]].mean(0), rtol=1e-5)
     real = np.zeros((1, 2, 3))
     e = np.array([[[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]])
     r = mod.agreement({"a": e, "b": -e, "c": np.roll(e, 1, axis=2)}, real, [1])
@@ -186,6 +201,15 @@ def test_model_agreement_of_a_model_with_itself_and_on_known_errors(tiny_bundle,
     with pytest.raises(SystemExit):
         mod.main(["--data", str(store), "--world-models", str(tiny_bundle)])
     assert "--world-models: expected >= 2 bundles, got 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mod.main(["--data", str(store), "--world-models", str(tiny_bundle), str(tiny_bundle) + "/"])
+    assert "--world-models: expected distinct bundles" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mod.main(["--data", str(store), "--world-models", str(tiny_bundle), str(twin), "--seeds", "-1"])
+    assert "--seeds: expected every seed >= 0, got [-1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mod.main(["--data", str(tmp_path / "nostore"), "--world-models", str(tiny_bundle), str(twin)])
+    assert "--data: expected an episode store directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         mod.main(["--data", str(store), "--world-models", str(tiny_bundle), str(tmp_path / "none")])
     assert f"--world-models {tmp_path / 'none'}:" in capsys.readouterr().err

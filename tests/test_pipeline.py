@@ -57,6 +57,12 @@ def test_pipeline_bad_arguments(tmp_path, capsys):
     assert "--temperature" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+def test_pipeline_refuses_torchrun(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # each torchrun rank would leave after its first DDP stage
+    assert pipeline(["--out", str(tmp_path / "x")]) == 2
+    assert "WORLD_SIZE: expected 1" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_quickstart_writes_a_gif_and_prints_steps_per_second(tiny_bundle, tmp_path, capsys):
     gif = tmp_path / "q.gif"
     assert quickstart(["--checkpoint", str(tiny_bundle), "--num-envs", "3", "--steps", "12", "--gif-envs", "2",

@@ -198,7 +198,8 @@ def validate(args: Args) -> Setup:
 
 
 def main(args: Args) -> int:
-    """Distil (or resume), export the student bundle; returns 0, or 143/130 after SIGTERM/SIGINT."""
+    """Distil (or resume), export the student bundle; returns 0, or 143/130 after SIGTERM/SIGINT (torchrun: exits
+    with it, :func:`trainers.distributed.run`)."""
     setup = validate(args)
     return dist_.run(pick_device(args.device), lambda d: _run(args, setup, d))
 

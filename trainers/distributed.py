@@ -71,7 +71,8 @@ def run(device: torch.device, fn: Callable[[Dist], int]) -> int:
     after the process group is destroyed; if the interpreter were finalizing when a worker releases one, the worker
     could not take the GIL and the rank would abort ("terminate called without an active exception", exit -6)
     after a run that succeeded (here: a few percent of 2-process CPU runs on 2 busy cores; the crash is described in
-    pytorch/pytorch PR 179291). Files are closed by ``fn`` itself, so skipping finalization loses nothing.
+    pytorch/pytorch PR 179291). Files are closed by ``fn`` itself, so skipping finalization loses nothing. An
+    exception from ``fn`` propagates as usual (after :func:`cleanup`); the run has failed then anyway.
     """
     d = setup(device)
     try:

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +99,18 @@ def release_bundle(src: Path, dst: Path, temperature: float | None = None) -> Pa
 
 
 def main(args: Args) -> int:
-    """Run every stage not done yet; returns 0, or the first failing stage's exit code."""
+    """Run every stage not done yet; returns 0, or the first failing stage's exit code.
+
+    Returns 2 without writing anything when started by torchrun (``WORLD_SIZE > 1``): the stages run in this
+    process and a torchrun rank leaves after its stage (:func:`trainers.distributed.run`); collect is one process.
+
+    Raises:
+        ArgError: bad arguments.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print(f"pipeline: WORLD_SIZE: expected 1 (run the pipeline without torchrun; pretrain and distill take "
+              f"torchrun on their own), got {os.environ['WORLD_SIZE']}", file=sys.stderr)
+        return 2
     for name in ("env_steps", "pretrain_steps", "distill_steps", "agent_steps"):
         if getattr(args, name) < 1:
             raise ArgError(name, f"expected an integer >= 1, got {getattr(args, name)}")

@@ -284,7 +284,7 @@ def _start(step: int, init: str) -> str:
 
 
 def main(args: Args) -> int:
-    """Train (or resume), export the bundle; returns 0, or 143/130 after SIGTERM/SIGINT."""
+    """Train (or resume), export the bundle; returns 0, or 143/130 after SIGTERM/SIGINT (torchrun: exits with it)."""
     setup = validate(args)
     return dist_.run(pick_device(args.device), lambda d: _run(args, setup, d))
 
