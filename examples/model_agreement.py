@@ -14,7 +14,8 @@ seed, :func:`trainers.fidelity.select_starts`) and prints, at each horizon ``h``
 Two models trained apart (e.g. another depth, from scratch) whose errors at ``h`` correlate near 1 and whose
 predictions lie much closer to each other than to the real latent share what they get wrong: more of the same
 training does not fix it, the data or the context does not show it. Errors that correlate weakly are each model's
-own. All models must encode frames with the same frozen encoder (DiT bundles of one stage-1 run, and its RSSM).
+own. All models must share one frozen encoder, byte for byte (the sha256 their bundles record): the DiT bundles of one
+stage-1 run and its RSSM. Frames are encoded once, by the first model.
 
 Run::
 
@@ -35,8 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout without install
 
 from dit_envs.envs.loading import load_for_env  # noqa: E402
-from trainers.data import EpisodeStore  # noqa: E402
-from trainers.fidelity import encode_frames, select_starts  # noqa: E402
+from trainers.fidelity import encode_frames, load_store, select_starts  # noqa: E402
 
 
 @torch.no_grad()
@@ -107,50 +107,40 @@ def main(argv: list[str] | None = None) -> dict:
     resolved = [str(Path(m).resolve()) for m in a.world_models]
     if len(set(resolved)) < len(resolved):
         p.error(f"--world-models: expected distinct bundles, got {a.world_models}")
-    horizons = sorted(set(a.horizons))
-    models, store = {}, EpisodeStore(a.data)
-    try:
-        meta = store.read_meta()
-    except (OSError, ValueError) as e:
-        p.error(f"--data: expected an episode store directory, got {a.data!r}: {e}")
+    horizons, models, first, first_config = sorted(set(a.horizons)), {}, a.world_models[0], None
     for path in a.world_models:
         try:
-            config = json.loads((Path(path) / "config.json").read_text())
-            dit = config.get("model_type") == "dit"
-            m = load_for_env(None, path, sampling_steps=(a.sampling_steps or None) if dit else None,
-                             temperature=a.temperature if dit else None)[0].model.eval()  # the RSSM: its own sampler
+            dit = json.loads((Path(path) / "config.json").read_text()).get("model_type") == "dit"
+            bundle = load_for_env(None, path, sampling_steps=(a.sampling_steps or None) if dit else None,
+                                  temperature=a.temperature if dit else None)[0]  # the RSSM: its own sampler
         except (ValueError, OSError) as e:
             p.error(f"--world-models {path}: {e}")
-        for key in ("game", "action_meanings"):
-            if meta.get(key) != config.get(key):
-                p.error(f"--data: {key}: expected {config.get(key)!r} (the bundle {path}'s), the store has "
-                        f"{meta.get(key)!r}")
-        if a.history < m.context_len:
-            p.error(f"--history: expected >= the context_len {m.context_len} of {path}, got {a.history}")
-        models[path] = m
-    data = store.load()
-    H, preds, reals = max(horizons), {k: [] for k in models}, []
+        first_config = first_config or bundle.config
+        want, got = (c["files"]["autoencoder.safetensors"] for c in (first_config, bundle.config))  # sha256
+        if got != want:  # the same encoder implies the same stage-1 run, game and actions
+            p.error(f"--world-models {path}: expected the frozen encoder of {first} (sha256 {want}), got {got} "
+                    f"(another stage-1 run, or one stored in another dtype); their latents are not comparable")
+        if a.history < bundle.model.context_len:
+            p.error(f"--history: expected >= the context_len {bundle.model.context_len} of {path}, got {a.history}")
+        models[path] = bundle.model.eval()
+    try:
+        data = load_store(a.data, first_config)
+    except ValueError as e:  # an ArgError naming --data
+        p.error(str(e))
+    H, K_max, preds, reals = max(horizons), max(m.context_len for m in models.values()), {k: [] for k in models}, []
     for seed in a.seeds:
         try:
             starts, _ = select_starts(data, history=a.history, horizon=H, count=a.contexts, seed=seed)
         except ValueError as e:
             p.error(f"--data: {e}")
-        real = None
+        rows = starts[:, None] + np.arange(-K_max, H)[None]
+        z_all = encode_frames(models[first], data["obs"][rows], torch.device("cpu"))  # one encoder for all
+        reals.append(z_all[:, K_max - 1 + np.array(horizons)].float().numpy().transpose(1, 0, 2))
         for path, m in models.items():
             K = m.context_len
-            rows = starts[:, None] + np.arange(-K, H)[None]
-            actions = torch.from_numpy(np.where(data["action"][rows] < 0, m.num_actions, data["action"][rows]))
-            z = encode_frames(m, data["obs"][rows], torch.device("cpu"))
-            target = z[:, K - 1 + np.array(horizons)].float().numpy().transpose(1, 0, 2)
-            if real is None:
-                real, first = target, path
-            elif target.shape != real.shape or np.abs(target - real).max() > 1e-3:
-                apart = f"{np.abs(target - real).max():.3g} apart" if target.shape == real.shape else \
-                    f"to {target.shape[-1]} latent dimensions, not {real.shape[-1]}"
-                p.error(f"--world-models {path}: expected the frozen encoder of {first}, got one that encodes the "
-                        f"same frames {apart} (another stage-1 run)")
+            z, a_rows = z_all[:, K_max - K:], data["action"][rows[:, K_max - K:]]
+            actions = torch.from_numpy(np.where(a_rows < 0, m.num_actions, a_rows))
             preds[path].append(predictions(m, z, actions, horizons, seed))
-        reals.append(real)
     out = agreement({k: np.concatenate(v, 1) for k, v in preds.items()}, np.concatenate(reals, 1), horizons)
     n = sum(len(r[0]) for r in reals)
     print(f"open-loop agreement over {n} held-out contexts (seeds {a.seeds}; DiT sampling steps "

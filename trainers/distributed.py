@@ -39,6 +39,11 @@ class Dist:
         return self.rank == 0
 
 
+def world_size() -> int:
+    """The job's process count from torchrun's ``WORLD_SIZE`` (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(device: torch.device) -> Dist:
     """Join the torchrun process group when ``WORLD_SIZE > 1`` (gloo for CPU, nccl for CUDA).
 
@@ -47,7 +52,7 @@ def setup(device: torch.device) -> Dist:
     Returns:
         :class:`Dist`.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", local)

@@ -263,12 +263,17 @@ def _load_model(args: Args, device: torch.device):
     return bundle
 
 
-def _load_data(args: Args, config: dict) -> dict[str, np.ndarray]:
-    store = EpisodeStore(args.data)
+def load_store(data: str, config: dict) -> dict[str, np.ndarray]:
+    """Every row of the episode store ``data`` (:meth:`trainers.data.EpisodeStore.load`), for a bundle's ``config``.
+
+    Raises:
+        ArgError: ``data`` is no episode store, or its game or action meanings are not the bundle's.
+    """
+    store = EpisodeStore(data)
     try:
         meta = store.read_meta()
     except (FileNotFoundError, ValueError) as e:
-        raise ArgError("data", f"expected an episode store directory, got {args.data!r}: {e}") from None
+        raise ArgError("data", f"expected an episode store directory, got {data!r}: {e}") from None
     for key in ("game", "action_meanings"):
         if meta.get(key) != config.get(key):
             raise ArgError("data", f"{key}: expected {config.get(key)!r} (the bundle's), "
@@ -325,7 +330,7 @@ def main(args: Args) -> int:
     horizons = _validate(args)
     device = pick_device(args.device)
     bundle = _load_model(args, device)
-    data = _load_data(args, bundle.config)
+    data = load_store(args.data, bundle.config)
     try:
         starts, candidates = select_starts(data, history=args.history, horizon=horizons[-1], count=args.contexts,
                                            seed=args.seed)

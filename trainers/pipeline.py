@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from dit_envs.bundle import load_bundle, save_bundle
 from dit_envs.io import atomic_write_json
 from trainers.cli import COMMANDS
 from trainers.common import ArgError, arg, check_temperature, pick_device, run_cli
+from trainers.distributed import world_size
 
 
 @dataclass(kw_only=True)
@@ -107,9 +107,9 @@ def main(args: Args) -> int:
     Raises:
         ArgError: bad arguments.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_size() > 1:
         print(f"pipeline: WORLD_SIZE: expected 1 (run the pipeline without torchrun; pretrain and distill take "
-              f"torchrun on their own), got {os.environ['WORLD_SIZE']}", file=sys.stderr)
+              f"torchrun on their own), got {world_size()}", file=sys.stderr)
         return 2
     for name in ("env_steps", "pretrain_steps", "distill_steps", "agent_steps"):
         if getattr(args, name) < 1:
