@@ -1,4 +1,4 @@
-"""Closed-loop reward statistics of a fixed policy (random or ball-tracking): imagination vs the real game.
+"""Closed-loop reward statistics of a fixed policy (random, tracking, intercepting): imagination vs the real game.
 
 Open-loop fidelity (``ditwm evaluate fidelity``) scores reward events over 64 steps from real contexts; an agent
 trained in imagination lives in long closed-loop episodes instead. This script plays the same policy for
@@ -6,18 +6,21 @@ trained in imagination lives in long closed-loop episodes instead. This script p
 steps: reward events won (+) and lost (−) and episode ends. ``--policy random`` plays uniform-random actions;
 ``--policy track`` moves the paddle towards the ball seen in the (imagined or real) frame
 (:func:`trainers.pong_objects.track_actions`), a competent policy whose returns and points the world model must
-reproduce for an agent to learn them. ``--policy DIR`` plays a trained latent-stack policy (a ``ditwm train-agent``
-run; sampled actions, as it trains): on the imagined game it reads the env's latent observations, on the real game
-the latents of its frozen encoder, so the two rows show how far the model's imagination of *that* agent's play is
-from the real game (an agent that exploits its model imagines fewer losses than it suffers). A world model that an
-agent can learn from reproduces these rates; one that under-produces the agent's wins gives a policy nothing to
-learn scoring from, and one that under-produces losses can be exploited.
+reproduce for an agent to learn them; ``--policy intercept`` aims where the ball will cross the paddle's line
+(:class:`trainers.pong_intercept.InterceptPlayer`) and wins points on the real game, so its ``wins`` row shows
+whether the model imagines points won at all. ``--policy DIR`` plays a trained latent-stack policy (a ``ditwm
+train-agent`` run; sampled actions, as it trains): on the imagined game it reads the env's latent observations, on
+the real game the latents of its frozen encoder, so the two rows show how far the model's imagination of *that*
+agent's play is from the real game (an agent that exploits its model imagines fewer losses than it suffers). A world
+model that an agent can learn from reproduces these rates; one that under-produces the agent's wins gives a policy
+nothing to learn scoring from, and one that under-produces losses can be exploited.
 
 Run::
 
     python examples/reward_rates.py                       # the bundled DiTWM/Pong-v0
     python examples/reward_rates.py --world-model runs/pipeline/distill/bundle --sampling-steps 1
     python examples/reward_rates.py --policy track        # ball-tracking play (pixel observations)
+    python examples/reward_rates.py --policy intercept    # a scripted player that wins points
     python examples/reward_rates.py --policy runs/agent --world-model runs/dit/bundle --sampling-steps 4
 """
 from __future__ import annotations
@@ -36,10 +39,12 @@ import dit_envs  # noqa: E402  (registers the DiTWM ids)
 from trainers.common import ArgError  # noqa: E402
 from trainers.evaluate_agent import load_latent_policy  # noqa: E402
 from trainers.policy import StackedPolicy  # noqa: E402
+from trainers.pong_intercept import InterceptPlayer  # noqa: E402
 from trainers.pong_objects import track_actions  # noqa: E402
 from trainers.rollout import latent_obs  # noqa: E402
 
-POLICIES = ("random", "track")
+POLICIES = ("random", "track", "intercept")
+PIXEL_POLICIES = ("track", "intercept")
 
 
 class LatentPolicy:
@@ -71,10 +76,12 @@ def play(envs: gym.vector.VectorEnv, steps: int, seed: int, policy: str = "rando
     """Play ``policy`` for ``steps`` batched steps → events per 1000 env steps.
 
     Args:
-        envs: a vector env with a discrete action space; pixel observations ``(N, 3, 64, 64)`` for ``"track"``.
-        policy: ``"random"`` (uniform actions), ``"track"`` (:func:`~trainers.pong_objects.track_actions`) or a
+        envs: a vector env with a discrete action space; pixel observations ``(N, 3, 64, 64)`` for ``"track"`` and
+            ``"intercept"``.
+        policy: ``"random"`` (uniform actions), ``"track"`` (:func:`~trainers.pong_objects.track_actions`),
+            ``"intercept"`` (:class:`~trainers.pong_intercept.InterceptPlayer`, default offset) or a
             :class:`LatentPolicy`.
-        action_meanings: the game's action names (needed by ``"track"``).
+        action_meanings: the game's action names (needed by ``"track"`` and ``"intercept"``).
     Returns:
         ``{"wins", "losses", "episode_ends"}``: counts of reward > 0, reward < 0 and terminations, per 1000 env
         steps (summed over envs).
@@ -88,15 +95,20 @@ def play(envs: gym.vector.VectorEnv, steps: int, seed: int, policy: str = "rando
     wins = losses = ends = 0
     n = envs.num_envs
     done = None
+    player = InterceptPlayer(action_meanings, n) if policy == "intercept" else None
     for _ in range(steps):
         if isinstance(policy, LatentPolicy):
             action = policy(obs, done)
         elif policy == "track":
             action = track_actions(np.asarray(obs), action_meanings, rng)
+        elif player is not None:
+            action = player.act(np.asarray(obs))
         else:
             action = rng.integers(0, envs.single_action_space.n, n)
         obs, reward, term, trunc, _ = envs.step(action)
         done = np.asarray(term) | np.asarray(trunc)
+        if player is not None:
+            player.episode_ended(done)
         wins += int((np.asarray(reward) > 0).sum())
         losses += int((np.asarray(reward) < 0).sum())
         ends += int(np.asarray(term).sum())
@@ -113,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the bundle's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policy", default="random",
-                   help="random: uniform actions; track: follow the ball (pixel observations); or a policy "
+                   help="random: uniform actions; track: follow the ball; intercept: aim where the ball will cross "
+                        "the paddle's line (both pixel observations); or a policy "
                         "directory (a train-agent run; latent observations)")
     p.add_argument("--encoder", default="", help="policy DIR: its frozen encoder (default: its agent.json's)")
     a = p.parse_args(argv)
@@ -126,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     for name in ("num_envs", "steps"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(a, name)}")
-    kw = {"num_envs": a.num_envs, "obs_type": "pixels" if a.policy == "track" else "latent",
+    kw = {"num_envs": a.num_envs, "obs_type": "pixels" if a.policy in PIXEL_POLICIES else "latent",
           "max_episode_steps": a.steps + 1}
     if a.sampling_steps:
         kw["sampling_steps"] = a.sampling_steps

@@ -25,6 +25,18 @@ def test_reward_rates_tiny(capsys):
     assert "events per 1000 steps" in capsys.readouterr().out
 
 
+def test_reward_rates_intercept_loses_fewer_points_than_random_play():
+    mod = _load("reward_rates")
+    import dit_envs
+    rates = {}
+    for policy in ("random", "intercept"):
+        env = dit_envs.make_real_env("Pong", num_envs=2, seed=0)
+        rates[policy] = mod.play(env, 600, 0, policy, list(env.action_meanings))
+        env.close()
+    assert rates["random"]["losses"] > 15.0  # real random play loses ~21.6 points per 1000 steps
+    assert rates["intercept"]["losses"] < 0.5 * rates["random"]["losses"]
+
+
 def test_compare_sampling_speed_breakdown(tiny_bundle, capsys):
     configs = [f"{tiny_bundle}:4", f"{tiny_bundle}:1"]
     rates = _load("compare_sampling_speed").main([*configs, "--num-envs", "4", "--steps", "2", "--repeats", "2",

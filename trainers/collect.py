@@ -3,7 +3,9 @@
 ``--agent random`` plays uniformly random actions from the minimal action set; ``--agent track`` (Pong only)
 moves the agent's paddle towards the ball (:func:`trainers.pong_objects.track_actions`) and plays a uniformly random
 action instead with probability ``--epsilon``: scripted exploration that shows the world model what a weak stage-1
-agent rarely does (the paddle returning the ball; our 100k-step stage-1 store holds 193 returns); ``--agent rssm``
+agent rarely does (the paddle returning the ball; our 100k-step stage-1 store holds 193 returns); ``--agent
+intercept`` (Pong only) aims the paddle where the ball will cross its line (:mod:`trainers.pong_intercept`) and
+wins points, which the stage-1 agent and the tracker rarely do (same ``--epsilon``); ``--agent rssm``
 (stage 1) trains the DreamerV3-style agent online while it collects; ``--agent policy --policy DIR`` plays a trained
 latent-stack policy (a ``ditwm train-agent`` run, sampled actions, a random one with probability ``--epsilon``) on
 the latents of its frozen encoder: the data of a DIAMOND-style alternation (Alonso et al. 2024: collect with the
@@ -25,19 +27,22 @@ from tqdm import tqdm
 from dit_envs.envs.real import PROTOCOL, make_real_env, rom_id
 from trainers.common import ArgError, arg, catch_stop_signals, check_out_dir, pick_device, run_cli, signal_exit_code
 from trainers.data import EpisodeStore
+from trainers.pong_intercept import InterceptPlayer
 from trainers.pong_objects import track_actions
 
-AGENTS = ("random", "track", "rssm", "policy")
+AGENTS = ("random", "track", "intercept", "rssm", "policy")
 
 
 @dataclass(kw_only=True)
 class Args:
     game: str = arg("Pong", "Atari game name, as in ALE/<Game>-v5")
     agent: str = arg("random", "who plays: 'random' (uniform over the minimal action set), 'track' (Pong: follow "
-                               "the ball, a random action with probability --epsilon) or 'rssm' (stage 1: "
+                               "the ball, a random action with probability --epsilon), 'intercept' (Pong: aim where "
+                               "the ball will cross the paddle's line; wins points), 'rssm' (stage 1: "
                                "DreamerV3-style agent learning while it collects) or 'policy' (a trained --policy)",
                     choices=AGENTS)
-    epsilon: float = arg(0.25, "track, policy: probability of a uniformly random action instead of the agent's")
+    epsilon: float = arg(0.25, "track, intercept, policy: probability of a uniformly random action instead of the "
+                               "agent's")
     policy: str = arg("", "policy: the policy directory (agent.safetensors + agent.json, e.g. a train-agent --out)")
     encoder: str = arg("", "policy: its frozen encoder (bundle dir / env id / stage-1 dir; default: the world model "
                            "recorded in its agent.json)")
@@ -67,9 +72,9 @@ def validate(args: Args) -> None:
         raise ArgError("agent", f"expected one of {AGENTS}, got {args.agent!r}")
     if not 0.0 <= args.epsilon <= 1.0:
         raise ArgError("epsilon", f"expected a number in [0, 1], got {args.epsilon}")
-    if args.agent == "track" and args.game != "Pong":
-        raise ArgError("agent", f"expected 'random' or 'rssm' for game {args.game!r} ('track' plays Pong only), "
-                                f"got 'track'")
+    if args.agent in ("track", "intercept") and args.game != "Pong":
+        raise ArgError("agent", f"expected 'random', 'rssm' or 'policy' for game {args.game!r} ({args.agent!r} "
+                                f"plays Pong only), got {args.agent!r}")
     if args.agent in ("rssm", "policy"):
         pick_device(args.device)
     if (args.agent == "policy") != bool(args.policy):
@@ -149,12 +154,15 @@ def main(args: Args) -> int:
     bar = tqdm(total=args.steps, initial=done_steps, unit="step", desc=f"collect {args.game}",
                disable=not sys.stderr.isatty())
     meanings = list(env.action_meanings)
+    player = InterceptPlayer(meanings, n) if args.agent == "intercept" else None
     try:
         while done_steps < args.steps and stop["signal"] is None:
             action = rng.integers(0, len(meanings), size=n)
             if args.agent == "track":
                 tracked = track_actions(obs, meanings, rng)
                 action = np.where(rng.random(n) < args.epsilon, action, tracked)
+            elif player is not None:
+                action = np.where(rng.random(n) < args.epsilon, action, player.act(obs))
             elif policy is not None:
                 action = np.where(rng.random(n) < args.epsilon, action, policy.act())
             nxt, reward, term, trunc, info = env.step(action)
@@ -168,6 +176,8 @@ def main(args: Args) -> int:
             step += 1
             if policy is not None:
                 policy.observe(nxt, done)
+            if player is not None:
+                player.episode_ended(done)
             if done.any():
                 k = int(done.sum())
                 episode[done] = np.arange(next_ep, next_ep + k)

@@ -1,0 +1,84 @@
+"""The scripted intercept player (`ditwm collect --agent intercept`): its geometry, its actions on synthetic
+frames, its per-env memory, and the collector playing exactly its actions."""
+import numpy as np
+import pytest
+
+from trainers import cli as ditwm
+from trainers.collect import Args, main
+from trainers.data import EpisodeStore
+from trainers.pong_intercept import BALL_BOTTOM, BALL_TOP, CENTRE_ROW, PADDLE_COL, InterceptPlayer, intercept_rows
+
+MEANINGS = ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE"]
+NOOP, UP, DOWN = 0, 2, 3
+BG = np.array([144, 72, 17], np.uint8)
+
+
+def _frame(ball: tuple[int, int] | None, paddle_row: int) -> np.ndarray:
+    """A 64×64 Pong frame with a 2-pixel ball at (row, col) and the agent's 8-row paddle centred on paddle_row."""
+    f = np.empty((3, 64, 64), np.uint8)
+    f[:] = BG[:, None, None]
+    f[:, paddle_row - 4:paddle_row + 4, 56:58] = np.array([92, 186, 92], np.uint8)[:, None, None]
+    if ball is not None:
+        f[:, ball[0]:ball[0] + 1, ball[1]:ball[1] + 2] = 236
+    return f
+
+
+def test_intercept_rows_straight_reflected_and_away():
+    row = intercept_rows(np.array([30.0, 30.0, 30.0]), np.array([15.0, PADDLE_COL - 10, 40.0]),
+                         np.array([0.0, -3.0, 2.0]), np.array([4.0, 1.0, -2.0]))
+    assert row[0] == pytest.approx(30.0)  # flat: the ball's own row
+    top_dist = 30.0 - BALL_TOP  # 30 px up over 10 steps: reaches the top wall and comes back down
+    assert row[1] == pytest.approx(BALL_TOP + (30.0 - top_dist))
+    assert row[2] == pytest.approx(CENTRE_ROW + 0.5 * (30.0 - CENTRE_ROW))  # moving away: half-way to the centre
+    many = intercept_rows(np.full(50, 30.0), np.zeros(50), np.linspace(-20, 20, 50), np.full(50, 1.0))
+    assert (many >= BALL_TOP - 1e-9).all() and (many <= BALL_BOTTOM + 1e-9).all()
+
+
+def test_player_moves_towards_the_crossing_and_remembers_per_env():
+    p = InterceptPlayer(MEANINGS, 2, offset=0.0)
+    first = np.stack([_frame((20, 30), 40), _frame((50, 30), 42)])
+    assert p.act(first).tolist() == [UP, DOWN]  # first sight: towards the ball's row
+    # env 0: the ball moves right and down (2 rows per 2 cols) → crosses the paddle column near row 45: go down
+    # env 1: the ball moves away from the paddle → wait half-way between the centre and the ball (row 42): stay
+    second = np.stack([_frame((22, 32), 40), _frame((50, 28), 42)])
+    assert p.act(second).tolist() == [DOWN, NOOP]
+    p.episode_ended(np.array([True, False]))
+    assert np.isnan(p.prev_ball[0]).all() and not np.isnan(p.prev_ball[1]).any()
+    assert p.act(np.stack([_frame(None, 40), _frame(None, 42)])).tolist() == [UP, UP]  # no ball: the centre
+
+
+def test_player_bad_input():
+    with pytest.raises(ValueError, match="action_meanings"):
+        InterceptPlayer(["NOOP", "FIRE"], 1)
+    with pytest.raises(ValueError, match="num_envs"):
+        InterceptPlayer(MEANINGS, 0)
+    with pytest.raises(ValueError, match="dead_zone"):
+        InterceptPlayer(MEANINGS, 1, dead_zone=-1.0)
+    with pytest.raises(ValueError, match="frames"):
+        InterceptPlayer(MEANINGS, 2).act(np.stack([_frame(None, 30)]))
+
+
+def test_collect_intercept_plays_the_players_actions(tmp_path):
+    out = tmp_path / "icpt"
+    assert main(Args(steps=300, out=str(out), num_envs=2, agent="intercept", epsilon=0.0, seed=3)) == 0
+    store = EpisodeStore(out)
+    assert store.read_meta()["collector"]["agent"] == "intercept"
+    d = store.load()
+    assert len(np.unique(d["episode"])) == 2  # 150 steps each: no episode ended
+    moved = 0
+    for ep in np.unique(d["episode"]):
+        rows = np.flatnonzero(d["episode"] == ep)  # sorted by step; row t's action was chosen on row t-1's frame
+        replay = InterceptPlayer(store.read_meta()["action_meanings"], 1)
+        expected = np.concatenate([replay.act(d["obs"][r:r + 1]) for r in rows[:-1]])
+        assert (d["action"][rows[1:]] == expected).all()
+        moved += int((expected != NOOP).sum())
+    assert moved > 20
+
+
+def test_intercept_other_game_exit_2(tmp_path, capsys):
+    out = tmp_path / "new"
+    assert ditwm.main(["collect", "--agent", "intercept", "--game", "Breakout", "--steps", "10", "--out",
+                       str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--agent" in err and "intercept" in err and len(err.splitlines()) == 1
+    assert not out.exists()

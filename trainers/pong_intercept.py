@@ -1,0 +1,99 @@
+"""A scripted Pong player that aims where the ball will cross the agent's paddle line (``ditwm collect --agent
+intercept``).
+
+Why: a world model learns the points an agent wins only from data that holds them. A weak stage-1 agent wins
+about one point per 1 000 steps and the ball tracker of :func:`trainers.pong_objects.track_actions` fewer (it
+chases the ball's current row, and the paddle's inertia makes it overshoot). This player estimates the ball's
+velocity from the previous frame, extrapolates the ball's path to the paddle's column with reflections off the
+walls, and leads its own paddle by its velocity, so it returns most balls and, hitting them off-centre by
+``offset`` pixels, sends steep shots the opponent misses: it shows the world model many points won.
+
+Measured on real Pong (8 envs × 3 000 steps, greedy): ``offset`` 1 px wins 3.9 and loses 3.3 points per 1 000
+steps, 0 px 1.4 and 1.0 (long rallies); the plain tracker wins 0.63 and loses 6.7, random play 0.81 and 21.6.
+
+Objects are located by colour in the 64×64 protocol frame (:func:`trainers.pong_objects.locate_pong_objects`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from trainers.pong_objects import FIELD_BOTTOM, FIELD_TOP, locate_pong_objects
+
+PADDLE_COL = 55.0  # the column where the ball meets the agent's paddle face (64×64 frame)
+CENTRE_ROW = 34.0
+BALL_TOP, BALL_BOTTOM = FIELD_TOP + 0.5, FIELD_BOTTOM - 1.5  # rows where the ball's centre bounces
+
+
+def intercept_rows(row: np.ndarray, col: np.ndarray, v_row: np.ndarray, v_col: np.ndarray) -> np.ndarray:
+    """Row where a ball at ``(row, col)`` moving ``(v_row, v_col)`` pixels per step reaches :data:`PADDLE_COL`,
+    reflecting off the walls; where it moves away from the paddle (``v_col ≤ 0.1``), half-way from
+    :data:`CENTRE_ROW` to the ball's row (a waiting position that follows the play).
+
+    Args:
+        row, col, v_row, v_col: float ``(N,)`` in pixels and pixels per env step of the 64×64 frame.
+    Returns:
+        float64 ``(N,)`` rows.
+    """
+    row, col, v_row, v_col = (np.asarray(x, np.float64) for x in (row, col, v_row, v_col))
+    coming = v_col > 0.1
+    steps = np.where(coming, (PADDLE_COL - col) / np.where(coming, v_col, 1.0), 0.0)
+    span = BALL_BOTTOM - BALL_TOP
+    y = np.mod(row + v_row * np.maximum(steps, 0.0) - BALL_TOP, 2 * span)
+    y = np.where(y > span, 2 * span - y, y) + BALL_TOP  # unfold the reflections
+    return np.where(coming, y, CENTRE_ROW + 0.5 * (row - CENTRE_ROW))
+
+
+class InterceptPlayer:
+    """Scripted Pong player for ``N`` envs, stateful: it remembers the previous frame's ball and paddle rows.
+
+    Args:
+        action_meanings: the game's action names; must hold ``NOOP``, ``RIGHT`` (paddle up) and ``LEFT`` (down).
+        num_envs: ``N``.
+        offset: pixels (of the 64×64 frame) below the predicted crossing row to put the paddle's centre, so the
+            ball hits it off-centre and leaves at a steeper angle (default 1; 0 plays for long rallies).
+        dead_zone: no move while the paddle (led by its velocity) is within this many pixels of its target.
+    Raises:
+        ValueError: ``action_meanings`` lacks an action, ``num_envs`` < 1, or ``dead_zone`` < 0.
+    """
+
+    def __init__(self, action_meanings: list[str], num_envs: int, *, offset: float = 1.0,
+                 dead_zone: float = 1.0) -> None:
+        try:
+            self.noop, self.up, self.down = (list(action_meanings).index(n) for n in ("NOOP", "RIGHT", "LEFT"))
+        except ValueError:
+            raise ValueError(f"action_meanings: expected NOOP, RIGHT and LEFT (Pong), got {action_meanings}") from None
+        if num_envs < 1:
+            raise ValueError(f"num_envs: expected ≥ 1, got {num_envs}")
+        if not dead_zone >= 0:
+            raise ValueError(f"dead_zone: expected ≥ 0 pixels, got {dead_zone}")
+        self.offset, self.dead_zone = float(offset), float(dead_zone)
+        self.prev_ball = np.full((num_envs, 2), np.nan)
+        self.prev_paddle = np.full(num_envs, np.nan)
+
+    def act(self, frames: np.ndarray) -> np.ndarray:
+        """Actions int64 ``(N,)`` for the current uint8 frames ``(N, 3, 64, 64)``; ``NOOP`` where the paddle is
+        not found. Call :meth:`episode_ended` for envs whose episode ended before their next frame.
+
+        Raises:
+            ValueError: ``frames`` not ``(N, 3, 64, 64)`` uint8 for this player's ``N``.
+        """
+        if np.shape(frames)[0] != len(self.prev_paddle):
+            raise ValueError(f"frames: expected {len(self.prev_paddle)} frames, got shape {np.shape(frames)}")
+        objs = locate_pong_objects(frames)
+        ball, paddle = objs.ball, objs.agent_y
+        velocity = ball - self.prev_ball  # NaN where either frame lacks the ball
+        target = intercept_rows(ball[:, 0], ball[:, 1], velocity[:, 0], velocity[:, 1])
+        target = np.where(np.isnan(velocity[:, 1]), ball[:, 0], target)  # first sight: the ball's row
+        target = np.where(np.isnan(ball[:, 0]), CENTRE_ROW, target)  # no ball: wait in the centre
+        lead = np.nan_to_num(paddle - self.prev_paddle)
+        diff = paddle + lead - (target + self.offset)
+        out = np.full(len(frames), self.noop, np.int64)
+        out[diff > self.dead_zone] = self.up
+        out[diff < -self.dead_zone] = self.down
+        self.prev_ball, self.prev_paddle = ball, paddle
+        return out
+
+    def episode_ended(self, done: np.ndarray) -> None:
+        """Forget the previous frame of the envs where ``done`` (bool ``(N,)``) is True."""
+        self.prev_ball[done] = np.nan
+        self.prev_paddle[done] = np.nan
