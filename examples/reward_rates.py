@@ -86,10 +86,12 @@ def play(envs: gym.vector.VectorEnv, steps: int, seed: int, policy: str = "rando
         ``{"wins", "losses", "episode_ends"}``: counts of reward > 0, reward < 0 and terminations, per 1000 env
         steps (summed over envs).
     Raises:
-        ValueError: an unknown ``policy``.
+        ValueError: an unknown ``policy``, or no ``action_meanings`` for a pixel policy.
     """
     if not isinstance(policy, LatentPolicy) and policy not in POLICIES:
         raise ValueError(f"policy: expected one of {POLICIES} or a LatentPolicy, got {policy!r}")
+    if policy in PIXEL_POLICIES and action_meanings is None:
+        raise ValueError(f"action_meanings: expected the game's action names for policy {policy!r}, got None")
     rng = np.random.default_rng(seed)
     obs, _ = envs.reset(seed=seed)
     wins = losses = ends = 0

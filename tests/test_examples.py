@@ -31,10 +31,11 @@ def test_reward_rates_intercept_loses_fewer_points_than_random_play():
     rates = {}
     for policy in ("random", "intercept"):
         env = dit_envs.make_real_env("Pong", num_envs=2, seed=0)
-        rates[policy] = mod.play(env, 600, 0, policy, list(env.action_meanings))
+        rates[policy] = mod.play(env, 1500, 0, policy, list(env.action_meanings))
         env.close()
     assert rates["random"]["losses"] > 15.0  # real random play loses ~21.6 points per 1000 steps
     assert rates["intercept"]["losses"] < 0.5 * rates["random"]["losses"]
+    assert rates["intercept"]["wins"] > rates["random"]["wins"]  # it is there to win points
 
 
 def test_compare_sampling_speed_breakdown(tiny_bundle, capsys):
@@ -54,6 +55,8 @@ def test_reward_rates_bad_args():
         _load("reward_rates").main(["--steps", "0"])
     with pytest.raises(SystemExit):
         _load("reward_rates").main(["--policy", "/nonexistent"])
+    with pytest.raises(ValueError, match="action_meanings"):
+        _load("reward_rates").play(None, 1, 0, "intercept")
 
 
 def test_reward_rates_of_a_trained_policy(tiny_bundle, tmp_path, capsys):

@@ -14,7 +14,8 @@ BG = np.array([144, 72, 17], np.uint8)
 
 
 def _frame(ball: tuple[int, int] | None, paddle_row: int) -> np.ndarray:
-    """A 64×64 Pong frame with a 2-pixel ball at (row, col) and the agent's 8-row paddle centred on paddle_row."""
+    """A 64×64 Pong frame with a 2-pixel ball at (row, col) and the agent's 8-row paddle on rows paddle_row-4 …
+    paddle_row+3 (its centroid: paddle_row - 0.5)."""
     f = np.empty((3, 64, 64), np.uint8)
     f[:] = BG[:, None, None]
     f[:, paddle_row - 4:paddle_row + 4, 56:58] = np.array([92, 186, 92], np.uint8)[:, None, None]
@@ -30,6 +31,12 @@ def test_intercept_rows_straight_reflected_and_away():
     top_dist = 30.0 - BALL_TOP  # 30 px up over 10 steps: reaches the top wall and comes back down
     assert row[1] == pytest.approx(BALL_TOP + (30.0 - top_dist))
     assert row[2] == pytest.approx(CENTRE_ROW + 0.5 * (30.0 - CENTRE_ROW))  # moving away: half-way to the centre
+    bottom = intercept_rows(50.0, PADDLE_COL - 10, 2.0, 1.0)  # 20 px down: 7.5 to the wall, 12.5 back up
+    assert bottom == pytest.approx(BALL_BOTTOM - 12.5)
+    twice = intercept_rows(30.0, PADDLE_COL - 10, -8.0, 1.0)  # 80 px up: 19.5 to the top, 47 down, 13.5 back up
+    assert twice == pytest.approx(BALL_BOTTOM - 13.5)
+    past = intercept_rows(30.0, PADDLE_COL + 2, 1.0, 1.0)  # already past the paddle's column: its own row
+    assert past == pytest.approx(30.0)
     many = intercept_rows(np.full(50, 30.0), np.zeros(50), np.linspace(-20, 20, 50), np.full(50, 1.0))
     assert (many >= BALL_TOP - 1e-9).all() and (many <= BALL_BOTTOM + 1e-9).all()
 
@@ -39,12 +46,16 @@ def test_player_moves_towards_the_crossing_and_remembers_per_env():
     first = np.stack([_frame((20, 30), 40), _frame((50, 30), 42)])
     assert p.act(first).tolist() == [UP, DOWN]  # first sight: towards the ball's row
     # env 0: the ball moves right and down (2 rows per 2 cols) → crosses the paddle column near row 45: go down
-    # env 1: the ball moves away from the paddle → wait half-way between the centre and the ball (row 42): stay
+    # env 1: the ball moves away from the paddle → wait half-way between the centre and the ball (row 42); the
+    # paddle's centroid is 41.5, inside the 1-pixel dead zone: stay
     second = np.stack([_frame((22, 32), 40), _frame((50, 28), 42)])
     assert p.act(second).tolist() == [DOWN, NOOP]
     p.episode_ended(np.array([True, False]))
     assert np.isnan(p.prev_ball[0]).all() and not np.isnan(p.prev_ball[1]).any()
-    assert p.act(np.stack([_frame(None, 40), _frame(None, 42)])).tolist() == [UP, UP]  # no ball: the centre
+    assert np.isnan(p.prev_paddle[0]) and not np.isnan(p.prev_paddle[1])
+    # env 0 forgot its ball at (22, 32): a ball at (30, 36) is a first sight (its row, 30: go up), not a ball coming
+    # down-right (crossing near row 48: go down)
+    assert p.act(np.stack([_frame((30, 36), 40), _frame(None, 42)])).tolist() == [UP, UP]  # no ball: the centre
 
 
 def test_player_bad_input():
@@ -54,13 +65,30 @@ def test_player_bad_input():
         InterceptPlayer(MEANINGS, 0)
     with pytest.raises(ValueError, match="dead_zone"):
         InterceptPlayer(MEANINGS, 1, dead_zone=-1.0)
+    with pytest.raises(ValueError, match="offset"):
+        InterceptPlayer(MEANINGS, 1, offset=float("nan"))
     with pytest.raises(ValueError, match="frames"):
         InterceptPlayer(MEANINGS, 2).act(np.stack([_frame(None, 30)]))
+    with pytest.raises(ValueError, match="frames"):
+        InterceptPlayer(MEANINGS, 3).act(_frame(None, 30))  # one frame without its batch axis
+    with pytest.raises(ValueError, match="done"):
+        InterceptPlayer(MEANINGS, 2).episode_ended(np.array([0, 1]))
 
 
-def test_collect_intercept_plays_the_players_actions(tmp_path):
+def test_collect_intercept_plays_the_players_actions(tmp_path, monkeypatch):
+    import trainers.collect as collect
+
+    ended = []
+
+    class Recording(InterceptPlayer):
+        def episode_ended(self, done):
+            ended.append(np.array(done))
+            super().episode_ended(done)
+
+    monkeypatch.setattr(collect, "InterceptPlayer", Recording)
     out = tmp_path / "icpt"
     assert main(Args(steps=300, out=str(out), num_envs=2, agent="intercept", epsilon=0.0, seed=3)) == 0
+    assert len(ended) == 150 and all(d.dtype == bool and d.shape == (2,) for d in ended)
     store = EpisodeStore(out)
     assert store.read_meta()["collector"]["agent"] == "intercept"
     d = store.load()

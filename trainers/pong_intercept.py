@@ -2,14 +2,15 @@
 intercept``).
 
 Why: a world model learns the points an agent wins only from data that holds them. The stage-1 agent's 100k-step
-store holds 44 points won (0.44 per 1 000 steps) and the ball tracker of :func:`trainers.pong_objects.track_actions` fewer (it
-chases the ball's current row, and the paddle's inertia makes it overshoot). This player estimates the ball's
-velocity from the previous frame, extrapolates the ball's path to the paddle's column with reflections off the
-walls, and leads its own paddle by its velocity, so it returns most balls and, hitting them off-centre by
-``offset`` pixels, sends steep shots the opponent misses: it shows the world model many points won.
+store holds 44 points won (0.44 per 1 000 steps); the ball tracker of :func:`trainers.pong_objects.track_actions`
+wins few more (it chases the ball's current row, and the paddle's inertia makes it overshoot). This player
+estimates the ball's velocity from the previous frame, extrapolates the ball's path to the paddle's column with
+reflections off the walls, and leads its own paddle by its velocity, so it returns most balls and, hitting them
+off-centre by ``offset`` pixels, sends steep shots the opponent misses: it shows the world model many points won.
 
-Measured on real Pong (``python examples/reward_rates.py --policy intercept``, 32 games × 1 000 steps, seed 0):
-2.75 points won and 4.38 lost per 1 000 steps; the tracker wins 0.63 and loses 6.70, random play 0.81 and 21.6 (64 games).
+Measured on real Pong (``python examples/reward_rates.py --policy intercept --num-envs 32 --steps 1000``, seed 0):
+2.75 points won and 4.38 lost per 1 000 steps; in 64 games the tracker wins 0.63 and loses 6.70, random play 0.81
+and 21.6.
 
 Objects are located by colour in the 64×64 protocol frame (:func:`trainers.pong_objects.locate_pong_objects`).
 """
@@ -17,10 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainers.pong_objects import FIELD_BOTTOM, FIELD_TOP, locate_pong_objects
+from trainers.pong_objects import CENTRE_ROW, FIELD_BOTTOM, FIELD_TOP, locate_pong_objects
 
 PADDLE_COL = 55.0  # the column where the ball meets the agent's paddle face (64×64 frame)
-CENTRE_ROW = 34.0
 BALL_TOP, BALL_BOTTOM = FIELD_TOP + 0.5, FIELD_BOTTOM - 1.5  # rows where the ball's centre bounces
 
 
@@ -29,10 +29,14 @@ def intercept_rows(row: np.ndarray, col: np.ndarray, v_row: np.ndarray, v_col: n
     reflecting off the walls; where it moves away from the paddle (``v_col ≤ 0.1``), half-way from
     :data:`CENTRE_ROW` to the ball's row (a waiting position that follows the play).
 
+    A ball already past the paddle's column (still moving towards it) gets its own row, folded into the field; a
+    NaN ``v_col`` counts as moving away; a NaN ``row`` gives NaN.
+
     Args:
-        row, col, v_row, v_col: float ``(N,)`` in pixels and pixels per env step of the 64×64 frame.
+        row, col, v_row, v_col: float ``(N,)`` (or broadcastable) in pixels and pixels per env step of the 64×64
+            frame.
     Returns:
-        float64 ``(N,)`` rows.
+        float64 ``(N,)`` rows: inside ``[BALL_TOP, BALL_BOTTOM]`` for a coming ball.
     """
     row, col, v_row, v_col = (np.asarray(x, np.float64) for x in (row, col, v_row, v_col))
     coming = v_col > 0.1
@@ -53,7 +57,8 @@ class InterceptPlayer:
             ball hits it off-centre and leaves at a steeper angle (default 1; 0 plays for long rallies).
         dead_zone: no move while the paddle (led by its velocity) is within this many pixels of its target.
     Raises:
-        ValueError: ``action_meanings`` lacks an action, ``num_envs`` < 1, or ``dead_zone`` < 0.
+        ValueError: ``action_meanings`` lacks an action, ``num_envs`` not an integer ≥ 1, ``offset`` not finite, or
+            ``dead_zone`` < 0.
     """
 
     def __init__(self, action_meanings: list[str], num_envs: int, *, offset: float = 1.0,
@@ -62,8 +67,10 @@ class InterceptPlayer:
             self.noop, self.up, self.down = (list(action_meanings).index(n) for n in ("NOOP", "RIGHT", "LEFT"))
         except ValueError:
             raise ValueError(f"action_meanings: expected NOOP, RIGHT and LEFT (Pong), got {action_meanings}") from None
-        if num_envs < 1:
-            raise ValueError(f"num_envs: expected ≥ 1, got {num_envs}")
+        if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+            raise ValueError(f"num_envs: expected an integer ≥ 1, got {num_envs!r}")
+        if not np.isfinite(offset):
+            raise ValueError(f"offset: expected a finite number of pixels, got {offset}")
         if not dead_zone >= 0:
             raise ValueError(f"dead_zone: expected ≥ 0 pixels, got {dead_zone}")
         self.offset, self.dead_zone = float(offset), float(dead_zone)
@@ -77,8 +84,10 @@ class InterceptPlayer:
         Raises:
             ValueError: ``frames`` not ``(N, 3, 64, 64)`` uint8 for this player's ``N``.
         """
-        if np.shape(frames)[0] != len(self.prev_paddle):
-            raise ValueError(f"frames: expected {len(self.prev_paddle)} frames, got shape {np.shape(frames)}")
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[0] != len(self.prev_paddle):
+            raise ValueError(f"frames: expected uint8 ({len(self.prev_paddle)}, 3, 64, 64), got {frames.dtype} "
+                             f"{frames.shape}")
         objs = locate_pong_objects(frames)
         ball, paddle = objs.ball, objs.agent_y
         velocity = ball - self.prev_ball  # NaN where either frame lacks the ball
@@ -94,6 +103,13 @@ class InterceptPlayer:
         return out
 
     def episode_ended(self, done: np.ndarray) -> None:
-        """Forget the previous frame of the envs where ``done`` (bool ``(N,)``) is True."""
+        """Forget the previous frame of the envs where ``done`` (bool ``(N,)``) is True.
+
+        Raises:
+            ValueError: ``done`` not a bool array of shape ``(N,)``.
+        """
+        done = np.asarray(done)
+        if done.dtype != bool or done.shape != self.prev_paddle.shape:
+            raise ValueError(f"done: expected bool {self.prev_paddle.shape}, got {done.dtype} {done.shape}")
         self.prev_ball[done] = np.nan
         self.prev_paddle[done] = np.nan

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 FIELD_TOP, FIELD_BOTTOM = 10, 59  # rows [10, 59): inside the walls
+CENTRE_ROW = 34.0  # the field's middle row, where a scripted player waits while no ball is visible
 TOP_ROW_BALL_BLUE = 150  # ball threshold on blue in the wall-blend row FIELD_TOP (elsewhere 100)
 TOP_ROW_ORANGE_RED = 190  # opponent-paddle threshold on red in the wall-blend row (elsewhere 170)
 MAX_BALL_PIXELS = 8
@@ -157,7 +158,7 @@ def track_actions(frames: np.ndarray, action_meanings: list[str], rng: np.random
     except ValueError:
         raise ValueError(f"action_meanings: expected NOOP, RIGHT and LEFT (Pong), got {action_meanings}") from None
     objs = locate_pong_objects(frames)
-    target = np.where(np.isnan(objs.ball[:, 0]), 34.0, objs.ball[:, 0])
+    target = np.where(np.isnan(objs.ball[:, 0]), CENTRE_ROW, objs.ball[:, 0])
     diff = objs.agent_y - target
     out = np.full(len(frames), noop, np.int64)
     out[diff > 2] = up
