@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainers.pong_objects import CENTRE_ROW, FIELD_BOTTOM, FIELD_TOP, locate_pong_objects
+from trainers.pong_objects import CENTRE_ROW, FIELD_BOTTOM, FIELD_TOP, locate_pong_objects, paddle_actions
 
 PADDLE_COL = 55.0  # the column where the ball meets the agent's paddle face (64×64 frame)
 BALL_TOP, BALL_BOTTOM = FIELD_TOP + 0.5, FIELD_BOTTOM - 1.5  # rows where the ball's centre bounces
@@ -63,10 +63,7 @@ class InterceptPlayer:
 
     def __init__(self, action_meanings: list[str], num_envs: int, *, offset: float = 1.0,
                  dead_zone: float = 1.0) -> None:
-        try:
-            self.noop, self.up, self.down = (list(action_meanings).index(n) for n in ("NOOP", "RIGHT", "LEFT"))
-        except ValueError:
-            raise ValueError(f"action_meanings: expected NOOP, RIGHT and LEFT (Pong), got {action_meanings}") from None
+        self.noop, self.up, self.down = paddle_actions(action_meanings)
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs: expected an integer ≥ 1, got {num_envs!r}")
         if not np.isfinite(offset):

@@ -144,6 +144,18 @@ def agent_return_rows(ball_col: np.ndarray, episode: np.ndarray) -> np.ndarray:
     return out
 
 
+def paddle_actions(action_meanings: list[str]) -> tuple[int, int, int]:
+    """Indices of Pong's ``NOOP``, ``RIGHT`` (paddle up) and ``LEFT`` (paddle down) in ``action_meanings``.
+
+    Raises:
+        ValueError: ``action_meanings`` lacks one of them.
+    """
+    try:
+        return tuple(list(action_meanings).index(n) for n in ("NOOP", "RIGHT", "LEFT"))
+    except ValueError:
+        raise ValueError(f"action_meanings: expected NOOP, RIGHT and LEFT (Pong), got {action_meanings}") from None
+
+
 def track_actions(frames: np.ndarray, action_meanings: list[str], rng: np.random.Generator) -> np.ndarray:
     """Ball-tracking Pong actions for uint8 frames ``(N, 3, 64, 64)`` → int64 ``(N,)``.
 
@@ -153,10 +165,7 @@ def track_actions(frames: np.ndarray, action_meanings: list[str], rng: np.random
     Raises:
         ValueError: ``action_meanings`` lacks ``NOOP``, ``RIGHT`` or ``LEFT``.
     """
-    try:
-        noop, up, down = (action_meanings.index(n) for n in ("NOOP", "RIGHT", "LEFT"))
-    except ValueError:
-        raise ValueError(f"action_meanings: expected NOOP, RIGHT and LEFT (Pong), got {action_meanings}") from None
+    noop, up, down = paddle_actions(action_meanings)
     objs = locate_pong_objects(frames)
     target = np.where(np.isnan(objs.ball[:, 0]), CENTRE_ROW, objs.ball[:, 0])
     diff = objs.agent_y - target
