@@ -92,6 +92,7 @@ def _model_card(config: dict, card: str) -> str:
         f"| context_len | {config['context_len']} |\n"
         f"| sampling_steps | {config['sampling_steps']} |\n"
         + (f"| temperature | {config['temperature']:g} |\n" if "temperature" in config else "")
+        + (f"| sampling_shift | {config['sampling_shift']:g} |\n" if "sampling_shift" in config else "")
         + f"| DiT width x depth | {d.get('width', '-')} x {d.get('depth', '-')} |\n"
         f"| weights dtype | {config['dtype']} |\n"
         f"| start contexts | {config['num_start_contexts']} |\n"
@@ -174,6 +175,7 @@ def save_bundle(
             "context_len": K,
             "sampling_steps": model.sampling_steps,
             **({"temperature": model.temperature} if hasattr(model, "temperature") else {}),
+            **({"sampling_shift": model.sampling_shift} if getattr(model, "sampling_shift", 1.0) != 1.0 else {}),
             "dtype": names[dtype],
             "num_start_contexts": int(start_z.shape[0]),
             "configs": model.configs(),

@@ -13,7 +13,12 @@ train-agent`` run; sampled actions, as it trains): on the imagined game it reads
 the real game the latents of its frozen encoder, so the two rows show how far the model's imagination of *that*
 agent's play is from the real game (an agent that exploits its model imagines fewer losses than it suffers). A world
 model that an agent can learn from reproduces these rates; one that under-produces the agent's wins gives a policy
-nothing to learn scoring from, and one that under-produces losses can be exploited.
+nothing to learn scoring from, and one that under-produces losses can be exploited. ``--fates`` (Pong) also counts
+what happens to the ball at the agent's paddle (:mod:`trainers.pong_fates`): returns, *phantom* returns (the ball
+turns round with the paddle more than 8 px away) and *vanished* balls (gone near the paddle without a point) — the
+ways a model lets an agent keep the ball that the real game never does — and the fraction of frames that show the
+ball at all (``ball_seen``: in real play 0.6–0.8; a model that loses the ball often imagines a game with little of
+it, where no point is lost).
 
 Run::
 
@@ -21,7 +26,7 @@ Run::
     python examples/reward_rates.py --world-model runs/pipeline/distill/bundle --sampling-steps 1
     python examples/reward_rates.py --policy track        # ball-tracking play (pixel observations)
     python examples/reward_rates.py --policy intercept    # a scripted player that wins points
-    python examples/reward_rates.py --policy runs/agent --world-model runs/dit/bundle --sampling-steps 4
+    python examples/reward_rates.py --policy runs/agent --world-model runs/dit/bundle --sampling-steps 4 --fates
 """
 from __future__ import annotations
 
@@ -39,7 +44,9 @@ import dit_envs  # noqa: E402  (registers the DiTWM ids)
 from trainers.common import ArgError  # noqa: E402
 from trainers.evaluate_agent import load_latent_policy  # noqa: E402
 from trainers.policy import StackedPolicy  # noqa: E402
+from trainers.pong_fates import ball_fates  # noqa: E402
 from trainers.pong_intercept import InterceptPlayer  # noqa: E402
+from trainers.pong_objects import locate_pong_objects  # noqa: E402
 from trainers.pong_objects import track_actions  # noqa: E402
 from trainers.rollout import latent_obs  # noqa: E402
 
@@ -72,7 +79,7 @@ class LatentPolicy:
 
 
 def play(envs: gym.vector.VectorEnv, steps: int, seed: int, policy: str = "random",
-         action_meanings: list[str] | None = None) -> dict[str, float]:
+         action_meanings: list[str] | None = None, fates: bool = False) -> dict[str, float]:
     """Play ``policy`` for ``steps`` batched steps → events per 1000 env steps.
 
     Args:
@@ -82,9 +89,13 @@ def play(envs: gym.vector.VectorEnv, steps: int, seed: int, policy: str = "rando
             ``"intercept"`` (:class:`~trainers.pong_intercept.InterceptPlayer`, default offset) or a
             :class:`LatentPolicy`.
         action_meanings: the game's action names (needed by ``"track"`` and ``"intercept"``).
+        fates: also count the ball's fates at the agent's paddle (Pong; :func:`trainers.pong_fates.ball_fates`) on
+            the frames: the observations where they are uint8 frames, else ``envs.render()`` (an imagined env made
+            with ``render_mode="rgb_array"``).
     Returns:
         ``{"wins", "losses", "episode_ends"}``: counts of reward > 0, reward < 0 and terminations, per 1000 env
-        steps (summed over envs).
+        steps (summed over envs); with ``fates`` also ``"returns"``, ``"phantom_returns"`` and ``"vanished"`` per
+        1000 steps and ``"ball_seen"``, the fraction of frames in which the ball is located.
     Raises:
         ValueError: an unknown ``policy``, or no ``action_meanings`` for a pixel policy.
     """
@@ -98,7 +109,15 @@ def play(envs: gym.vector.VectorEnv, steps: int, seed: int, policy: str = "rando
     n = envs.num_envs
     done = None
     player = InterceptPlayer(action_meanings, n) if policy == "intercept" else None
+    record: dict[str, list[np.ndarray]] = {"ball": [], "paddle": [], "reward": [], "done": []}
     for _ in range(steps):
+        if fates:
+            frames = np.asarray(obs)
+            if frames.dtype != np.uint8:  # latent observations: the env's decoded newest frames (N, 64, 64, 3)
+                frames = np.ascontiguousarray(np.asarray(envs.render()).transpose(0, 3, 1, 2))
+            objs = locate_pong_objects(frames)
+            record["ball"].append(objs.ball)
+            record["paddle"].append(objs.agent_y)
         if isinstance(policy, LatentPolicy):
             action = policy(obs, done)
         elif policy == "track":
@@ -114,8 +133,15 @@ def play(envs: gym.vector.VectorEnv, steps: int, seed: int, policy: str = "rando
         wins += int((np.asarray(reward) > 0).sum())
         losses += int((np.asarray(reward) < 0).sum())
         ends += int(np.asarray(term).sum())
+        record["reward"].append(np.asarray(reward, np.float64))
+        record["done"].append(done)
     per = 1000.0 / (steps * n)
-    return {"wins": wins * per, "losses": losses * per, "episode_ends": ends * per}
+    out = {"wins": wins * per, "losses": losses * per, "episode_ends": ends * per}
+    if fates:
+        counts = ball_fates(*(np.stack(record[k], axis=1) for k in ("ball", "paddle", "reward", "done")))
+        out.update({k: v * per for k, v in counts.items()})
+        out["ball_seen"] = float(np.mean([~np.isnan(b[:, 1]) for b in record["ball"]]))
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
@@ -125,12 +151,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p.add_argument("--steps", type=int, default=1000, help="steps per game")
     p.add_argument("--sampling-steps", type=int, default=0, help="denoising steps (0: the bundle's default)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the bundle's)")
+    p.add_argument("--sampling-shift", type=float, default=None,
+                   help="time shift of the sampler's steps (default: the bundle's; > 1: more steps at high noise)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--policy", default="random",
                    help="random: uniform actions; track: follow the ball; intercept: aim where the ball will cross "
                         "the paddle's line (both pixel observations); or a policy "
                         "directory (a train-agent run; latent observations)")
     p.add_argument("--encoder", default="", help="policy DIR: its frozen encoder (default: its agent.json's)")
+    p.add_argument("--fates", action="store_true",
+                   help="Pong: also count returns, phantom returns and vanished balls at the agent's paddle")
     a = p.parse_args(argv)
     policy = a.policy
     if policy not in POLICIES:
@@ -142,27 +172,34 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(a, name)}")
     kw = {"num_envs": a.num_envs, "obs_type": "pixels" if a.policy in PIXEL_POLICIES else "latent",
-          "max_episode_steps": a.steps + 1}
+          "max_episode_steps": a.steps + 1, "render_mode": "rgb_array" if a.fates else None}
     if a.sampling_steps:
         kw["sampling_steps"] = a.sampling_steps
     if a.temperature is not None:
         kw["temperature"] = a.temperature
+    if a.sampling_shift is not None:
+        kw["sampling_shift"] = a.sampling_shift
     if a.world_model.startswith("DiTWM/"):
         imagined = gym.make_vec(a.world_model, **kw)
     else:
         imagined = gym.make_vec("DiTWM/Pong-v0", checkpoint=a.world_model, **kw)
     game = imagined.bundle.config["game"]
     meanings = list(imagined.bundle.config["action_meanings"])
-    rates = {"imagined": play(imagined, a.steps, a.seed, policy, meanings)}
+    if a.fates and game != "Pong":
+        p.error(f"--fates: expected a Pong world model, got game {game!r}")
+    rates = {"imagined": play(imagined, a.steps, a.seed, policy, meanings, a.fates)}
     real = dit_envs.make_real_env(game, num_envs=a.num_envs, seed=a.seed)
-    rates["real"] = play(real, a.steps, a.seed, policy, meanings)
+    rates["real"] = play(real, a.steps, a.seed, policy, meanings, a.fates)
     real.close()
     imagined.close()
     print(f"{a.policy} play, {a.num_envs} games x {a.steps} steps, events per 1000 steps ({game}, {a.world_model}, "
-          f"sampling_steps {imagined.sampling_steps}, temperature {imagined.temperature}):")
-    print(f"{'':>9} {'wins':>7} {'losses':>7} {'ends':>7}")
+          f"sampling_steps {imagined.sampling_steps}, temperature {imagined.temperature}, sampling_shift "
+          f"{imagined.sampling_shift}):")
+    extra = ("returns", "phantom_returns", "vanished", "ball_seen") if a.fates else ()
+    print(f"{'':>9} {'wins':>7} {'losses':>7} {'ends':>7}" + "".join(f" {k:>15}" for k in extra))
     for name, r in rates.items():
-        print(f"{name:>9} {r['wins']:7.3f} {r['losses']:7.2f} {r['episode_ends']:7.3f}")
+        print(f"{name:>9} {r['wins']:7.3f} {r['losses']:7.2f} {r['episode_ends']:7.3f}"
+              + "".join(f" {r[k]:15.2f}" for k in extra))
     return rates
 
 

@@ -80,7 +80,7 @@ def test_loaded_model_equals_saved_model(tmp_path):
         AUTOENCODER_PRESETS["tiny"],
         DiTConfig.from_preset("tiny", latent_dim=32, num_actions=3, context_len=2),
         HeadsConfig(latent_dim=32, num_actions=3, hidden=16, layers=1),
-        sampling_steps=3, temperature=0.75,
+        sampling_steps=3, temperature=0.75, sampling_shift=2.5,
     ).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -93,6 +93,8 @@ def test_loaded_model_equals_saved_model(tmp_path):
     assert b.model.sampling_steps == 3 and torch.equal(b.start_z, start_z) and torch.equal(b.start_a, start_a)
     assert b.model.temperature == 0.75 == b.config["temperature"]
     assert "| temperature | 0.75 |" in (path / "README.md").read_text()
+    assert b.model.sampling_shift == 2.5 == b.config["sampling_shift"]
+    assert "| sampling_shift | 2.5 |" in (path / "README.md").read_text()
     assert torch.equal(b.model.latent_std, model.latent_std)
     for x, y in zip(_rollout(model, start_z, start_a), _rollout(b.model, b.start_z, b.start_a)):
         assert torch.equal(x, y)

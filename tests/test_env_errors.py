@@ -72,6 +72,7 @@ def test_step_before_reset(bundle):
     (dict(obs_type="rgb"), "obs_type"),
     (dict(sampling_steps=0), "sampling_steps"),
     (dict(temperature=-1.0), "temperature"),
+    (dict(sampling_shift=0.0), "sampling_shift"),
     (dict(max_episode_steps=0), "max_episode_steps"),
     (dict(render_mode="human"), "render_mode"),
     (dict(dtype="int8"), "dtype"),
@@ -121,6 +122,18 @@ def test_temperature_setting(bundle):
     assert gym.make("DiTWM/Pong-v0", checkpoint=str(bundle), temperature=0.5).unwrapped.temperature == 0.5
 
 
+def test_sampling_shift_setting(bundle):
+    assert "sampling_shift" not in json.loads((bundle / "config.json").read_text())  # absent: uniform steps
+    envs = gym.make_vec("DiTWM/Pong-v0", num_envs=2, checkpoint=str(bundle), sampling_shift=3.0)
+    assert envs.unwrapped.sampling_shift == 3.0 == envs.unwrapped.bundle.model.sampling_shift
+    with pytest.raises(ValueError, match="sampling_shift.*got -1"):
+        envs.unwrapped.sampling_shift = -1
+    envs.reset(seed=0)
+    envs.step(np.zeros(2, np.int64))
+    assert gym.make("DiTWM/Pong-v0", checkpoint=str(bundle)).unwrapped.sampling_shift == 1.0
+    assert gym.make("DiTWM/Pong-v0", checkpoint=str(bundle), sampling_shift=2).unwrapped.sampling_shift == 2.0
+
+
 def test_temperature_refused_by_a_model_without_one(tmp_path):
     from dit_envs.envs.real import action_meanings
     from tests.test_rssm_bundle import make_rssm_model
@@ -134,6 +147,9 @@ def test_temperature_refused_by_a_model_without_one(tmp_path):
     assert envs.unwrapped.temperature is None
     with pytest.raises(ValueError, match="temperature: the rssm model has no sampling temperature, got 0.5"):
         gym.make_vec("DiTWM/Pong-v0", num_envs=2, checkpoint=str(path), obs_type="latent", temperature=0.5)
+    assert envs.unwrapped.sampling_shift is None
+    with pytest.raises(ValueError, match="sampling_shift: the rssm model has no sampler time shift, got 2"):
+        gym.make_vec("DiTWM/Pong-v0", num_envs=2, checkpoint=str(path), obs_type="latent", sampling_shift=2)
 
 
 def test_bundle_missing_file(copy_of):

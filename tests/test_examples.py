@@ -23,6 +23,11 @@ def test_reward_rates_tiny(capsys):
     for r in rates.values():
         assert set(r) == {"wins", "losses", "episode_ends"} and all(0.0 <= v <= 1000.0 for v in r.values())
     assert "events per 1000 steps" in capsys.readouterr().out
+    fates = _load("reward_rates").main(["--num-envs", "2", "--steps", "30", "--fates"])
+    for r in fates.values():
+        assert {"returns", "phantom_returns", "vanished", "ball_seen"} <= set(r) and 0.0 <= r["ball_seen"] <= 1.0
+        assert 0.0 <= r["phantom_returns"] <= r["returns"] and r["vanished"] >= 0.0
+    assert "phantom_returns" in capsys.readouterr().out
 
 
 def test_reward_rates_intercept_loses_fewer_points_than_random_play():
@@ -31,11 +36,15 @@ def test_reward_rates_intercept_loses_fewer_points_than_random_play():
     rates = {}
     for policy in ("random", "intercept"):
         env = dit_envs.make_real_env("Pong", num_envs=2, seed=0)
-        rates[policy] = mod.play(env, 1500, 0, policy, list(env.action_meanings))
+        rates[policy] = mod.play(env, 1500, 0, policy, list(env.action_meanings), fates=True)
         env.close()
     assert rates["random"]["losses"] > 15.0  # real random play loses ~21.6 points per 1000 steps
     assert rates["intercept"]["losses"] < 0.5 * rates["random"]["losses"]
     assert rates["intercept"]["wins"] > rates["random"]["wins"]  # it is there to win points
+    # the real ball never turns without the paddle nor vanishes before it; intercept play returns many balls
+    assert rates["intercept"]["returns"] > 5.0 and rates["random"]["returns"] < rates["intercept"]["returns"]
+    for r in rates.values():
+        assert r["phantom_returns"] == 0.0 and r["vanished"] == 0.0 and r["ball_seen"] > 0.5
 
 
 def test_compare_sampling_speed_breakdown(tiny_bundle, capsys):

@@ -141,7 +141,8 @@ def _run(bundle: Path, store: Path, out: Path, **kw) -> dict:
 
 def test_fidelity_outputs_tiny_dit(tmp_path, store, capsys):
     bundle = make_tiny_bundle(tmp_path / "dit")
-    rep = _run(bundle, store, tmp_path / "out", samples=2)
+    rep = _run(bundle, store, tmp_path / "out", samples=2, sampling_shift=3.0)
+    assert rep["sampling_shift"] == 3.0 and rep["args"]["sampling_shift"] == 3.0
     assert "mean of 2 samples, latent MSE | spread at h: 1:" in capsys.readouterr().out
     assert (tmp_path / "out" / "fidelity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "out" / "rollout.gif").read_bytes()[:6] == b"GIF89a"
@@ -232,6 +233,7 @@ def test_same_contexts_for_dit_and_rssm(tmp_path, store):
     (["--sampling-steps", "-1"], "--sampling-steps"),
     (["--samples", "0"], "--samples"),
     (["--temperature", "-0.5"], "--temperature"),
+    (["--sampling-shift", "-1"], "--sampling-shift"),
 ])
 def test_bad_args_exit_2_and_write_nothing(tmp_path, store, capsys, extra, field):
     bundle = make_tiny_bundle(tmp_path / "dit")
@@ -253,6 +255,10 @@ def test_temperature_on_a_model_without_one_exits_2(tmp_path, store, capsys):
                        "--temperature", "0.5"])
     assert rc == 2 and not out.exists()
     assert "error: --temperature: the rssm model has no sampling temperature, got 0.5" in capsys.readouterr().err
+    rc = evaluate_cli(["fidelity", "--world-model", str(path), "--data", str(store), "--out", str(out),
+                       "--sampling-shift", "2"])
+    assert rc == 2 and not out.exists()
+    assert "error: --sampling-shift: the rssm model has no sampler time shift, got 2.0" in capsys.readouterr().err
 
 
 def test_bad_paths_exit_2(tmp_path, store, capsys):

@@ -340,3 +340,35 @@ def test_temperature_scales_the_initial_noise():
     assert torch.equal(model.step(state, action, _gen(1))[1], model.step(state, action, _gen(2))[1])
     model.temperature = 1
     assert not torch.equal(model.step(state, action, _gen(1))[1], model.step(state, action, _gen(2))[1])
+
+
+def test_sampling_shift_moves_the_euler_times():
+    """``sampling_shift`` samples on :func:`uniform_times` shifted by it (checked against the sampler called by hand
+    with those times); 1 is the uniform sampler; a step-conditioned student refuses any other value."""
+    model = _tiny_world_model(steps=4)
+    z, a = _context(model, 3)
+    state, action = model.initial_state(z, a), torch.tensor([0, 1, 2])
+    uniform = model.step(state, action, _gen(7))[1]
+    model.sampling_shift = 3.0
+    got = model.step(state, action, _gen(7))[1]
+    noise = torch.randn(3, D_Z, generator=_gen(7))
+    cache = model.dit.context_cache(model.normalize(z), a)
+    d = torch.full((3,), 0.25)
+    with torch.no_grad():
+        x0 = sample(lambda x, t: model.dit.predict_next(x, t, action, cache, step_size=d, shared_level=True), noise,
+                    uniform_times(4, 3.0))
+    assert torch.equal(got, model.denormalize(x0).clamp(-1, 1)) and not torch.equal(got, uniform)
+    model.sampling_shift = 1
+    assert torch.equal(model.step(state, action, _gen(7))[1], uniform)
+    for bad in (0, -1.0, float("nan"), float("inf"), "3", True, None):
+        with pytest.raises(ValueError, match="sampling_shift: expected a finite real number > 0, got"):
+            model.sampling_shift = bad
+    assert model.sampling_shift == 1.0
+    student = _perturbed_dit(shortcut_steps=4)
+    with pytest.raises(ValueError, match="sampling_shift: expected 1 for a distilled"):
+        DiTWorldModel(model.autoencoder, student, model.heads, sampling_shift=2.0)
+    with pytest.raises(ValueError, match="sampling_shift: expected 1.0 for a distilled"):
+        student.sample_next(noise, action, student.context_cache(model.normalize(z), a), 2, shift=2.0)
+    # a shift that rounds the first time below 1 (s·1 / (1 + (s − 1)·1) in floats) still starts at exactly 1
+    assert uniform_times(4, 0.33)[0] == 1.0 and uniform_times(4, 0.33)[-1] == 0.0
+    sample(lambda x, t: x, torch.zeros(2, 3), uniform_times(4, 0.33))

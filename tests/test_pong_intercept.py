@@ -58,6 +58,32 @@ def test_player_moves_towards_the_crossing_and_remembers_per_env():
     assert p.act(np.stack([_frame((30, 36), 40), _frame(None, 42)])).tolist() == [UP, UP]  # no ball: the centre
 
 
+def test_offset_range_draws_a_new_offset_at_each_approach():
+    p = InterceptPlayer(MEANINGS, 3, offset=(-7.0, 7.0), seed=0)
+    start = p.offsets.copy()
+    assert ((start >= -7) & (start <= 7)).all() and len(set(start.tolist())) == 3
+    assert np.array_equal(start, InterceptPlayer(MEANINGS, 3, offset=(-7.0, 7.0), seed=0).offsets)
+    p.act(np.stack([_frame((30, 30), 34), _frame((30, 30), 34), _frame(None, 34)]))
+    assert np.array_equal(p.offsets, start)  # first sight: no velocity yet
+    p.act(np.stack([_frame((30, 32), 34), _frame((30, 28), 34), _frame(None, 34)]))  # env 0's ball comes
+    assert p.offsets[0] != start[0] and np.array_equal(p.offsets[1:], start[1:])
+    drawn = p.offsets[0]
+    p.act(np.stack([_frame((30, 34), 34), _frame((30, 26), 34), _frame(None, 34)]))  # still coming: kept
+    assert p.offsets[0] == drawn
+    p.episode_ended(np.array([True, False, False]))
+    p.act(np.stack([_frame((30, 36), 34), _frame((30, 24), 34), _frame(None, 34)]))  # first sight again
+    p.act(np.stack([_frame((30, 38), 34), _frame((30, 22), 34), _frame(None, 34)]))  # a new approach
+    assert p.offsets[0] != drawn
+    assert (InterceptPlayer(MEANINGS, 2, offset=3.0).offsets == 3.0).all()
+    # the offset moves the paddle's target: a flat ball at row 34, the paddle's centroid at 33.5
+    acts = []
+    for off in (6.0, -6.0):
+        q = InterceptPlayer(MEANINGS, 1, offset=(off, off))
+        q.act(_frame((34, 30), 34)[None])
+        acts.append(int(q.act(_frame((34, 32), 34)[None])[0]))
+    assert acts == [DOWN, UP]
+
+
 def test_player_bad_input():
     with pytest.raises(ValueError, match="action_meanings"):
         InterceptPlayer(["NOOP", "FIRE"], 1)
@@ -67,6 +93,9 @@ def test_player_bad_input():
         InterceptPlayer(MEANINGS, 1, dead_zone=-1.0)
     with pytest.raises(ValueError, match="offset"):
         InterceptPlayer(MEANINGS, 1, offset=float("nan"))
+    for bad in ((3.0, -3.0), (1.0, 2.0, 3.0), (0.0, float("inf"))):
+        with pytest.raises(ValueError, match="offset"):
+            InterceptPlayer(MEANINGS, 1, offset=bad)
     with pytest.raises(ValueError, match="frames"):
         InterceptPlayer(MEANINGS, 2).act(np.stack([_frame(None, 30)]))
     with pytest.raises(ValueError, match="frames"):
@@ -101,6 +130,28 @@ def test_collect_intercept_plays_the_players_actions(tmp_path, monkeypatch):
         assert (d["action"][rows[1:]] == expected).all()
         moved += int((expected != NOOP).sum())
     assert moved > 20
+
+
+def test_collect_intercept_offset_range_replays(tmp_path):
+    out = tmp_path / "edge"
+    assert main(Args(steps=200, out=str(out), num_envs=1, agent="intercept", epsilon=0.0, seed=5,
+                     intercept_offset=[-7.0, 7.0])) == 0
+    store = EpisodeStore(out)
+    d = store.load()
+    replay = InterceptPlayer(store.read_meta()["action_meanings"], 1, offset=(-7.0, 7.0), seed=5)
+    assert (d["action"][1:] == np.concatenate([replay.act(o[None]) for o in d["obs"][:-1]])).all()
+    assert len(set(replay.offsets.tolist())) == 1 and replay.offsets[0] != InterceptPlayer(
+        MEANINGS, 1, offset=(-7.0, 7.0), seed=5).offsets[0]  # it drew again during play
+
+
+@pytest.mark.parametrize("argv", [["--agent", "intercept", "--intercept-offset", "3", "-3"],
+                                  ["--agent", "random", "--intercept-offset", "-7", "7"]])
+def test_intercept_offset_bad_exit_2(tmp_path, capsys, argv):
+    out = tmp_path / "new"
+    assert ditwm.main(["collect", *argv, "--steps", "10", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--intercept-offset" in err and len(err.splitlines()) == 1
+    assert not out.exists()
 
 
 def test_intercept_other_game_exit_2(tmp_path, capsys):

@@ -269,6 +269,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes(bundle, tmp_path):
     (["--gamma", "1.5"], "--gamma"),
     (["--entropy-coef", "-1"], "--entropy-coef"),
     (["--temperature", "-1"], "--temperature"),
+    (["--sampling-shift", "0"], "--sampling-shift"),
     (["--start-data", "/nonexistent/store"], "--start-data"),
     (["--start-data", "/nonexistent/store", "--start-contexts", "0"], "--start-contexts"),
     (["--start-contexts", "64"], "--start-contexts"),  # without --start-data

@@ -128,12 +128,14 @@ def resolve_world_model(spec: str) -> tuple[str | None, Path]:
 
 def make_imagination_env(spec: str, num_envs: int, *, device: str | torch.device = "cpu",
                          max_episode_steps: int | None = None, sampling_steps: int | None = None,
-                         temperature: float | None = None, dtype: str | None = None) -> gym.vector.VectorEnv:
+                         temperature: float | None = None, dtype: str | None = None,
+                         sampling_shift: float | None = None) -> gym.vector.VectorEnv:
     """The natively batched imagination env of a world-model spec with latent observations.
 
     ``gym.make_vec(env_id, obs_type="latent", checkpoint=bundle_dir, ...)`` when the bundle's game has a catalog
     id, else :class:`~dit_envs.envs.imagination.DiTWMVectorEnv` directly. Observations: float32
-    ``(num_envs, K, d_z)``; autoreset SAME_STEP. ``dtype``: the env's float dtype option (None: float32).
+    ``(num_envs, K, d_z)``; autoreset SAME_STEP. ``dtype``: the env's float dtype option (None: float32);
+    ``sampling_steps`` / ``temperature`` / ``sampling_shift``: the sampler's (None or 0 steps: the bundle's).
 
     Raises:
         ValueError, FileNotFoundError, KeyError: from :func:`resolve_world_model` and bundle loading.
@@ -143,7 +145,8 @@ def make_imagination_env(spec: str, num_envs: int, *, device: str | torch.device
 
     env_id, path = resolve_world_model(spec)
     kw: dict[str, Any] = dict(obs_type="latent", checkpoint=str(path), device=device,
-                              sampling_steps=sampling_steps or None, temperature=temperature, dtype=dtype)
+                              sampling_steps=sampling_steps or None, temperature=temperature, dtype=dtype,
+                              sampling_shift=sampling_shift)
     if max_episode_steps:
         kw["max_episode_steps"] = max_episode_steps
     if env_id is not None:

@@ -5,14 +5,16 @@ moves the agent's paddle towards the ball (:func:`trainers.pong_objects.track_ac
 action instead with probability ``--epsilon``: scripted exploration that shows the world model what a weak stage-1
 agent rarely does (the paddle returning the ball; our 100k-step stage-1 store holds 193 returns); ``--agent
 intercept`` (Pong only) aims the paddle where the ball will cross its line (:mod:`trainers.pong_intercept`) and
-wins points, which the stage-1 agent and the tracker rarely do (same ``--epsilon``); ``--agent rssm``
-(stage 1) trains the DreamerV3-style agent online while it collects; ``--agent policy --policy DIR`` plays a trained
-latent-stack policy (a ``ditwm train-agent`` run, sampled actions, a random one with probability ``--epsilon``) on
-the latents of its frozen encoder: the data of a DIAMOND-style alternation (Alonso et al. 2024: collect with the
-current agent, fine-tune the world model with ``ditwm pretrain --init``, train the agent on in imagination again),
-which shows the model the states where its imagination and the real game part. Every transition goes to the
-store (:mod:`trainers.data`). SIGINT/SIGTERM flush what is buffered and exit (143 for SIGTERM, 130 for SIGINT);
-``--resume`` continues an interrupted store with new episodes until ``--steps`` transitions are stored.
+wins points, which the stage-1 agent and the tracker rarely do (same ``--epsilon``; ``--intercept-offset LOW
+HIGH`` aims each approach at a new offset from the paddle's centre: returns and misses at the paddle's edge);
+``--agent rssm`` (stage 1) trains the DreamerV3-style agent online while it collects; ``--agent policy --policy DIR``
+plays a trained latent-stack policy (a ``ditwm train-agent`` run, sampled actions, a random one with probability
+``--epsilon``) on the latents of its frozen encoder: the data of a DIAMOND-style alternation (Alonso et al. 2024:
+collect with the current agent, fine-tune the world model with ``ditwm pretrain --init``, train the agent on in
+imagination again), which shows the model the states where its imagination and the real game part. Every
+transition goes to the store (:mod:`trainers.data`). SIGINT/SIGTERM flush what is buffered and exit (143 for
+SIGTERM, 130 for SIGINT); ``--resume`` continues an interrupted store with new episodes until ``--steps``
+transitions are stored.
 """
 from __future__ import annotations
 
@@ -43,6 +45,10 @@ class Args:
                     choices=AGENTS)
     epsilon: float = arg(0.25, "track, intercept, policy: probability of a uniformly random action instead of the "
                                "agent's")
+    intercept_offset: list[float] = arg([1.0], "intercept: pixels below the predicted crossing row to aim the "
+                                               "paddle's centre; two numbers LOW HIGH: a new offset drawn "
+                                               "uniformly from that range at each approach of the ball (e.g. -7 7: "
+                                               "balls at the paddle's edge, some returned, some missed)")
     policy: str = arg("", "policy: the policy directory (agent.safetensors + agent.json, e.g. a train-agent --out)")
     encoder: str = arg("", "policy: its frozen encoder (bundle dir / env id / stage-1 dir; default: the world model "
                            "recorded in its agent.json)")
@@ -75,6 +81,12 @@ def validate(args: Args) -> None:
     if args.agent in ("track", "intercept") and args.game != "Pong":
         raise ArgError("agent", f"expected 'random', 'rssm' or 'policy' for game {args.game!r} ({args.agent!r} "
                                 f"plays Pong only), got {args.agent!r}")
+    io = list(args.intercept_offset)
+    if not 1 <= len(io) <= 2 or not np.isfinite(io).all() or io[0] > io[-1]:
+        raise ArgError("intercept_offset", f"expected one finite number or LOW HIGH with LOW <= HIGH, got {io}")
+    if args.agent != "intercept" and io != [1.0]:
+        raise ArgError("intercept_offset", f"expected only with --agent intercept, got {io} with --agent "
+                                           f"{args.agent}")
     if args.agent in ("rssm", "policy"):
         pick_device(args.device)
     if (args.agent == "policy") != bool(args.policy):
@@ -154,7 +166,8 @@ def main(args: Args) -> int:
     bar = tqdm(total=args.steps, initial=done_steps, unit="step", desc=f"collect {args.game}",
                disable=not sys.stderr.isatty())
     meanings = list(env.action_meanings)
-    player = InterceptPlayer(meanings, n) if args.agent == "intercept" else None
+    player = (InterceptPlayer(meanings, n, offset=(args.intercept_offset[0], args.intercept_offset[-1]),
+                              seed=args.seed) if args.agent == "intercept" else None)
     try:
         while done_steps < args.steps and stop["signal"] is None:
             action = rng.integers(0, len(meanings), size=n)

@@ -49,6 +49,17 @@ def check_temperature(value: float | None) -> None:
         raise ArgError("temperature", f"expected a finite real number >= 0, got {value}")
 
 
+def check_sampling_shift(value: float | None) -> None:
+    """Validate a ``--sampling-shift`` flag (None keeps the bundle's), the rule of
+    ``DiTWorldModel.sampling_shift``.
+
+    Raises:
+        ArgError: ``value`` is not None and not a finite number > 0 (names ``sampling_shift``).
+    """
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ArgError("sampling_shift", f"expected a finite real number > 0, got {value}")
+
+
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -64,7 +75,7 @@ def setting_arg_error(e: ValueError, field: str, message: str) -> ArgError:
     the sampler setting its message starts with (``"temperature: ..."``, ``"sampling_steps: ..."``, as the models
     and :func:`dit_envs.envs.loading.load_for_env` word them), else ``field`` with ``message``."""
     text = str(e)
-    for name in ("temperature", "sampling_steps"):
+    for name in ("temperature", "sampling_steps", "sampling_shift"):
         if text.startswith(f"{name}: "):
             return ArgError(name, text.removeprefix(f"{name}: "))
     return ArgError(field, message)

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainers.common import (DTYPE_NAMES, ArgError, arg, check_choice, check_out_dir, check_temperature, dtype_arg,
-                             pick_device, run_cli, setting_arg_error)
+from trainers.common import (DTYPE_NAMES, ArgError, arg, check_choice, check_out_dir, check_sampling_shift,
+                             check_temperature, dtype_arg, pick_device, run_cli, setting_arg_error)
 from trainers.data import EpisodeStore, heldout_mask, segments
 from trainers.fidelity_metrics import psnr, sensitivity_stats
 from trainers.pong_objects import locate_pong_objects
@@ -59,6 +59,8 @@ class Args:
     sampling_steps: int = arg(0, "denoising steps per imagined step (0: the bundle's default)")
     temperature: float | None = arg(None, "sampling temperature: std of the initial noise (default: the "
                                           "bundle's; DiT models only)")
+    sampling_shift: float | None = arg(None, "time shift of the sampler's steps (default: the bundle's; DiT "
+                                             "teachers only; > 1: more steps at high noise)")
     device: str = arg("cpu", "torch device of the world model (cpu, cuda, cuda:1, auto)")
     dtype: str = dtype_arg()
     gif_contexts: int = arg(4, "contexts shown in rollout.gif")
@@ -234,6 +236,7 @@ def _validate(args: Args) -> list[int]:
     if not args.horizons or min(args.horizons) < 1:
         raise ArgError("horizons", f"expected one or more integers >= 1, got {args.horizons}")
     check_temperature(args.temperature)
+    check_sampling_shift(args.sampling_shift)
     check_choice("dtype", args.dtype, DTYPE_NAMES)
     check_out_dir(args.out, resume=args.overwrite)
     return sorted(set(int(h) for h in args.horizons))
@@ -241,7 +244,7 @@ def _validate(args: Args) -> list[int]:
 
 def _load_model(args: Args, device: torch.device):
     from dit_envs.bundle import load_bundle
-    from dit_envs.envs.loading import run_dtype, set_temperature
+    from dit_envs.envs.loading import run_dtype, set_sampling_shift, set_temperature
 
     try:
         bundle = load_bundle(args.world_model, device=device, dtype=run_dtype(args.dtype, device))
@@ -260,6 +263,11 @@ def _load_model(args: Args, device: torch.device):
             set_temperature(model, args.temperature)
         except ValueError as e:  # a model without a temperature (the RSSM)
             raise setting_arg_error(e, "temperature", str(e)) from None
+    if args.sampling_shift is not None:
+        try:
+            set_sampling_shift(model, args.sampling_shift)
+        except ValueError as e:  # the RSSM, or a distilled student
+            raise setting_arg_error(e, "sampling_shift", str(e)) from None
     return bundle
 
 

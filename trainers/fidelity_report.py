@@ -56,7 +56,8 @@ def build_report(*, args: Any, horizons: list[int], model: Any, config: dict, re
     Schema (``None`` = undefined, e.g. no event / not Pong)::
 
         format_version 1, evaluation "fidelity", world_model (abs path), model_type, game, data (abs path),
-        args {CLI args}, device, context_len, latent_dim, sampling_steps, temperature (None if the model has none),
+        args {CLI args}, device, context_len, latent_dim, sampling_steps, temperature and sampling_shift (None if
+        the model has none),
         num_contexts, num_candidate_starts, starts [{episode, step}] (first imagined row of each context),
         horizons [{horizon, latent_mse, psnr, autoencoder_psnr,
                    ensemble {samples, latent_mse_of_mean, sample_spread} | None,
@@ -113,6 +114,7 @@ def build_report(*, args: Any, horizons: list[int], model: Any, config: dict, re
         "latent_dim": int(model.latent_dim),
         "sampling_steps": getattr(model, "sampling_steps", None),
         "temperature": getattr(model, "temperature", None),
+        "sampling_shift": getattr(model, "sampling_shift", None),
         "num_contexts": len(starts),
         "num_candidate_starts": int(candidates),
         "starts": starts,
@@ -132,7 +134,7 @@ def format_table(report: dict[str, Any]) -> str:
     """A compact plain-text table of the report (one row per horizon, then action sensitivity)."""
     lines = [f"fidelity  {report['model_type']}  {report['world_model']}  contexts={report['num_contexts']}  "
              f"K={report['context_len']}  sampling_steps={report['sampling_steps']}  "
-             f"temperature={report.get('temperature')}",
+             f"temperature={report.get('temperature')}  sampling_shift={report.get('sampling_shift')}",
              f"{'h':>4} {'latMSE':>9} {'PSNR':>6} {'(AE)':>6} | {'ball px':>7} {'<=2px':>5} {'miss':>5} | "
              f"{'paddle':>6} {'<=2px':>5} {'miss':>5} | {'rew P':>5} {'rew R':>5} {'events':>6}"]
     for r in report["horizons"]:

@@ -7,6 +7,9 @@ wins few more (it chases the ball's current row, and the paddle's inertia makes 
 estimates the ball's velocity from the previous frame, extrapolates the ball's path to the paddle's column with
 reflections off the walls, and leads its own paddle by its velocity, so it returns most balls and, hitting them
 off-centre by ``offset`` pixels, sends steep shots the opponent misses: it shows the world model many points won.
+With an offset range (``ditwm collect --agent intercept --intercept-offset LOW HIGH``) each approach of the ball
+draws its own offset, so some balls meet the paddle's edge and some pass it by a few pixels: data of the hit / miss
+boundary, where a world model that has seen only clean returns and wide misses loses the ball instead of deciding.
 
 Measured on real Pong (``python examples/reward_rates.py --policy intercept --num-envs 32 --steps 1000``, seed 0):
 2.75 points won and 4.38 lost per 1 000 steps; in 64 games the tracker wins 0.63 and loses 6.70, random play 0.81
@@ -54,25 +57,41 @@ class InterceptPlayer:
         action_meanings: the game's action names; must hold ``NOOP``, ``RIGHT`` (paddle up) and ``LEFT`` (down).
         num_envs: ``N``.
         offset: pixels (of the 64×64 frame) below the predicted crossing row to put the paddle's centre, so the
-            ball hits it off-centre and leaves at a steeper angle (default 1; 0 plays for long rallies).
+            ball hits it off-centre and leaves at a steeper angle (default 1; 0 plays for long rallies); or a range
+            ``(low, high)``: each env draws a new offset uniformly from it whenever a ball starts coming towards
+            its paddle (and at construction).
         dead_zone: no move while the paddle (led by its velocity) is within this many pixels of its target.
+        seed: seed of the offset draws (used only with a range).
+    Attributes:
+        offsets: float64 ``(N,)``, each env's current offset.
     Raises:
-        ValueError: ``action_meanings`` lacks an action, ``num_envs`` not an integer ≥ 1, ``offset`` not finite, or
-            ``dead_zone`` < 0.
+        ValueError: ``action_meanings`` lacks an action, ``num_envs`` not an integer ≥ 1, ``offset`` not a finite
+            number or a ``(low, high)`` pair of finite numbers with ``low ≤ high``, or ``dead_zone`` < 0.
     """
 
-    def __init__(self, action_meanings: list[str], num_envs: int, *, offset: float = 1.0,
-                 dead_zone: float = 1.0) -> None:
+    def __init__(self, action_meanings: list[str], num_envs: int, *, offset: float | tuple[float, float] = 1.0,
+                 dead_zone: float = 1.0, seed: int = 0) -> None:
         self.noop, self.up, self.down = paddle_actions(action_meanings)
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs: expected an integer ≥ 1, got {num_envs!r}")
-        if not np.isfinite(offset):
-            raise ValueError(f"offset: expected a finite number of pixels, got {offset}")
+        bounds = np.asarray(offset, np.float64).reshape(-1)
+        if bounds.size == 1:
+            bounds = np.repeat(bounds, 2)
+        if bounds.size != 2 or not np.isfinite(bounds).all() or bounds[0] > bounds[1]:
+            raise ValueError(f"offset: expected a finite number of pixels or a (low, high) pair with low ≤ high, "
+                             f"got {offset!r}")
         if not dead_zone >= 0:
             raise ValueError(f"dead_zone: expected ≥ 0 pixels, got {dead_zone}")
-        self.offset, self.dead_zone = float(offset), float(dead_zone)
+        self.offset_range, self.dead_zone = (float(bounds[0]), float(bounds[1])), float(dead_zone)
+        self.rng = np.random.default_rng(seed)
+        self.offsets = self._draw(num_envs)
         self.prev_ball = np.full((num_envs, 2), np.nan)
         self.prev_paddle = np.full(num_envs, np.nan)
+        self.coming = np.zeros(num_envs, bool)
+
+    def _draw(self, n: int) -> np.ndarray:
+        low, high = self.offset_range
+        return np.full(n, low) if low == high else self.rng.uniform(low, high, n)
 
     def act(self, frames: np.ndarray) -> np.ndarray:
         """Actions int64 ``(N,)`` for the current uint8 frames ``(N, 3, 64, 64)``; ``NOOP`` where the paddle is
@@ -91,12 +110,15 @@ class InterceptPlayer:
         target = intercept_rows(ball[:, 0], ball[:, 1], velocity[:, 0], velocity[:, 1])
         target = np.where(np.isnan(velocity[:, 1]), ball[:, 0], target)  # first sight: the ball's row
         target = np.where(np.isnan(ball[:, 0]), CENTRE_ROW, target)  # no ball: wait in the centre
+        coming = velocity[:, 1] > 0.1
+        new = coming & ~self.coming  # a ball starts coming: a new offset
+        self.offsets[new] = self._draw(int(new.sum()))
         lead = np.nan_to_num(paddle - self.prev_paddle)
-        diff = paddle + lead - (target + self.offset)
+        diff = paddle + lead - (target + self.offsets)
         out = np.full(len(frames), self.noop, np.int64)
         out[diff > self.dead_zone] = self.up
         out[diff < -self.dead_zone] = self.down
-        self.prev_ball, self.prev_paddle = ball, paddle
+        self.prev_ball, self.prev_paddle, self.coming = ball, paddle, coming
         return out
 
     def episode_ended(self, done: np.ndarray) -> None:
@@ -110,3 +132,4 @@ class InterceptPlayer:
             raise ValueError(f"done: expected bool {self.prev_paddle.shape}, got {done.dtype} {done.shape}")
         self.prev_ball[done] = np.nan
         self.prev_paddle[done] = np.nan
+        self.coming[done] = False

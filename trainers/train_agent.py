@@ -51,8 +51,8 @@ from trainers.agent import ActorCritic, AgentConfig
 from trainers.agent_io import load_agent, load_encoder, make_imagination_env, save_agent, stage1_dir
 from trainers.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
 from trainers.common import (DTYPE_NAMES, ArgError, JsonlLogger, arg, catch_stop_signals, check_choice, check_out_dir,
-                             check_temperature, dtype_arg, pick_device, run_cli, seed_everything, setting_arg_error,
-                             signal_exit_code)
+                             check_sampling_shift, check_temperature, dtype_arg, pick_device, run_cli, seed_everything,
+                             setting_arg_error, signal_exit_code)
 from trainers.data import EpisodeStore
 from trainers.policy import evaluate_policy
 from trainers.rollout import collect_rollout, rollout_loss
@@ -81,6 +81,9 @@ class Args:
     sampling_steps: int = arg(0, "denoising steps per imagined step (0: the bundle's default)")
     temperature: float | None = arg(None, "sampling temperature: std of the initial noise (default: the "
                                           "bundle's; DiT models only)")
+    sampling_shift: float | None = arg(None, "time shift of the sampler's steps (default: the bundle's; DiT "
+                                             "teachers only): > 1 spends more steps at high noise, where the "
+                                             "sample decides whether a small object is there")
     lr: float = arg(3e-5, "Adam learning rate of actor and critic (DreamerV3: 3e-5)")
     gamma: float = arg(0.997, "discount of the λ-returns (DreamerV3: 0.997, a 333-step horizon)")
     entropy_coef: float = arg(3e-4, "entropy bonus η of the actor loss (DreamerV3: 3e-4, on advantages divided "
@@ -210,6 +213,7 @@ def prepare(args: Args) -> Setup:
         raise ArgError("start_contexts", f"expected --start-data with it, got --start-contexts "
                                          f"{args.start_contexts} alone")
     check_temperature(args.temperature)
+    check_sampling_shift(args.sampling_shift)
     check_choice("dtype", args.dtype, DTYPE_NAMES)
     dev = pick_device(args.device)
     out = check_out_dir(args.out, args.resume)
@@ -221,7 +225,8 @@ def prepare(args: Args) -> Setup:
         except FileNotFoundError as e:
             raise ArgError("out", f"expected a readable checkpoint to resume, got {e}") from None
         defaults = {f.name: f.default for f in dataclasses.fields(Args)}  # for keys absent in older runs
-        for name in ("world_model", "init", "hidden", "temperature", "gamma", "entropy_coef", "start_data",
+        for name in ("world_model", "init", "hidden", "temperature", "sampling_shift", "gamma", "entropy_coef",
+                     "start_data",
                      "start_contexts"):
             prev = meta["args"].get(name, defaults[name])
             if prev != getattr(args, name):
@@ -231,7 +236,7 @@ def prepare(args: Args) -> Setup:
         envs = make_imagination_env(args.world_model, args.num_envs, device=dev,
                                     max_episode_steps=args.episode_steps or None,
                                     sampling_steps=args.sampling_steps or None, temperature=args.temperature,
-                                    dtype=args.dtype)
+                                    dtype=args.dtype, sampling_shift=args.sampling_shift)
     except ValueError as e:
         raise setting_arg_error(e, "world_model", f"expected a loadable world model, got {args.world_model!r}: "
                                                   f"{e.args[0] if e.args else e}") from None

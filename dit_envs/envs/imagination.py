@@ -14,7 +14,7 @@ from gymnasium.error import ResetNeeded
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
-from dit_envs.envs.loading import load_for_env, set_temperature
+from dit_envs.envs.loading import load_for_env, set_sampling_shift, set_temperature
 
 OBS_TYPES = ("pixels", "latent")
 
@@ -157,8 +157,9 @@ class ImaginationCore:
 
 
 class CoreSamplingSteps:
-    """``env.sampling_steps`` and ``env.temperature``: get/set the sampler settings of the env's world model
-    (validated by the model; ``temperature`` is None for a model without one, which accepts no other value)."""
+    """``env.sampling_steps``, ``env.temperature`` and ``env.sampling_shift``: get/set the sampler settings of the
+    env's world model (validated by the model; ``temperature`` / ``sampling_shift`` are None for a model without
+    one, which accepts no other value)."""
 
     core: ImaginationCore
 
@@ -177,6 +178,14 @@ class CoreSamplingSteps:
     @temperature.setter
     def temperature(self, value: float) -> None:
         set_temperature(self.core.model, value)
+
+    @property
+    def sampling_shift(self) -> float | None:
+        return getattr(self.core.model, "sampling_shift", None)
+
+    @sampling_shift.setter
+    def sampling_shift(self, value: float) -> None:
+        set_sampling_shift(self.core.model, value)
 
 
 class DiTWMVectorEnv(CoreSamplingSteps, gym.vector.VectorEnv):
@@ -209,7 +218,9 @@ class DiTWMVectorEnv(CoreSamplingSteps, gym.vector.VectorEnv):
     ``num_envs``; ``checkpoint`` (bundle directory, ``hf://org/repo@<commit>``, ``bundled:<name>``; default: the
     id's catalog entry); ``obs_type``; ``max_episode_steps``; ``sampling_steps`` (denoising steps per env step,
     default from the bundle); ``temperature`` (standard deviation of the sampler's initial noise, default from
-    the bundle; lower is more faithful and less diverse, 0 deterministic); ``start_contexts`` (``(z (M, K, d_z),
+    the bundle; lower is more faithful and less diverse, 0 deterministic); ``sampling_shift`` (time shift of the
+    sampler's steps, default from the bundle: > 1 spends more of them at high noise, see
+    :attr:`~dit_envs.models.dit_world_model.DiTWorldModel.sampling_shift`); ``start_contexts`` (``(z (M, K, d_z),
     prev_action (M, K))`` real contexts to start episodes from instead of the bundle's, e.g. the agent's replay
     buffer); ``device``; ``dtype`` (float dtype of the model: float32 by default; ``"auto"`` runs bfloat16 where
     matmuls are native in it, AMX CPUs and bf16 GPUs, :func:`~dit_envs.envs.loading.fast_dtype`); ``render_mode``
@@ -228,13 +239,14 @@ class DiTWMVectorEnv(CoreSamplingSteps, gym.vector.VectorEnv):
 
     def __init__(self, num_envs: int = 1, *, env_id: str | None = None, checkpoint: Any = None,
                  obs_type: str = "pixels", max_episode_steps: int | None = None, sampling_steps: int | None = None,
-                 temperature: float | None = None, start_contexts: tuple[Any, Any] | None = None,
+                 temperature: float | None = None, sampling_shift: float | None = None,
+                 start_contexts: tuple[Any, Any] | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
                  render_mode: str | None = None, autoreset_mode: AutoresetMode | str = AutoresetMode.SAME_STEP,
                  allow_unpinned: bool = False, **expect: Any) -> None:
         bundle, horizon = load_for_env(env_id, checkpoint, device=device, dtype=dtype,
                                        sampling_steps=sampling_steps, temperature=temperature,
-                                       allow_unpinned=allow_unpinned, **expect)
+                                       sampling_shift=sampling_shift, allow_unpinned=allow_unpinned, **expect)
         self.core = ImaginationCore(bundle, num_envs, obs_type,
                                     horizon if max_episode_steps is None else max_episode_steps, start_contexts)
         if render_mode not in (None, "rgb_array"):

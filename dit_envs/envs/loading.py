@@ -61,9 +61,22 @@ def set_temperature(model: Any, value: float) -> None:
     model.temperature = value
 
 
+def set_sampling_shift(model: Any, value: float) -> None:
+    """Set ``model.sampling_shift``, the time shift of a DiT's sampler steps (validated by the model).
+
+    Raises:
+        ValueError: the model has no sampler time shift (names its ``model_type``), or a bad value.
+    """
+    if not hasattr(model, "sampling_shift"):
+        raise ValueError(f"sampling_shift: the {getattr(model, 'model_type', type(model).__name__)} model has no "
+                         f"sampler time shift, got {value!r}")
+    model.sampling_shift = value
+
+
 def load_for_env(env_id: str | None, checkpoint: Any = None, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype | str | None = None, sampling_steps: int | None = None,
-                 temperature: float | None = None, allow_unpinned: bool = False, **expect: Any) -> tuple[Any, int]:
+                 temperature: float | None = None, sampling_shift: float | None = None, allow_unpinned: bool = False,
+                 **expect: Any) -> tuple[Any, int]:
     """Load the bundle an env should run and check it against what the env id promises.
 
     Args:
@@ -75,14 +88,16 @@ def load_for_env(env_id: str | None, checkpoint: Any = None, *, device: str | to
         sampling_steps: denoising steps per env step (>= 1); None keeps the bundle's default.
         temperature: sampling temperature (finite, >= 0; a model without one, like the RSSM, accepts only None);
             None keeps the bundle's default.
+        sampling_shift: time shift of the sampler's steps (finite, > 0; 1 for a distilled student; a model
+            without one accepts only None); None keeps the bundle's default.
         allow_unpinned: accept an ``hf://`` source that names a branch instead of a 40-hex commit.
         expect: extra fields the bundle must match (``latent_dim``, ``obs_shape``, ...).
     Returns:
         ``(bundle, max_episode_steps)`` — the :class:`dit_envs.bundle.Bundle` and the id's truncation horizon.
     Raises:
         ValueError: no ``env_id`` and no ``checkpoint``; a bundle field that disagrees with the id (names it);
-            bad ``dtype``/``sampling_steps``/``temperature``. FileNotFoundError / registry.IntegrityError from
-            resolving.
+            bad ``dtype``/``sampling_steps``/``temperature``/``sampling_shift``. FileNotFoundError /
+            registry.IntegrityError from resolving.
     """
     from dit_envs.bundle import load_bundle
 
@@ -102,5 +117,7 @@ def load_for_env(env_id: str | None, checkpoint: Any = None, *, device: str | to
         bundle.model.sampling_steps = sampling_steps
     if temperature is not None:
         set_temperature(bundle.model, temperature)
+    if sampling_shift is not None:
+        set_sampling_shift(bundle.model, sampling_shift)
     horizon = entry.max_episode_steps if entry is not None else 1000
     return bundle, horizon

@@ -25,11 +25,13 @@ class DiTWMEnv(CoreSamplingSteps, gym.Env):
 
     def __init__(self, *, env_id: str | None = None, checkpoint: Any = None, obs_type: str = "pixels",
                  sampling_steps: int | None = None, temperature: float | None = None,
-                 start_contexts: tuple[Any, Any] | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | str | None = None, render_mode: str | None = None,
+                 sampling_shift: float | None = None, start_contexts: tuple[Any, Any] | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+                 render_mode: str | None = None,
                  allow_unpinned: bool = False, **expect: Any) -> None:
         bundle, _ = load_for_env(env_id, checkpoint, device=device, dtype=dtype, sampling_steps=sampling_steps,
-                                 temperature=temperature, allow_unpinned=allow_unpinned, **expect)
+                                 temperature=temperature, sampling_shift=sampling_shift,
+                                 allow_unpinned=allow_unpinned, **expect)
         # Truncation is TimeLimit's job for the single env, so the core's own horizon is effectively infinite.
         self.core = ImaginationCore(bundle, 1, obs_type, max_episode_steps=np.iinfo(np.int64).max,
                                     start_contexts=start_contexts)

@@ -355,27 +355,33 @@ class DiT(nn.Module):
         shift, scale = self.final_modulation(table)[index][:, None].chunk(2, dim=-1)  # (N, 1, D) each
         return self.final_linear(modulate(self.norm_final(h), shift, scale))[:, 0]  # (N, d_z)
 
-    def sample_next(self, noise: torch.Tensor, prev_action: torch.Tensor, cache: KVCache, steps: int) -> torch.Tensor:
-        """Sample the next normalised latent with :func:`~dit_envs.models.flow.sample` on ``steps`` uniform Euler
-        steps, passing the step size ``1/steps`` to step-conditioned models.
+    def sample_next(self, noise: torch.Tensor, prev_action: torch.Tensor, cache: KVCache, steps: int,
+                    shift: float = 1.0) -> torch.Tensor:
+        """Sample the next normalised latent with :func:`~dit_envs.models.flow.sample` on ``steps`` Euler steps
+        (uniform in time, or time-shifted by ``shift``: :func:`~dit_envs.models.flow.uniform_times`), passing the
+        step size ``1/steps`` to step-conditioned models.
 
         Args:
             noise: float ``(N, d_z)`` initial noise ``ε``.
             prev_action: int64 ``(N,)`` action taken at the newest context frame.
             cache: from :meth:`context_cache` (streaming: or :meth:`extend_cache`).
             steps: Euler steps ≥ 1.
+            shift: time shift ``s > 0`` of the steps; ``s > 1`` spends more of them at high noise.
         Returns:
             float32 ``(N, d_z)`` sample (normalised units, not clamped).
         Raises:
-            ValueError: ``steps`` < 1.
+            ValueError: ``steps`` < 1, ``shift`` ≤ 0, or ``shift`` ≠ 1 for a step-conditioned student (it was
+                distilled for uniform steps of size ``1/steps``).
         """
+        if self.config.shortcut_steps and shift != 1.0:
+            raise ValueError(f"sampling_shift: expected 1.0 for a distilled (step-conditioned) student, got {shift}")
         n = self.config.shortcut_steps
         if n and steps < n and n % steps and (n, steps) not in _WARNED:
             _WARNED.add((n, steps))
             trained = sorted(n >> k for k in range(n.bit_length()))
             warnings.warn(f"sampling_steps: this student was distilled for {trained} steps (or more than {n}), got "
                           f"{steps}: an untrained step size, expect lower fidelity", stacklevel=2)
-        times = uniform_times(steps)
+        times = uniform_times(steps, shift)
         d = torch.full((noise.shape[0],), 1.0 / steps, device=noise.device)
         x = sample(lambda xx, t: self.predict_next(xx, t, prev_action, cache, step_size=d, shared_level=True), noise,
                    times)

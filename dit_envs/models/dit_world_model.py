@@ -49,6 +49,7 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
         sampling_steps: Euler steps per env step (runtime-settable, see :attr:`sampling_steps`).
         temperature: standard deviation of the sampler's initial noise (runtime-settable, see
             :attr:`temperature`).
+        sampling_shift: time shift of the sampler's steps (runtime-settable, see :attr:`sampling_shift`).
     Attributes:
         num_actions, latent_dim, context_len: as in the WorldModel protocol.
         latent_mean, latent_std: float32 ``(d_z,)`` buffers; the DiT sees ``(z − mean) / std``.
@@ -60,7 +61,7 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
 
     def __init__(
         self, autoencoder: FrameAutoencoder, dit: DiT, heads: RewardTermHead, *, sampling_steps: int = 4,
-        temperature: float = 1.0,
+        temperature: float = 1.0, sampling_shift: float = 1.0,
     ) -> None:
         super().__init__()
         dc, hc = dit.config, heads.config
@@ -81,6 +82,7 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
         self.register_buffer("latent_std", torch.ones(dc.latent_dim))
         self.sampling_steps = sampling_steps
         self.temperature = temperature
+        self.sampling_shift = sampling_shift
 
     @property
     def temperature(self) -> float:
@@ -101,14 +103,38 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
             raise ValueError(f"temperature: expected a finite real number >= 0, got {value!r}")
         self._temperature = float(value)
 
+    @property
+    def sampling_shift(self) -> float:
+        """Time shift ``s`` of the sampler's Euler steps: uniform times ``u`` map to ``s·u / (1 + (s − 1)·u)``
+        (the timestep shift of SD3, Esser et al. 2024; :func:`~dit_envs.models.flow.uniform_times`). ``s = 1`` is
+        uniform; ``s > 1`` spends more steps at high noise, where a sample decides what is in the frame (whether a
+        few-pixel ball is there at all), fewer at low noise, where it refines. Measured on Pong with 4 steps, T 1,
+        random play: the ball is located in 20–37 % of imagined frames at ``s = 1`` and 32–45 % at ``s = 3`` (real
+        game 57–77 %). A distilled (step-conditioned) student accepts only 1 at sampling time. Stored in bundles as
+        ``config.json["sampling_shift"]`` (absent: 1).
+
+        Raises:
+            ValueError: a value that is not a finite real number > 0, or not 1 for a distilled student (names
+                ``sampling_shift`` and the value).
+        """
+        return self._sampling_shift
+
+    @sampling_shift.setter
+    def sampling_shift(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"sampling_shift: expected a finite real number > 0, got {value!r}")
+        if self.dit.config.shortcut_steps and value != 1.0:
+            raise ValueError(f"sampling_shift: expected 1 for a distilled (step-conditioned) student, got {value!r}")
+        self._sampling_shift = float(value)
+
     @classmethod
     def build(
         cls, autoencoder: AutoencoderConfig, dit: DiTConfig, heads: HeadsConfig, *, sampling_steps: int = 4,
-        temperature: float = 1.0,
+        temperature: float = 1.0, sampling_shift: float = 1.0,
     ) -> "DiTWorldModel":
         """A freshly initialised model from the three configs."""
         return cls(FrameAutoencoder(autoencoder), DiT(dit), RewardTermHead(heads), sampling_steps=sampling_steps,
-                   temperature=temperature)
+                   temperature=temperature, sampling_shift=sampling_shift)
 
     # ----- configuration ---------------------------------------------------------------------------------------
     @property
@@ -176,7 +202,8 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
             raise ValueError(f"configs: cannot build the networks from config.json ({e!r})") from e
         try:
             model = cls.build(ae, dc, hc, sampling_steps=config.get("sampling_steps", 4),
-                              temperature=config.get("temperature", 1.0))
+                              temperature=config.get("temperature", 1.0),
+                              sampling_shift=config.get("sampling_shift", 1.0))
         except ValueError as e:
             raise ValueError(f"config.json: {e}") from e
         load_weight_files(model, model.weight_files(), read)
@@ -266,7 +293,7 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
         noise = torch.randn(N, self.latent_dim, generator=generator, device=self.device, dtype=torch.float32)
         if self.temperature != 1.0:
             noise = noise * self.temperature
-        x0 = self.dit.sample_next(noise, action, cache, self.sampling_steps)  # (N, d_z)
+        x0 = self.dit.sample_next(noise, action, cache, self.sampling_steps, self.sampling_shift)  # (N, d_z)
         z_next = self.denormalize(x0).clamp(-1.0, 1.0)  # the encoder's tanh range
         reward, terminated = self.heads.predict(z[:, -1], action, z_next)
         next_state = {

@@ -100,7 +100,8 @@ def uniform_times(steps: int, shift: float = 1.0) -> list[float]:
     if shift <= 0:
         raise ValueError(f"shift: expected > 0, got {shift}")
     us = [1.0 - i / steps for i in range(steps + 1)]
-    return [shift * u / (1.0 + (shift - 1.0) * u) for u in us]
+    inner = [shift * u / (1.0 + (shift - 1.0) * u) for u in us[1:-1]]
+    return [1.0, *inner, 0.0]  # the end points exactly: s·1 / (1 + (s − 1)) can round to 1 − 1e-16
 
 
 def sample(
