@@ -97,7 +97,8 @@ def play(envs: gym.vector.VectorEnv, steps: int, seed: int, policy: str = "rando
         steps (summed over envs); with ``fates`` also ``"returns"``, ``"phantom_returns"`` and ``"vanished"`` per
         1000 steps and ``"ball_seen"``, the fraction of frames in which the ball is located.
     Raises:
-        ValueError: an unknown ``policy``, or no ``action_meanings`` for a pixel policy.
+        ValueError: an unknown ``policy``, no ``action_meanings`` for a pixel policy, or ``fates`` on an env that
+            gives neither frames nor renders.
     """
     if not isinstance(policy, LatentPolicy) and policy not in POLICIES:
         raise ValueError(f"policy: expected one of {POLICIES} or a LatentPolicy, got {policy!r}")
@@ -114,7 +115,11 @@ def play(envs: gym.vector.VectorEnv, steps: int, seed: int, policy: str = "rando
         if fates:
             frames = np.asarray(obs)
             if frames.dtype != np.uint8:  # latent observations: the env's decoded newest frames (N, 64, 64, 3)
-                frames = np.ascontiguousarray(np.asarray(envs.render()).transpose(0, 3, 1, 2))
+                rendered = envs.render()
+                if rendered is None:
+                    raise ValueError("envs: expected uint8 frame observations or render_mode='rgb_array' for "
+                                     "fates, got latent observations and no render mode")
+                frames = np.ascontiguousarray(np.asarray(rendered).transpose(0, 3, 1, 2))
             objs = locate_pong_objects(frames)
             record["ball"].append(objs.ball)
             record["paddle"].append(objs.agent_y)
@@ -179,10 +184,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         kw["temperature"] = a.temperature
     if a.sampling_shift is not None:
         kw["sampling_shift"] = a.sampling_shift
-    if a.world_model.startswith("DiTWM/"):
-        imagined = gym.make_vec(a.world_model, **kw)
-    else:
-        imagined = gym.make_vec("DiTWM/Pong-v0", checkpoint=a.world_model, **kw)
+    try:
+        if a.world_model.startswith("DiTWM/"):
+            imagined = gym.make_vec(a.world_model, **kw)
+        else:
+            imagined = gym.make_vec("DiTWM/Pong-v0", checkpoint=a.world_model, **kw)
+    except ValueError as e:  # a sampler setting the model refuses (names it), or a bundle that does not load
+        p.error(str(e))
     game = imagined.bundle.config["game"]
     meanings = list(imagined.bundle.config["action_meanings"])
     if a.fates and game != "Pong":

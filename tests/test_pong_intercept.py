@@ -70,10 +70,27 @@ def test_offset_range_draws_a_new_offset_at_each_approach():
     drawn = p.offsets[0]
     p.act(np.stack([_frame((30, 34), 34), _frame((30, 26), 34), _frame(None, 34)]))  # still coming: kept
     assert p.offsets[0] == drawn
+    p.act(np.stack([_frame(None, 34), _frame((30, 24), 34), _frame(None, 34)]))  # env 0's ball unseen 2 frames
+    p.act(np.stack([_frame(None, 34), _frame((30, 22), 34), _frame(None, 34)]))
+    p.act(np.stack([_frame((30, 40), 34), _frame((30, 20), 34), _frame(None, 34)]))
+    p.act(np.stack([_frame((30, 42), 34), _frame((30, 18), 34), _frame(None, 34)]))
+    assert p.offsets[0] == drawn  # a short gap: the same approach
     p.episode_ended(np.array([True, False, False]))
-    p.act(np.stack([_frame((30, 36), 34), _frame((30, 24), 34), _frame(None, 34)]))  # first sight again
-    p.act(np.stack([_frame((30, 38), 34), _frame((30, 22), 34), _frame(None, 34)]))  # a new approach
+    p.act(np.stack([_frame((30, 36), 34), _frame((30, 16), 34), _frame(None, 34)]))  # first sight again
+    p.act(np.stack([_frame((30, 38), 34), _frame((30, 14), 34), _frame(None, 34)]))  # a new approach
     assert p.offsets[0] != drawn
+    again = p.offsets[0]
+    for col in (36, 34, 32):  # env 0's ball goes away (returned), then comes back: a new approach
+        p.act(np.stack([_frame((30, col), 34), _frame(None, 34), _frame(None, 34)]))
+    assert p.offsets[0] == again
+    p.act(np.stack([_frame((30, 34), 34), _frame(None, 34), _frame(None, 34)]))
+    assert p.offsets[0] != again
+    last = p.offsets[0]
+    for _ in range(3):  # unseen for APPROACH_GAP frames: the approach is over, the next sight starts a new one
+        p.act(np.stack([_frame(None, 34)] * 3))
+    p.act(np.stack([_frame((30, 30), 34), _frame(None, 34), _frame(None, 34)]))
+    p.act(np.stack([_frame((30, 32), 34), _frame(None, 34), _frame(None, 34)]))
+    assert p.offsets[0] != last
     assert (InterceptPlayer(MEANINGS, 2, offset=3.0).offsets == 3.0).all()
     # the offset moves the paddle's target: a flat ball at row 34, the paddle's centroid at 33.5
     acts = []
@@ -93,7 +110,7 @@ def test_player_bad_input():
         InterceptPlayer(MEANINGS, 1, dead_zone=-1.0)
     with pytest.raises(ValueError, match="offset"):
         InterceptPlayer(MEANINGS, 1, offset=float("nan"))
-    for bad in ((3.0, -3.0), (1.0, 2.0, 3.0), (0.0, float("inf"))):
+    for bad in ((3.0, -3.0), (1.0, 2.0, 3.0), (0.0, float("inf")), True, "3", ("a", "b")):
         with pytest.raises(ValueError, match="offset"):
             InterceptPlayer(MEANINGS, 1, offset=bad)
     with pytest.raises(ValueError, match="frames"):
@@ -132,16 +149,20 @@ def test_collect_intercept_plays_the_players_actions(tmp_path, monkeypatch):
     assert moved > 20
 
 
-def test_collect_intercept_offset_range_replays(tmp_path):
+def test_collect_intercept_offset_range_replays(tmp_path, capsys):
     out = tmp_path / "edge"
     assert main(Args(steps=200, out=str(out), num_envs=1, agent="intercept", epsilon=0.0, seed=5,
                      intercept_offset=[-7.0, 7.0])) == 0
     store = EpisodeStore(out)
     d = store.load()
-    replay = InterceptPlayer(store.read_meta()["action_meanings"], 1, offset=(-7.0, 7.0), seed=5)
+    replay = InterceptPlayer(store.read_meta()["action_meanings"], 1, offset=(-7.0, 7.0), seed=[5, 0, 1])
+    first = replay.offsets[0]
     assert (d["action"][1:] == np.concatenate([replay.act(o[None]) for o in d["obs"][:-1]])).all()
-    assert len(set(replay.offsets.tolist())) == 1 and replay.offsets[0] != InterceptPlayer(
-        MEANINGS, 1, offset=(-7.0, 7.0), seed=5).offsets[0]  # it drew again during play
+    assert replay.offsets[0] != first  # it drew again during play
+    assert ditwm.main(["collect", "--agent", "intercept", "--intercept-offset", "1", "2", "--steps", "400",
+                       "--num-envs", "1", "--resume", "--out", str(out)]) == 2  # resumed with another offset
+    assert "--intercept-offset: expected [-7.0, 7.0] (the offset of the store being resumed)" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["--agent", "intercept", "--intercept-offset", "3", "-3"],

@@ -321,6 +321,9 @@ def test_resume_with_other_world_model_is_refused(bundle, tmp_path, capsys):
                      "--temperature", "0.5", "--out", str(tmp_path / "r")]) == 2
     assert "error: --temperature: expected None (the run being resumed), got 0.5" in capsys.readouterr().err
     assert cli.main(["train-agent", "--world-model", str(bundle), "--steps", "4", "--init", "scratch", "--resume",
+                     "--sampling-shift", "3", "--out", str(tmp_path / "r")]) == 2
+    assert "error: --sampling-shift: expected None (the run being resumed), got 3.0" in capsys.readouterr().err
+    assert cli.main(["train-agent", "--world-model", str(bundle), "--steps", "4", "--init", "scratch", "--resume",
                      "--gamma", "0.99", "--out", str(tmp_path / "r")]) == 2
     assert "error: --gamma: expected 0.997 (the run being resumed), got 0.99" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == before

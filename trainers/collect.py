@@ -107,6 +107,10 @@ def validate(args: Args) -> None:
         if meta.get("game") != args.game:
             raise ArgError("game", f"expected {meta.get('game')!r} (the game of the store being resumed), "
                                    f"got {args.game!r}")
+        prev_io = meta["collector"].get("intercept_offset", [1.0])
+        if args.agent == "intercept" and prev_io != io:
+            raise ArgError("intercept_offset", f"expected {prev_io} (the offset of the store being resumed), got "
+                                               f"{io}")
         if args.agent == "policy" and meta["collector"].get("policy") != args.policy:
             raise ArgError("policy", f"expected {meta['collector'].get('policy')!r} (the policy of the store being "
                                      f"resumed), got {args.policy!r}")
@@ -146,6 +150,7 @@ def main(args: Args) -> int:
     store = EpisodeStore(out, chunk_rows=args.chunk_rows)
     env = make_real_env(args.game, args.num_envs)
     done_steps, next_ep = _existing(store) if args.resume and (out / "meta.json").exists() else (0, 0)
+    first_ep = next_ep  # seeds this run's draws: a resumed run draws fresh ones
     store.write_meta(game=args.game, action_meanings=list(env.action_meanings), protocol=PROTOCOL,
                      collector={k: v for k, v in asdict(args).items() if k != "out"})
     n = args.num_envs
@@ -167,7 +172,7 @@ def main(args: Args) -> int:
                disable=not sys.stderr.isatty())
     meanings = list(env.action_meanings)
     player = (InterceptPlayer(meanings, n, offset=(args.intercept_offset[0], args.intercept_offset[-1]),
-                              seed=args.seed) if args.agent == "intercept" else None)
+                              seed=[args.seed, first_ep, 1]) if args.agent == "intercept" else None)
     try:
         while done_steps < args.steps and stop["signal"] is None:
             action = rng.integers(0, len(meanings), size=n)

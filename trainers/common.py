@@ -54,10 +54,12 @@ def check_sampling_shift(value: float | None) -> None:
     ``DiTWorldModel.sampling_shift``.
 
     Raises:
-        ArgError: ``value`` is not None and not a finite number > 0 (names ``sampling_shift``).
+        ArgError: ``value`` is not None and not a number in ``(0, 100]`` (names ``sampling_shift``).
     """
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise ArgError("sampling_shift", f"expected a finite real number > 0, got {value}")
+    from dit_envs.models.dit_world_model import MAX_SAMPLING_SHIFT
+
+    if value is not None and not 0 < value <= MAX_SAMPLING_SHIFT:
+        raise ArgError("sampling_shift", f"expected a real number in (0, {MAX_SAMPLING_SHIFT:g}], got {value}")
 
 
 PRECISIONS = ("auto", "bf16", "fp32")

@@ -5,17 +5,18 @@ An agent trained in imagination exploits its world model where the model's ball 
 does. Two such failures are counted here from the located objects (:func:`trainers.pong_objects.locate_pong_objects`)
 of consecutive frames:
 
-- a **phantom return**: the ball turns round at the agent's side while the agent's paddle is more than
-  :data:`PHANTOM_GAP` pixels from it (or not visible): a return without the paddle. On the real game every return
-  meets the paddle within 5.5 px of its centre (803 returns of a trained agent's 100k real steps, measured
-  2026-12-05), so the gap is set above that;
+- a **return**: the ball turns round (its column rises, then falls) at the agent's side, in a column ≥
+  :data:`RETURN_COL`; a **phantom return** is one with the agent's paddle more than :data:`PHANTOM_GAP` pixels from
+  the ball (or not visible): a return without the paddle. On the real game 99 % of returns meet the paddle within
+  5.5 px of its centre (803 returns of a trained agent's 100k real steps, measured 2026-12-05), so the gap is set
+  above that;
 - a **vanished ball**: the ball, moving towards the agent, is seen in columns :data:`VANISH_COLS` and then in none of
   the next :data:`VANISH_FRAMES` frames, with no reward on the way: it neither came back nor cost a point. On the
   real game a ball that passes the paddle is seen up to the field's edge and costs a point.
 
-Frames, rewards and ends are those of a vector env played for ``T`` steps: frame ``t`` is the observation before
-step ``t``'s action and ``reward[:, t]`` / ``done[:, t]`` belong to that step, so a pattern that spans a ``done`` is
-not counted.
+Frames, rewards and ends are those of a vector env with SAME_STEP autoreset played for ``T`` steps: frame ``t`` is
+the observation before step ``t``'s action and ``reward[:, t]`` / ``done[:, t]`` belong to that step (frame ``t + 1``
+is the next episode's first after a ``done``), so a pattern that spans a ``done`` is not counted.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import numpy as np
 from trainers.pong_objects import ball_reversals
 
 PHANTOM_GAP = 8.0  # pixels of the 64×64 frame between the ball's row and the paddle's centre at a return
+RETURN_COL = 40.0  # a turn of the ball at this column or beyond (the agent's paddle is at 56) is a return
 VANISH_COLS = (40.0, 56.0)  # columns where a coming ball may be seen last before it vanishes
 VANISH_FRAMES = 3  # frames without the ball after it was seen
 
@@ -56,7 +58,7 @@ def ball_fates(ball: np.ndarray, paddle: np.ndarray, reward: np.ndarray, done: n
         # episode index of every frame: frame t + 1 starts a new episode after a done at step t
         ep = np.concatenate([[0], np.cumsum(d[:-1])])
         apex = np.flatnonzero(ball_reversals(b[:, 1])[0])
-        apex = apex[(ep[apex - 1] == ep[apex]) & (ep[apex + 1] == ep[apex])] if len(apex) else apex
+        apex = apex[(ep[apex - 1] == ep[apex]) & (ep[apex + 1] == ep[apex]) & (b[apex, 1] >= RETURN_COL)]
         gap = np.abs(b[apex, 0] - p[apex])
         out["returns"] += len(apex)
         out["phantom_returns"] += int((~(gap <= PHANTOM_GAP)).sum())  # NaN (no paddle) counts as phantom

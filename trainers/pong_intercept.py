@@ -25,6 +25,7 @@ from trainers.pong_objects import CENTRE_ROW, FIELD_BOTTOM, FIELD_TOP, locate_po
 
 PADDLE_COL = 55.0  # the column where the ball meets the agent's paddle face (64×64 frame)
 BALL_TOP, BALL_BOTTOM = FIELD_TOP + 0.5, FIELD_BOTTOM - 1.5  # rows where the ball's centre bounces
+APPROACH_GAP = 3  # frames a coming ball may go unseen and still be the same approach (no new offset)
 
 
 def intercept_rows(row: np.ndarray, col: np.ndarray, v_row: np.ndarray, v_col: np.ndarray) -> np.ndarray:
@@ -59,9 +60,11 @@ class InterceptPlayer:
         offset: pixels (of the 64×64 frame) below the predicted crossing row to put the paddle's centre, so the
             ball hits it off-centre and leaves at a steeper angle (default 1; 0 plays for long rallies); or a range
             ``(low, high)``: each env draws a new offset uniformly from it whenever a ball starts coming towards
-            its paddle (and at construction).
+            its paddle (and at construction); a coming ball unseen for fewer than :data:`APPROACH_GAP` frames keeps
+            its approach's offset.
         dead_zone: no move while the paddle (led by its velocity) is within this many pixels of its target.
-        seed: seed of the offset draws (used only with a range).
+        seed: seed of the offset draws (an int or a sequence of ints, as :func:`numpy.random.default_rng` takes;
+            used only with a range).
     Attributes:
         offsets: float64 ``(N,)``, each env's current offset.
     Raises:
@@ -70,16 +73,22 @@ class InterceptPlayer:
     """
 
     def __init__(self, action_meanings: list[str], num_envs: int, *, offset: float | tuple[float, float] = 1.0,
-                 dead_zone: float = 1.0, seed: int = 0) -> None:
+                 dead_zone: float = 1.0, seed: int | list[int] = 0) -> None:
         self.noop, self.up, self.down = paddle_actions(action_meanings)
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs: expected an integer ≥ 1, got {num_envs!r}")
-        bounds = np.asarray(offset, np.float64).reshape(-1)
+        bad = ValueError(f"offset: expected a finite number of pixels or a (low, high) pair with low ≤ high, got "
+                         f"{offset!r}")
+        if isinstance(offset, (bool, str)):
+            raise bad
+        try:
+            bounds = np.asarray(offset, np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise bad from None
         if bounds.size == 1:
             bounds = np.repeat(bounds, 2)
         if bounds.size != 2 or not np.isfinite(bounds).all() or bounds[0] > bounds[1]:
-            raise ValueError(f"offset: expected a finite number of pixels or a (low, high) pair with low ≤ high, "
-                             f"got {offset!r}")
+            raise bad
         if not dead_zone >= 0:
             raise ValueError(f"dead_zone: expected ≥ 0 pixels, got {dead_zone}")
         self.offset_range, self.dead_zone = (float(bounds[0]), float(bounds[1])), float(dead_zone)
@@ -88,6 +97,7 @@ class InterceptPlayer:
         self.prev_ball = np.full((num_envs, 2), np.nan)
         self.prev_paddle = np.full(num_envs, np.nan)
         self.coming = np.zeros(num_envs, bool)
+        self.unseen = np.zeros(num_envs, np.int64)  # frames since the ball was last seen
 
     def _draw(self, n: int) -> np.ndarray:
         low, high = self.offset_range
@@ -110,7 +120,9 @@ class InterceptPlayer:
         target = intercept_rows(ball[:, 0], ball[:, 1], velocity[:, 0], velocity[:, 1])
         target = np.where(np.isnan(velocity[:, 1]), ball[:, 0], target)  # first sight: the ball's row
         target = np.where(np.isnan(ball[:, 0]), CENTRE_ROW, target)  # no ball: wait in the centre
-        coming = velocity[:, 1] > 0.1
+        v_col = velocity[:, 1]
+        # no velocity (the ball unseen now or a frame ago): the approach goes on through a short gap
+        coming = np.where(np.isnan(v_col), self.coming & (self.unseen < APPROACH_GAP), v_col > 0.1)
         new = coming & ~self.coming  # a ball starts coming: a new offset
         self.offsets[new] = self._draw(int(new.sum()))
         lead = np.nan_to_num(paddle - self.prev_paddle)
@@ -119,6 +131,7 @@ class InterceptPlayer:
         out[diff > self.dead_zone] = self.up
         out[diff < -self.dead_zone] = self.down
         self.prev_ball, self.prev_paddle, self.coming = ball, paddle, coming
+        self.unseen = np.where(np.isnan(ball[:, 0]), self.unseen + 1, 0)
         return out
 
     def episode_ended(self, done: np.ndarray) -> None:
@@ -133,3 +146,4 @@ class InterceptPlayer:
         self.prev_ball[done] = np.nan
         self.prev_paddle[done] = np.nan
         self.coming[done] = False
+        self.unseen[done] = 0

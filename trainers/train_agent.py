@@ -226,8 +226,7 @@ def prepare(args: Args) -> Setup:
             raise ArgError("out", f"expected a readable checkpoint to resume, got {e}") from None
         defaults = {f.name: f.default for f in dataclasses.fields(Args)}  # for keys absent in older runs
         for name in ("world_model", "init", "hidden", "temperature", "sampling_shift", "gamma", "entropy_coef",
-                     "start_data",
-                     "start_contexts"):
+                     "start_data", "start_contexts"):
             prev = meta["args"].get(name, defaults[name])
             if prev != getattr(args, name):
                 raise ArgError(name, f"expected {prev!r} (the run being resumed), got {getattr(args, name)!r}")

@@ -374,7 +374,7 @@ class DiT(nn.Module):
                 distilled for uniform steps of size ``1/steps``).
         """
         if self.config.shortcut_steps and shift != 1.0:
-            raise ValueError(f"sampling_shift: expected 1.0 for a distilled (step-conditioned) student, got {shift}")
+            raise ValueError(f"sampling_shift: expected 1 for a distilled (step-conditioned) student, got {shift}")
         n = self.config.shortcut_steps
         if n and steps < n and n % steps and (n, steps) not in _WARNED:
             _WARNED.add((n, steps))

@@ -11,6 +11,8 @@ token for diffusion forcing, Chen et al. 2024).
 """
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Sequence
 
 import torch
@@ -93,12 +95,12 @@ def uniform_times(steps: int, shift: float = 1.0) -> list[float]:
         steps: number of Euler steps ≥ 1 (the list has ``steps + 1`` entries).
         shift: time shift ``s > 0``.
     Raises:
-        ValueError: ``steps < 1`` or ``shift <= 0``.
+        ValueError: ``steps < 1`` or ``shift`` not a finite number > 0.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
-    if shift <= 0:
-        raise ValueError(f"shift: expected > 0, got {shift}")
+    if not math.isfinite(shift) or shift <= 0:
+        raise ValueError(f"shift: expected a finite number > 0, got {shift}")
     us = [1.0 - i / steps for i in range(steps + 1)]
     inner = [shift * u / (1.0 + (shift - 1.0) * u) for u in us[1:-1]]
     return [1.0, *inner, 0.0]  # the end points exactly: s·1 / (1 + (s − 1)) can round to 1 − 1e-16
@@ -125,7 +127,7 @@ def sample(
     times = [float(t) for t in times]
     if len(times) < 2 or times[0] != 1.0 or times[-1] != 0.0:
         raise ValueError(f"times: expected a list from 1.0 down to 0.0 with >= 2 entries, got {times}")
-    if any(b >= a for a, b in zip(times[:-1], times[1:])):
+    if any(not b < a for a, b in zip(times[:-1], times[1:])):  # also refuses NaN
         raise ValueError(f"times: expected strictly decreasing values, got {times}")
     x = noise
     for t_cur, t_next in zip(times[:-1], times[1:]):
