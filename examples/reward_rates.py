@@ -138,8 +138,9 @@ def play(envs: gym.vector.VectorEnv, steps: int, seed: int, policy: str = "rando
         wins += int((np.asarray(reward) > 0).sum())
         losses += int((np.asarray(reward) < 0).sum())
         ends += int(np.asarray(term).sum())
-        record["reward"].append(np.asarray(reward, np.float64))
-        record["done"].append(done)
+        if fates:
+            record["reward"].append(np.asarray(reward, np.float64))
+            record["done"].append(done)
     per = 1000.0 / (steps * n)
     out = {"wins": wins * per, "losses": losses * per, "episode_ends": ends * per}
     if fates:

@@ -258,16 +258,12 @@ def _load_model(args: Args, device: torch.device):
             model.sampling_steps = args.sampling_steps
         except (AttributeError, ValueError) as e:
             raise ArgError("sampling_steps", f"the {bundle.config['model_type']} model refuses it: {e}") from None
-    if args.temperature is not None:
-        try:
-            set_temperature(model, args.temperature)
-        except ValueError as e:  # a model without a temperature (the RSSM)
-            raise setting_arg_error(e, "temperature", str(e)) from None
-    if args.sampling_shift is not None:
-        try:
-            set_sampling_shift(model, args.sampling_shift)
-        except ValueError as e:  # the RSSM, or a distilled student
-            raise setting_arg_error(e, "sampling_shift", str(e)) from None
+    for name, setter in (("temperature", set_temperature), ("sampling_shift", set_sampling_shift)):
+        if getattr(args, name) is not None:
+            try:
+                setter(model, getattr(args, name))
+            except ValueError as e:  # a model without the setting (the RSSM), or a student refusing a shift
+                raise setting_arg_error(e, name, str(e)) from None
     return bundle
 
 

@@ -124,7 +124,8 @@ class InterceptPlayer:
         # no velocity (the ball unseen now or a frame ago): the approach goes on through a short gap
         coming = np.where(np.isnan(v_col), self.coming & (self.unseen < APPROACH_GAP), v_col > 0.1)
         new = coming & ~self.coming  # a ball starts coming: a new offset
-        self.offsets[new] = self._draw(int(new.sum()))
+        if new.any():
+            self.offsets[new] = self._draw(int(new.sum()))
         lead = np.nan_to_num(paddle - self.prev_paddle)
         diff = paddle + lead - (target + self.offsets)
         out = np.full(len(frames), self.noop, np.int64)

@@ -49,16 +49,22 @@ def run_dtype(dtype: torch.dtype | str | None, device: str | torch.device = "cpu
     return DTYPES[dtype]
 
 
+def _set_sampler_setting(model: Any, name: str, what: str, value: float) -> None:
+    """``setattr(model, name, value)``, validated by the model; ValueError naming ``name`` and the model type where
+    the model has no such setting (the RSSM has neither a temperature nor a time shift)."""
+    if not hasattr(model, name):
+        raise ValueError(f"{name}: the {getattr(model, 'model_type', type(model).__name__)} model has no {what}, "
+                         f"got {value!r}")
+    setattr(model, name, value)
+
+
 def set_temperature(model: Any, value: float) -> None:
     """Set ``model.temperature`` (validated by the model).
 
     Raises:
         ValueError: the model has no sampling temperature (names its ``model_type``), or a bad value.
     """
-    if not hasattr(model, "temperature"):
-        raise ValueError(f"temperature: the {getattr(model, 'model_type', type(model).__name__)} model has no "
-                         f"sampling temperature, got {value!r}")
-    model.temperature = value
+    _set_sampler_setting(model, "temperature", "sampling temperature", value)
 
 
 def set_sampling_shift(model: Any, value: float) -> None:
@@ -67,10 +73,7 @@ def set_sampling_shift(model: Any, value: float) -> None:
     Raises:
         ValueError: the model has no sampler time shift (names its ``model_type``), or a bad value.
     """
-    if not hasattr(model, "sampling_shift"):
-        raise ValueError(f"sampling_shift: the {getattr(model, 'model_type', type(model).__name__)} model has no "
-                         f"sampler time shift, got {value!r}")
-    model.sampling_shift = value
+    _set_sampler_setting(model, "sampling_shift", "sampler time shift", value)
 
 
 def load_for_env(env_id: str | None, checkpoint: Any = None, *, device: str | torch.device = "cpu",
