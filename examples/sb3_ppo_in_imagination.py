@@ -8,8 +8,8 @@ per step. Afterwards the deterministic policy plays ``--episodes`` imagined epis
 * ``--obs-type pixels``: ``CnnPolicy`` on uint8 ``(3, 64, 64)`` frames — the real env serves the same format, so
   the policy plays the real game directly.
 * ``--obs-type latent``: ``MlpPolicy`` on float32 ``(K, d_z)`` latent stacks — on the real game, frames go through
-  the bundle's frozen encoder and a rolling stack (:class:`RealLatentObs`, "reset" padding like the world model's
-  start contexts).
+  the bundle's frozen encoder and a rolling stack (:class:`~dit_envs.envs.real_latent.RealLatentVectorEnv`,
+  "reset" padding like the world model's start contexts).
 
 Run::
 
@@ -30,49 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 
 import dit_envs  # noqa: E402  (registers the DiTWM ids)
 from dit_envs.sb3 import to_sb3  # noqa: E402
-from trainers.policy import LatentStack  # noqa: E402
-
-
-class RealLatentObs(gym.vector.VectorWrapper):
-    """A real-game vector env seen through a frozen encoder: observations float32 ``(N, K, d_z)`` in ``[-1, 1]``.
-
-    At an episode's first frame all ``K`` slots hold its latent (as ``LatentStack.reset``); SAME_STEP autoreset
-    is kept (the returned observation of an ended env is the stack of its next episode's first frame).
-
-    Args:
-        env: real vector env with uint8 ``(N, 3, 64, 64)`` observations. encoder: ``encode(uint8) -> (N, d_z)``.
-        k, latent_dim: ``K`` and ``d_z``. device: where the encoder runs.
-    """
-
-    def __init__(self, env: gym.vector.VectorEnv, encoder: Any, k: int, latent_dim: int,
-                 device: str | torch.device = "cpu") -> None:
-        super().__init__(env)
-        self.encoder, self.device = encoder, device
-        self.stack = LatentStack(env.num_envs, k, latent_dim, device)
-        self.single_observation_space = gym.spaces.Box(-1.0, 1.0, (k, latent_dim), np.float32)
-        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, env.num_envs)
-
-    @torch.no_grad()
-    def _encode(self, frames: np.ndarray) -> torch.Tensor:
-        return self.encoder.encode(torch.as_tensor(frames, device=self.device)).float()
-
-    def _obs(self) -> np.ndarray:
-        return self.stack.stack.clamp(-1.0, 1.0).cpu().numpy()
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        obs, info = self.env.reset(seed=seed, options=options)
-        self.stack.reset(self._encode(obs))
-        return self._obs(), info
-
-    def step(self, actions):
-        obs, reward, term, trunc, info = self.env.step(actions)
-        z = self._encode(obs)
-        self.stack.push(z)
-        done = term | trunc
-        if done.any():
-            self.stack.reset(z[torch.as_tensor(done, device=self.device)], done)
-            info = {k: v for k, v in info.items() if k not in ("final_obs", "_final_obs")}  # frames, not latents
-        return self._obs(), reward, term, trunc, info
+from dit_envs.envs.real_latent import RealLatentVectorEnv  # noqa: E402
 
 
 def score(envs: gym.vector.VectorEnv, predict: Callable[[np.ndarray], np.ndarray], max_steps: int) -> list[float]:
@@ -144,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                                         max_num_frames_per_episode=frames)
     if args.obs_type == "latent":
         model_ = bundle.model
-        real = RealLatentObs(real, model_, model_.context_len, model_.latent_dim, args.device)
+        real = RealLatentVectorEnv(real, model_, model_.context_len, model_.latent_dim, args.device)
     real_returns = score(real, predict, args.max_steps)
     real.close()
     res = {"imagined_mean": float(np.mean(imag)), "imagined_std": float(np.std(imag)),

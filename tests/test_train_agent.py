@@ -161,7 +161,7 @@ def test_scratch_run_outputs_and_bit_exact_resume(bundle, tmp_path, capsys):
 
 
 def test_world_model_dtype_bfloat16_trains_a_float32_agent(bundle, tmp_path, monkeypatch):
-    import trainers.train_agent as ta
+    import trainers.agent_envs as ta
 
     made = {}
     real_make = ta.make_imagination_env

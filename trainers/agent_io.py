@@ -9,6 +9,7 @@ of the last ``K`` latents of the frozen encoder it was trained with (``obs_dim =
 A *world-model spec* (``--world-model``) is one of: a registered env id ``DiTWM/<Game>-v<k>``; a bundle directory,
 ``hf://org/repo@<commit>`` or ``bundled:<name>`` source; or ``rssm:DIR`` with ``DIR`` a stage-1 output (``DIR/rssm``
 or ``DIR/stage1/rssm`` is the RSSM bundle). Every model type a bundle may hold runs through the same vector env.
+Stage 3 also takes ``real:DIR``: the real game seen through the stage-1 encoder of ``DIR`` (:mod:`trainers.agent_envs`).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from trainers.agent import ActorCritic, AgentConfig
 
 AGENT_WEIGHTS, AGENT_JSON = "agent.safetensors", "agent.json"
 RSSM_PREFIX = "rssm:"
+REAL_PREFIX = "real:"  # the real game seen through a stage-1 encoder (trainers.agent_envs)
 
 
 def stage1_dir(path: str | os.PathLike) -> Path:
@@ -155,7 +157,7 @@ def make_imagination_env(spec: str, num_envs: int, *, device: str | torch.device
 
 
 def load_encoder(spec: str, device: str | torch.device = "cpu") -> tuple[Any, int, str | None]:
-    """The frozen frame encoder of a world-model spec or of a stage-1 directory.
+    """The frozen frame encoder of a world-model spec, of a stage-1 directory or of ``real:STAGE1_DIR``.
 
     Returns:
         ``(module with encode(uint8 (N,3,64,64)) -> float32 (N, d_z), d_z, game or None)``.
@@ -165,6 +167,7 @@ def load_encoder(spec: str, device: str | torch.device = "cpu") -> tuple[Any, in
     from dit_envs.bundle import load_bundle
     from dit_envs.models.autoencoder import AutoencoderConfig, FrameAutoencoder
 
+    spec = spec.removeprefix(REAL_PREFIX)  # a policy trained on the real game read the stage-1 encoder
     p = Path(spec).expanduser()
     if not spec.startswith(RSSM_PREFIX) and p.is_dir() and not (p / "config.json").is_file():
         d = stage1_dir(p)

@@ -10,32 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-class LatentStack:
-    """Per-env rolling stack of the last ``K`` latents: float32 ``(N, K, d_z)`` on ``device``.
-
-    Args:
-        num_envs: ``N``; k: ``K``; latent_dim: ``d_z``.
-    """
-
-    def __init__(self, num_envs: int, k: int, latent_dim: int, device: str | torch.device = "cpu") -> None:
-        self.stack = torch.zeros(num_envs, k, latent_dim, device=device)
-
-    def reset(self, z: torch.Tensor, mask: np.ndarray | torch.Tensor | None = None) -> None:
-        """Fill all slots of the envs in ``mask`` (all if None) with their first latent ``z (n, d_z)``."""
-        if mask is None:
-            self.stack[:] = z[:, None]
-        else:
-            m = torch.as_tensor(mask, device=self.stack.device)
-            self.stack[m] = z[:, None].expand(-1, self.stack.shape[1], -1)
-
-    def push(self, z: torch.Tensor) -> None:
-        """Append the newest latents ``z (N, d_z)``, dropping the oldest."""
-        self.stack = torch.cat([self.stack[:, 1:], z[:, None]], dim=1)
-
-    def flat(self) -> torch.Tensor:
-        """float32 ``(N, K·d_z)``, the policy input."""
-        return self.stack.flatten(1)
+from dit_envs.envs.real_latent import LatentStack
 
 
 class StackedPolicy:

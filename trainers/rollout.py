@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode
 
+from dit_envs.models.dreamer_layers import categorical_entropy
 from trainers.agent import ActorCritic, Metrics, Trajectory, actor_loss, critic_loss, lambda_returns
 
 
@@ -164,3 +165,68 @@ def rollout_loss(ac: ActorCritic, rollout: Rollout, update_normalizer: bool = Tr
                              c.entropy_coef)
     c_loss, c_m = critic_loss(critic_logits[:-1], returns, slow_values, weights, ac.critic.twohot, c.slow_reg)
     return a_loss + c_loss, {**a_m, **c_m, "return_scale": scale.detach()}
+
+
+@dataclasses.dataclass
+class RolloutTargets:
+    """What several gradient steps on one rollout keep fixed, each float32 ``(T, B)``: λ-returns, advantages divided
+    by the return scale, the slow critic's values and the log-probability of each taken action under the policy
+    that collected it."""
+
+    returns: torch.Tensor
+    advantages: torch.Tensor
+    slow_values: torch.Tensor
+    old_logp: torch.Tensor
+
+
+@torch.no_grad()
+def rollout_targets(ac: ActorCritic, rollout: Rollout, update_normalizer: bool = True) -> RolloutTargets:
+    """Returns, advantages (as :func:`rollout_loss` computes them, normaliser updated first), slow values and the
+    collecting policy's log-probabilities of a rollout, for :func:`clipped_loss`.
+
+    Raises:
+        ValueError: rollout fields of mismatched shapes.
+    """
+    c, traj = ac.config, rollout.traj
+    t_len, b = traj.actions.shape
+    if tuple(traj.obs.shape) != (t_len + 1, b, c.obs_dim) or rollout.final_obs.shape != traj.obs[1:].shape:
+        raise ValueError(f"rollout.traj.obs/final_obs: expected ({t_len + 1}, {b}, {c.obs_dim}) / "
+                         f"({t_len}, {b}, {c.obs_dim}), got {tuple(traj.obs.shape)} / {tuple(rollout.final_obs.shape)}")
+    values = ac.critic.value(traj.obs)  # (T+1, B)
+    final_values = torch.zeros_like(traj.rewards)
+    m = rollout.truncated > 0
+    if bool(m.any()):
+        final_values[m] = ac.critic.value(rollout.final_obs[m])
+    returns = rollout_returns(traj.rewards, values, traj.continues, rollout.truncated, final_values, c.gamma, c.lam)
+    if update_normalizer:
+        ac.normalizer.update(returns)
+    logp = ac.actor(traj.obs[:-1]).log_softmax(-1).gather(-1, traj.actions[..., None])[..., 0]  # (T, B)
+    return RolloutTargets(returns, (returns - values[:-1]) / ac.normalizer.scale(), ac.slow_critic.value(traj.obs[:-1]),
+                          logp)
+
+
+def clipped_loss(ac: ActorCritic, rollout: Rollout, targets: RolloutTargets, envs: torch.Tensor, clip: float
+                 ) -> tuple[torch.Tensor, Metrics]:
+    """Actor + critic loss on the columns ``envs`` (int64 indices into ``B``) of a rollout, for several gradient
+    steps on it: the actor's term is PPO's clipped surrogate (Schulman et al. 2017, eq. 7) on the fixed advantages,
+    ``−mean(min(ρ·A, clip(ρ, 1 − ε, 1 + ε)·A) + η·H[π])`` with ``ρ = π(a|s) / π_old(a|s)``; the critic's is
+    :func:`trainers.agent.critic_loss` towards the fixed returns. On a policy that has not moved yet (``ρ = 1``)
+    its gradient is :func:`rollout_loss`'s.
+
+    Returns:
+        ``(loss, metrics)`` with detached ``actor_loss``, ``actor_ent``, ``clip_fraction``, ``critic_loss``.
+    """
+    traj = rollout.traj
+    obs, actions = traj.obs[:-1, envs], traj.actions[:, envs]  # (T, b, ·)
+    logits = ac.actor(obs)  # (T, b, A)
+    logp = logits.log_softmax(-1).gather(-1, actions[..., None])[..., 0]  # (T, b)
+    ratio = (logp - targets.old_logp[:, envs]).exp()
+    adv = targets.advantages[:, envs]
+    ent = categorical_entropy(logits)  # (T, b)
+    a_loss = -(torch.min(ratio * adv, ratio.clamp(1.0 - clip, 1.0 + clip) * adv)
+               + ac.config.entropy_coef * ent).mean()
+    c_loss, c_m = critic_loss(ac.critic(obs), targets.returns[:, envs], targets.slow_values[:, envs],
+                              torch.ones_like(adv), ac.critic.twohot, ac.config.slow_reg)
+    clipped = ((ratio - 1.0).abs() > clip).float().mean()
+    return a_loss + c_loss, {"actor_loss": a_loss.detach(), "actor_ent": ent.detach().mean(),
+                             "clip_fraction": clipped.detach(), "critic_loss": c_m["critic_loss"]}

@@ -7,7 +7,13 @@ for ``--horizon`` steps in ``--num-envs`` envs and takes one DreamerV3 step (:mo
 cut at episode ends, return normalisation, entropy bonus, slow critic). Every ``--eval-every`` updates the greedy
 policy plays ``--eval-episodes`` real games through the world model's own frozen encoder
 (:func:`trainers.policy.evaluate_policy`, DESIGN.md §4 "Agent score"). Any bundle runs the same loop — an RSSM
-bundle (``rssm:STAGE1_DIR``) or a DiT — so the RSSM → DiT swap is measured with everything else equal.
+bundle (``rssm:STAGE1_DIR``) or a DiT — so the RSSM → DiT swap is measured with everything else equal; and so does
+the real game seen through the stage-1 encoder (``real:STAGE1_DIR``, :mod:`trainers.agent_envs`): a perfect world
+model, the ceiling of this learner at a given number of updates (in real env steps: not an Atari-100k agent).
+
+Updates. By default one DreamerV3 gradient step per rollout. ``--epochs E --minibatches M`` take ``E·M`` steps on
+each rollout instead, with PPO's clipped surrogate (Schulman et al. 2017; :func:`trainers.rollout.clipped_loss`):
+where imagined steps are the cost, each is learned from several times.
 
 Step sizes. ``--lr``, ``--gamma`` and ``--entropy-coef`` default to DreamerV3's (3e-5, 0.997, 3e-4), tuned for
 long GPU runs. In a CPU budget on Pong (README, results) they learned nothing in 300 updates; lr 3e-4 with η 3e-4
@@ -46,16 +52,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dit_envs.io import load_tensors
 from trainers.agent import ActorCritic, AgentConfig
-from trainers.agent_io import load_agent, load_encoder, make_imagination_env, save_agent, stage1_dir
+from trainers.agent_envs import REAL_PREFIX, make_training_env, warn_if_other_encoder
+from trainers.agent_io import load_agent, save_agent, stage1_dir
 from trainers.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
 from trainers.common import (DTYPE_NAMES, ArgError, JsonlLogger, arg, catch_stop_signals, check_choice, check_out_dir,
                              check_sampling_shift, check_temperature, dtype_arg, pick_device, run_cli, seed_everything,
                              setting_arg_error, signal_exit_code)
 from trainers.data import EpisodeStore
 from trainers.policy import evaluate_policy
-from trainers.rollout import collect_rollout, rollout_loss
+from trainers.rollout import clipped_loss, collect_rollout, rollout_loss, rollout_targets
 from trainers.train_agent_report import plot_curves
 
 LOG_EVERY = 10
@@ -63,12 +69,14 @@ LOG_EVERY = 10
 
 @dataclass(kw_only=True)
 class Args:
-    world_model: str = arg(help="DiTWM/<Game>-v<k>, a bundle directory or hf:// source, or rssm:STAGE1_DIR")
+    world_model: str = arg(help="DiTWM/<Game>-v<k>, a bundle directory or hf:// source, rssm:STAGE1_DIR, or "
+                                "real:STAGE1_DIR (the real game through the stage-1 encoder: a perfect model)")
     steps: int = arg(help="actor-critic updates in total (each: --horizon batched steps of --num-envs envs)")
     out: str = arg(help="run directory (new or empty unless --resume)")
     init: str = arg("auto", "stage1:DIR (start from the frozen stage-1 actor-critic), policy:DIR (from a policy "
                             "directory, e.g. an earlier train-agent --out: continue it in another world model), "
-                            "scratch, or auto (the stage-1 dir of an rssm: world model or of a bundle inside one)")
+                            "scratch, or auto (the stage-1 dir of an rssm: or real: world model or of a bundle "
+                            "inside one)")
     num_envs: int = arg(256, "parallel imagined envs")
     horizon: int = arg(15, "imagined steps per update (DreamerV3: 15)")
     eval_every: int = arg(100, "updates between real-game evaluations and checkpoints (0: only at the end)")
@@ -88,6 +96,10 @@ class Args:
     gamma: float = arg(0.997, "discount of the λ-returns (DreamerV3: 0.997, a 333-step horizon)")
     entropy_coef: float = arg(3e-4, "entropy bonus η of the actor loss (DreamerV3: 3e-4, on advantages divided "
                                     "by max(1, return range))")
+    epochs: int = arg(1, "passes over each rollout (1: DreamerV3's one gradient step; more: PPO's clipped "
+                         "surrogate, Schulman et al. 2017, so each imagined step is learned from several times)")
+    minibatches: int = arg(1, "gradient steps per pass, each on a 1/M share of the envs (with --epochs)")
+    clip: float = arg(0.2, "PPO's ratio clip ε (with --epochs or --minibatches > 1)")
     hidden: int = arg(256, "scratch only: MLP width of actor and critic (stage 1's default)")
     device: str = arg("cpu", "torch device of world model and agent (cpu, cuda, auto)")
     dtype: str = dtype_arg("; so does its encoder for start contexts and real-game evaluation; the agent stays "
@@ -107,6 +119,7 @@ class Setup:
     game: str
     action_meanings: list[str]
     device: torch.device
+    encoder: object = None  # the frozen encoder of the observations (real-game evaluation uses it too)
     start_rows: int | None = None  # readable rows of --start-data when the run began (checked on resume)
 
 
@@ -118,8 +131,9 @@ def _init_dir(args: Args) -> Path | None:
         src = Path(args.init.split(":", 1)[1])
     elif args.init == "auto":
         wm = args.world_model
-        src = Path(wm[len("rssm:"):]) if wm.startswith("rssm:") else Path(wm).parent
-        if not wm.startswith("rssm:") and not (src / "agent.json").is_file():
+        prefix = next((p for p in ("rssm:", REAL_PREFIX) if wm.startswith(p)), "")
+        src = Path(wm[len(prefix):]) if prefix else Path(wm).parent
+        if not prefix and not (src / "agent.json").is_file():
             raise ArgError("init", f"expected stage1:DIR or scratch (no stage-1 agent next to the world model "
                                    f"{wm!r}), got 'auto'")
     else:
@@ -128,44 +142,6 @@ def _init_dir(args: Args) -> Path | None:
         return stage1_dir(src)
     except FileNotFoundError as e:
         raise ArgError("init", str(e)) from None
-
-
-def _same_weights(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal after rounding both to the narrower float dtype of the two (bfloat16 before float16), so the same
-    weights stored in float16 or run in bfloat16 (``--dtype``) still compare equal."""
-    if a.is_floating_point() and b.is_floating_point():
-        low = next((t for t in (torch.bfloat16, torch.float16) if t in (a.dtype, b.dtype)), a.dtype)
-        a, b = a.to(low), b.to(low)
-    return torch.equal(a.cpu(), b.cpu().to(a.dtype))
-
-
-def _warn_if_other_encoder(init_dir: Path, meta: dict, model: torch.nn.Module) -> None:
-    """Warn (stderr) when the policy's encoder differs from the world model's: the policy would then read latents
-    of another encoder than the one it was trained on. The policy's encoder is the stage-1 autoencoder in
-    ``init_dir``, else the encoder of the world model recorded in its ``agent.json``; a warning also says when
-    neither can be loaded."""
-    ae = getattr(model, "autoencoder", None)
-    if ae is None:
-        return
-    path = init_dir / "autoencoder.safetensors"
-    try:
-        if path.is_file():
-            ref, where = load_tensors(path), f"the stage-1 autoencoder in {init_dir}"
-        elif meta.get("world_model"):
-            other = getattr(load_encoder(str(meta["world_model"]))[0], "autoencoder", None)
-            if other is None:
-                return
-            ref, where = other.state_dict(), f"the encoder of {meta['world_model']} (the policy's world model)"
-        else:
-            return
-    except (OSError, ValueError, KeyError) as e:
-        print(f"ditwm train-agent: warning: init: cannot check that the policy's encoder is the world model's "
-              f"({e})", file=sys.stderr)
-        return
-    mine = ae.state_dict()
-    if ref.keys() != mine.keys() or any(not _same_weights(ref[k], mine[k]) for k in ref):
-        print(f"ditwm train-agent: warning: init: {where} differs from the world model's; the policy's input "
-              f"latents change meaning", file=sys.stderr)
 
 
 def _set_start_contexts(args: Args, envs, k: int, dev: torch.device) -> int:
@@ -189,18 +165,33 @@ def _set_start_contexts(args: Args, envs, k: int, dev: torch.device) -> int:
                                      f"frames, got {args.start_data!r}: {e}") from None
 
 
+def _check_real_args(args: Args) -> None:
+    """Refuse the world-model options on ``real:`` (the real game has no sampler, start contexts or imagined
+    episode length). Raises :class:`ArgError` naming the option."""
+    for name, default in (("sampling_steps", 0), ("temperature", None), ("sampling_shift", None),
+                          ("episode_steps", 0), ("start_data", ""), ("dtype", "float32")):
+        if getattr(args, name) != default:
+            raise ArgError(name, f"expected the default {default!r} with --world-model {REAL_PREFIX}DIR (the real "
+                                 f"game has no world-model setting), got {getattr(args, name)!r}")
+
+
 def prepare(args: Args) -> Setup:
     """Validate every argument and build the env and the initial actor-critic; writes nothing.
 
     Raises:
         ArgError: a bad argument, naming it (exit 2 from the CLI).
     """
-    for name in ("steps", "num_envs", "horizon", "eval_episodes", "eval_max_steps", "hidden", "start_contexts"):
+    for name in ("steps", "num_envs", "horizon", "eval_episodes", "eval_max_steps", "hidden", "start_contexts",
+                 "epochs", "minibatches"):
         if getattr(args, name) < 1:
             raise ArgError(name, f"expected an integer >= 1, got {getattr(args, name)}")
     for name in ("eval_every", "episode_steps", "sampling_steps"):
         if getattr(args, name) < 0:
             raise ArgError(name, f"expected an integer >= 0, got {getattr(args, name)}")
+    if args.minibatches > args.num_envs:
+        raise ArgError("minibatches", f"expected at most --num-envs ({args.num_envs}), got {args.minibatches}")
+    if not 0.0 < args.clip < 1.0:
+        raise ArgError("clip", f"expected a ratio clip in (0, 1), got {args.clip}")
     if not args.lr > 0:
         raise ArgError("lr", f"expected a learning rate > 0, got {args.lr}")
     if not 0.0 < args.gamma <= 1.0:
@@ -226,23 +217,26 @@ def prepare(args: Args) -> Setup:
             raise ArgError("out", f"expected a readable checkpoint to resume, got {e}") from None
         defaults = {f.name: f.default for f in dataclasses.fields(Args)}  # for keys absent in older runs
         for name in ("world_model", "init", "hidden", "temperature", "sampling_shift", "gamma", "entropy_coef",
-                     "start_data", "start_contexts"):
+                     "start_data", "start_contexts", "epochs", "minibatches", "clip"):
             prev = meta["args"].get(name, defaults[name])
             if prev != getattr(args, name):
                 raise ArgError(name, f"expected {prev!r} (the run being resumed), got {getattr(args, name)!r}")
         prev_rows = meta.get("start_rows")
+    real = args.world_model.startswith(REAL_PREFIX)
+    if real:
+        _check_real_args(args)
+    sampler = {} if real else dict(max_episode_steps=args.episode_steps or None, dtype=args.dtype,
+                                   sampling_steps=args.sampling_steps or None, temperature=args.temperature,
+                                   sampling_shift=args.sampling_shift)
     try:
-        envs = make_imagination_env(args.world_model, args.num_envs, device=dev,
-                                    max_episode_steps=args.episode_steps or None,
-                                    sampling_steps=args.sampling_steps or None, temperature=args.temperature,
-                                    dtype=args.dtype, sampling_shift=args.sampling_shift)
+        te = make_training_env(args.world_model, args.num_envs, device=dev, **sampler)
     except ValueError as e:
         raise setting_arg_error(e, "world_model", f"expected a loadable world model, got {args.world_model!r}: "
                                                   f"{e.args[0] if e.args else e}") from None
     except (FileNotFoundError, KeyError, OSError) as e:
         raise ArgError("world_model", f"expected a loadable world model, got {args.world_model!r}: "
                                       f"{e.args[0] if e.args else e}") from None
-    bundle = envs.unwrapped.bundle
+    envs = te.envs
     k_env, d_z = envs.single_observation_space.shape
     start_rows = _set_start_contexts(args, envs, k_env, dev) if args.start_data else None
     if prev_rows is not None and start_rows != prev_rows:
@@ -265,15 +259,14 @@ def prepare(args: Args) -> Setup:
         if cfg.num_actions != n_act or k * d_z != cfg.obs_dim or k > k_env:
             raise ArgError("init", f"expected an agent for {n_act} actions and K<={k_env} latents of "
                                    f"d_z={d_z}, got num_actions={cfg.num_actions}, obs_dim={cfg.obs_dim}, K={k}")
-        if meta.get("game", bundle.config["game"]) != bundle.config["game"]:
-            raise ArgError("init", f"expected an agent of {bundle.config['game']!r} (the world model's "
-                                   f"game), got one of {meta['game']!r}")
-        _warn_if_other_encoder(init_dir, meta, bundle.model)
+        if meta.get("game", te.game) != te.game:
+            raise ArgError("init", f"expected an agent of {te.game!r} (the world model's game), got one of "
+                                   f"{meta['game']!r}")
+        warn_if_other_encoder(init_dir, meta, te.encoder)
         ac.config = dataclasses.replace(cfg, horizon=args.horizon, lr=args.lr, gamma=args.gamma,
                                         entropy_coef=args.entropy_coef)
         init = f"{'policy' if args.init.startswith('policy:') else 'stage1'}:{init_dir}"
-    return Setup(envs, ac.to(dev).train(), k, init, bundle.config["game"], list(bundle.config["action_meanings"]),
-                 dev, start_rows)
+    return Setup(envs, ac.to(dev).train(), k, init, te.game, te.action_meanings, dev, te.encoder, start_rows)
 
 
 class AgentTrainer:
@@ -286,7 +279,7 @@ class AgentTrainer:
         self.params = params
         self.opt = torch.optim.Adam(params, lr=args.lr, eps=1e-5)  # DreamerV3: eps 1e-5, grad clip 100
         self.gen = torch.Generator(device=self.dev).manual_seed(args.seed)
-        self.encoder = self.envs.unwrapped.bundle.model  # the frozen encoder of the world model's bundle
+        self.encoder = setup.encoder  # the frozen encoder of the world model's bundle (or the stage-1 one)
         self.updates, self.env_steps = 0, 0
         self.history: list[dict] = []  # one record per evaluation (also in the checkpoint, for the curves)
         self.imagined: list[float] = []  # imagined episode returns since the last evaluation
@@ -354,14 +347,27 @@ class AgentTrainer:
     def act(self, x: torch.Tensor) -> torch.Tensor:
         return self.ac.act(x, self.gen)
 
-    def update(self, obs, running: np.ndarray):
-        a, t0 = self.args, time.perf_counter()
-        rollout, obs = collect_rollout(self.envs, self.act, obs, a.horizon, self.s.k, running, self.dev)
-        loss, m = rollout_loss(self.ac, rollout)
+    def step(self, loss: torch.Tensor) -> torch.Tensor:
+        """One Adam step on ``loss`` (gradient norm clipped at 100, DreamerV3) → the norm before clipping."""
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, 100.0)
         self.opt.step()
+        return grad_norm
+
+    def update(self, obs, running: np.ndarray):
+        a, t0 = self.args, time.perf_counter()
+        rollout, obs = collect_rollout(self.envs, self.act, obs, a.horizon, self.s.k, running, self.dev)
+        if a.epochs == a.minibatches == 1:
+            loss, m = rollout_loss(self.ac, rollout)
+            grad_norm = self.step(loss)
+        else:  # several clipped steps on one rollout (PPO)
+            targets = rollout_targets(self.ac, rollout)
+            for _ in range(a.epochs):
+                for envs in torch.randperm(a.num_envs, generator=self.gen, device=self.dev).chunk(a.minibatches):
+                    loss, m = clipped_loss(self.ac, rollout, targets, envs, a.clip)
+                    grad_norm = self.step(loss)
+            m["return_mean"] = targets.returns.mean()
         self.ac.update_slow()
         self.updates += 1
         self.env_steps += a.horizon * a.num_envs

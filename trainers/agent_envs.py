@@ -1,0 +1,114 @@
+"""The env stage 3 trains in: a world model's imagination, or (``real:``) the real game through the same encoder.
+
+``ditwm train-agent --world-model real:STAGE1_DIR`` runs the imagination learner unchanged on the real game, seen
+through the stage-1 frozen encoder as ``K``-latent stacks (:class:`~dit_envs.envs.real_latent.RealLatentVectorEnv`):
+a perfect world model. Its curve is the ceiling any world model can give that learner in the same number of
+updates (measured in env steps of the real game, so such a policy is not an Atari-100k agent), which tells a
+model's shortfall from the learner's.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import torch
+
+from dit_envs.io import load_tensors
+from dit_envs.models.autoencoder import FrameAutoencoder
+from trainers.agent_io import AGENT_JSON, REAL_PREFIX, load_encoder, make_imagination_env, stage1_dir
+
+
+@dataclass
+class TrainingEnv:
+    """A vector env with latent observations ``(N, K, d_z)`` and SAME_STEP autoreset, and what stage 3 reads of it.
+
+    Attributes:
+        envs: the vector env. game: Atari game name. action_meanings: the game's minimal action set.
+        encoder: module with ``encode(uint8 (N, 3, 64, 64)) -> float32 (N, d_z)``, the frozen encoder the
+            observations come from (the world model itself, or the stage-1 autoencoder on the real game).
+        bundle: the loaded world-model bundle, or None on the real game.
+    """
+
+    envs: gym.vector.VectorEnv
+    game: str
+    action_meanings: list[str]
+    encoder: Any
+    bundle: Any | None
+
+
+def make_training_env(spec: str, num_envs: int, *, device: str | torch.device = "cpu", **imagination: Any
+                      ) -> TrainingEnv:
+    """The env of a world-model spec (:mod:`trainers.agent_io`) or of ``real:STAGE1_DIR``.
+
+    Args:
+        spec: world-model spec, or ``real:DIR`` with ``DIR`` a stage-1 output (its autoencoder and the ``K`` and game
+            of its ``agent.json``).
+        num_envs: parallel envs. device: where the world model (or the encoder) runs.
+        imagination: keyword options of :func:`~trainers.agent_io.make_imagination_env` (``max_episode_steps``,
+            ``sampling_steps``, ``temperature``, ``dtype``, ``sampling_shift``); must all be None for ``real:``.
+    Raises:
+        ValueError: an imagination option given for ``real:`` (names it), or a stage-1 dir without a game or ``K``.
+        FileNotFoundError / KeyError / OSError: nothing loadable at ``spec``.
+    """
+    if not spec.startswith(REAL_PREFIX):
+        envs = make_imagination_env(spec, num_envs, device=device, **imagination)
+        bundle = envs.unwrapped.bundle
+        return TrainingEnv(envs, bundle.config["game"], list(bundle.config["action_meanings"]), bundle.model, bundle)
+    from dit_envs.envs.real import action_meanings, make_real_env
+    from dit_envs.envs.real_latent import RealLatentVectorEnv
+
+    for name, value in imagination.items():
+        if value is not None:
+            raise ValueError(f"{name}: expected none for the real game (a world-model sampler setting), got {value!r}")
+    d = stage1_dir(spec[len(REAL_PREFIX):])
+    encoder, d_z, game = load_encoder(str(d), device=device)
+    meta = json.loads((d / AGENT_JSON).read_text()) if (d / AGENT_JSON).is_file() else {}
+    k = meta.get("context_len")
+    if not game or not isinstance(k, int):
+        raise ValueError(f"world_model: expected a stage-1 dir whose {AGENT_JSON} names the game and context_len, "
+                         f"got {d} (game {game!r}, context_len {k!r})")
+    envs = RealLatentVectorEnv(make_real_env(game, num_envs=num_envs), encoder, k, d_z, device)
+    return TrainingEnv(envs, game, list(action_meanings(game)), encoder, None)
+
+
+def _same_weights(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal after rounding both to the narrower float dtype of the two (bfloat16 before float16), so the same
+    weights stored in float16 or run in bfloat16 (``--dtype``) still compare equal."""
+    if a.is_floating_point() and b.is_floating_point():
+        low = next((t for t in (torch.bfloat16, torch.float16) if t in (a.dtype, b.dtype)), a.dtype)
+        a, b = a.to(low), b.to(low)
+    return torch.equal(a.cpu(), b.cpu().to(a.dtype))
+
+
+def warn_if_other_encoder(init_dir: Path, meta: dict, model: torch.nn.Module) -> None:
+    """Warn (stderr) when the policy's encoder differs from the world model's: the policy would then read latents
+    of another encoder than the one it was trained on. The policy's encoder is the stage-1 autoencoder in
+    ``init_dir``, else the encoder of the world model recorded in its ``agent.json``; a warning also says when
+    neither can be loaded."""
+    ae = model if isinstance(model, FrameAutoencoder) else getattr(model, "autoencoder", None)
+    if ae is None:
+        return
+    path = init_dir / "autoencoder.safetensors"
+    try:
+        if path.is_file():
+            ref, where = load_tensors(path), f"the stage-1 autoencoder in {init_dir}"
+        elif meta.get("world_model"):
+            enc = load_encoder(str(meta["world_model"]))[0]
+            other = enc if isinstance(enc, FrameAutoencoder) else getattr(enc, "autoencoder", None)
+            if other is None:
+                return
+            ref, where = other.state_dict(), f"the encoder of {meta['world_model']} (the policy's world model)"
+        else:
+            return
+    except (OSError, ValueError, KeyError) as e:
+        print(f"ditwm train-agent: warning: init: cannot check that the policy's encoder is the world model's "
+              f"({e})", file=sys.stderr)
+        return
+    mine = ae.state_dict()
+    if ref.keys() != mine.keys() or any(not _same_weights(ref[k], mine[k]) for k in ref):
+        print(f"ditwm train-agent: warning: init: {where} differs from the world model's; the policy's input "
+              f"latents change meaning", file=sys.stderr)
