@@ -131,6 +131,27 @@ def rollout_returns(rewards: torch.Tensor, values: torch.Tensor, continues: torc
     return lambda_returns(rewards + gamma * trunc * final_values, values, cut, gamma, lam)
 
 
+def _check_rollout(ac: ActorCritic, rollout: Rollout) -> None:
+    """Raise ValueError unless ``traj.obs`` is ``(T+1, B, obs_dim)`` and ``final_obs`` ``(T, B, obs_dim)``."""
+    c, traj = ac.config, rollout.traj
+    t_len, b = traj.actions.shape
+    if tuple(traj.obs.shape) != (t_len + 1, b, c.obs_dim) or rollout.final_obs.shape != traj.obs[1:].shape:
+        raise ValueError(f"rollout.traj.obs/final_obs: expected ({t_len + 1}, {b}, {c.obs_dim}) / "
+                         f"({t_len}, {b}, {c.obs_dim}), got {tuple(traj.obs.shape)} / {tuple(rollout.final_obs.shape)}")
+
+
+@torch.no_grad()
+def _returns(ac: ActorCritic, rollout: Rollout, values: torch.Tensor) -> torch.Tensor:
+    """:func:`rollout_returns` of a rollout with the fast critic's ``values`` ``(T+1, B)`` and its bootstraps
+    ``V(final_obs)`` at truncations → ``(T, B)``."""
+    c, traj = ac.config, rollout.traj
+    final_values = torch.zeros_like(traj.rewards)  # (T, B)
+    m = rollout.truncated > 0
+    if bool(m.any()):
+        final_values[m] = ac.critic.value(rollout.final_obs[m])
+    return rollout_returns(traj.rewards, values, traj.continues, rollout.truncated, final_values, c.gamma, c.lam)
+
+
 def rollout_loss(ac: ActorCritic, rollout: Rollout, update_normalizer: bool = True) -> tuple[torch.Tensor, Metrics]:
     """DreamerV3 actor + critic loss on a vector-env rollout (mirrors :func:`trainers.agent.actor_critic_loss`).
 
@@ -144,19 +165,12 @@ def rollout_loss(ac: ActorCritic, rollout: Rollout, update_normalizer: bool = Tr
         ValueError: rollout fields of mismatched shapes.
     """
     c, traj = ac.config, rollout.traj
-    t_len, b = traj.actions.shape
-    if tuple(traj.obs.shape) != (t_len + 1, b, c.obs_dim) or rollout.final_obs.shape != traj.obs[1:].shape:
-        raise ValueError(f"rollout.traj.obs/final_obs: expected ({t_len + 1}, {b}, {c.obs_dim}) / "
-                         f"({t_len}, {b}, {c.obs_dim}), got {tuple(traj.obs.shape)} / {tuple(rollout.final_obs.shape)}")
+    _check_rollout(ac, rollout)
     critic_logits = ac.critic(traj.obs)  # (T+1, B, bins)
     values = ac.critic.twohot.mean(critic_logits).detach()  # (T+1, B)
     with torch.no_grad():
         slow_values = ac.slow_critic.value(traj.obs[:-1])  # (T, B)
-        final_values = torch.zeros_like(traj.rewards)  # (T, B)
-        m = rollout.truncated > 0
-        if bool(m.any()):
-            final_values[m] = ac.critic.value(rollout.final_obs[m])
-    returns = rollout_returns(traj.rewards, values, traj.continues, rollout.truncated, final_values, c.gamma, c.lam)
+        returns = _returns(ac, rollout, values)  # (T, B)
     weights = torch.ones_like(returns)
     if update_normalizer:
         ac.normalizer.update(returns)
@@ -187,17 +201,10 @@ def rollout_targets(ac: ActorCritic, rollout: Rollout, update_normalizer: bool =
     Raises:
         ValueError: rollout fields of mismatched shapes.
     """
-    c, traj = ac.config, rollout.traj
-    t_len, b = traj.actions.shape
-    if tuple(traj.obs.shape) != (t_len + 1, b, c.obs_dim) or rollout.final_obs.shape != traj.obs[1:].shape:
-        raise ValueError(f"rollout.traj.obs/final_obs: expected ({t_len + 1}, {b}, {c.obs_dim}) / "
-                         f"({t_len}, {b}, {c.obs_dim}), got {tuple(traj.obs.shape)} / {tuple(rollout.final_obs.shape)}")
+    traj = rollout.traj
+    _check_rollout(ac, rollout)
     values = ac.critic.value(traj.obs)  # (T+1, B)
-    final_values = torch.zeros_like(traj.rewards)
-    m = rollout.truncated > 0
-    if bool(m.any()):
-        final_values[m] = ac.critic.value(rollout.final_obs[m])
-    returns = rollout_returns(traj.rewards, values, traj.continues, rollout.truncated, final_values, c.gamma, c.lam)
+    returns = _returns(ac, rollout, values)  # (T, B)
     if update_normalizer:
         ac.normalizer.update(returns)
     logp = ac.actor(traj.obs[:-1]).log_softmax(-1).gather(-1, traj.actions[..., None])[..., 0]  # (T, B)
