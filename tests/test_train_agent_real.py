@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from gymnasium.vector import AutoresetMode
 
 from dit_envs.envs.real import make_real_env
 from dit_envs.envs.real_latent import RealLatentVectorEnv
@@ -55,6 +57,58 @@ def test_real_latent_env_stacks_encoded_frames_and_keeps_the_final_stack(encoder
         RealLatentVectorEnv(_NextStep(frames_env), encoder, 4, encoder.latent_dim)
     env.close()
     frames_env.close()
+
+
+class _FrameEnv(gym.vector.VectorEnv):
+    """Env ``i`` truncates every ``lengths[i]`` steps (SAME_STEP autoreset); its frame shows (episode, step)."""
+
+    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
+
+    def __init__(self, lengths: list[int]) -> None:
+        self.num_envs, self.lengths = len(lengths), np.array(lengths)
+        self.single_action_space = gym.spaces.Discrete(3)
+        self.ep, self.t = np.zeros(self.num_envs, int), np.zeros(self.num_envs, int)
+
+    def frames(self, ep, t) -> np.ndarray:
+        f = np.zeros((len(ep), 3, 64, 64), np.uint8)
+        for i, (e, s) in enumerate(zip(ep, t)):
+            f[i, :, 8 * s: 8 * s + 8, 8 * e: 8 * e + 8] = 200  # a block that moves with the step and the episode
+        return f
+
+    def reset(self, *, seed=None, options=None):
+        self.ep[:], self.t[:] = 0, 0
+        return self.frames(self.ep, self.t), {}
+
+    def step(self, actions):
+        self.t += 1
+        done = self.t >= self.lengths
+        last = self.frames(self.ep, self.t)
+        info = {}
+        if done.any():
+            info["final_obs"] = np.full(self.num_envs, None, dtype=object)
+            for i in np.flatnonzero(done):
+                info["final_obs"][i] = last[i]
+            self.ep[done], self.t[done] = self.ep[done] + 1, 0
+        z = np.zeros(self.num_envs, np.float32)
+        return self.frames(self.ep, self.t), z, np.zeros(self.num_envs, bool), done, info
+
+
+def test_real_latent_env_when_one_env_ends_alone(encoder):
+    env = RealLatentVectorEnv(_FrameEnv([2, 3]), encoder, 3, encoder.latent_dim)
+    enc = lambda f: encoder.encode(torch.as_tensor(f)).float().clamp(-1, 1).numpy()  # noqa: E731
+    one = lambda e, t: enc(env.env.frames([e], [t]))[0]  # noqa: E731
+    obs, _ = env.reset()
+    obs, _, _, trunc, info = env.step(np.zeros(2, np.int64))
+    assert not trunc.any() and "final_obs" not in info
+    obs, _, _, trunc, info = env.step(np.zeros(2, np.int64))  # env 0 ends, env 1 goes on
+    assert trunc.tolist() == [True, False] and info["_final_obs"].tolist() == [True, False]
+    assert info["final_obs"][1] is None
+    assert np.allclose(info["final_obs"][0], np.stack([one(0, 0), one(0, 1), one(0, 2)]), atol=1e-6)
+    assert np.allclose(obs[0], np.stack([one(1, 0)] * 3), atol=1e-6)  # its next episode, padded
+    assert np.allclose(obs[1], np.stack([one(0, 0), one(0, 1), one(0, 2)]), atol=1e-6)
+    assert not np.allclose(one(0, 0), one(0, 1))  # the frames are told apart by the encoder
+    with pytest.raises(ValueError, match="options: expected None"):
+        env.reset(options={"reset_mask": np.array([True, False])})
 
 
 class _NextStep:
@@ -115,7 +169,7 @@ def test_clipped_loss_has_the_reinforce_gradient_before_the_policy_moves():
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
-def test_clipped_epochs_train_and_resume_bit_exact(tmp_path):
+def test_clipped_epochs_train_and_resume_bit_exact(tmp_path, capsys):
     bundle = make_tiny_bundle(tmp_path / "bundle")
     kw = dict(world_model=str(bundle), init="scratch", eval_every=2, epochs=2, minibatches=2, **TINY)
     assert main(Args(out=str(tmp_path / "full"), steps=4, **kw)) == 0
@@ -130,4 +184,4 @@ def test_clipped_epochs_train_and_resume_bit_exact(tmp_path):
                                ("--epochs", "0", "--epochs")):
         assert cli.main(["train-agent", "--world-model", str(bundle), "--steps", "1", "--num-envs", "4",
                          "--out", str(tmp_path / "bad"), flag, value]) == 2
-        assert not (tmp_path / "bad").exists()
+        assert field in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -4,7 +4,8 @@
 through the stage-1 frozen encoder as ``K``-latent stacks (:class:`~dit_envs.envs.real_latent.RealLatentVectorEnv`):
 a perfect world model. Its curve is the ceiling any world model can give that learner in the same number of
 updates (measured in env steps of the real game, so such a policy is not an Atari-100k agent), which tells a
-model's shortfall from the learner's.
+model's shortfall from the learner's. As in imagination, ``train-agent`` resets every env at the start of each
+``--eval-every`` segment, so no training episode lasts more than ``eval_every · horizon`` steps (7 500 at 500 × 15).
 """
 from __future__ import annotations
 

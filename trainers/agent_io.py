@@ -167,9 +167,9 @@ def load_encoder(spec: str, device: str | torch.device = "cpu") -> tuple[Any, in
     from dit_envs.bundle import load_bundle
     from dit_envs.models.autoencoder import AutoencoderConfig, FrameAutoencoder
 
-    spec = spec.removeprefix(REAL_PREFIX)  # a policy trained on the real game read the stage-1 encoder
-    p = Path(spec).expanduser()
-    if not spec.startswith(RSSM_PREFIX) and p.is_dir() and not (p / "config.json").is_file():
+    real = spec.startswith(REAL_PREFIX)  # a policy trained on the real game read a stage-1 encoder
+    p = Path(spec.removeprefix(REAL_PREFIX)).expanduser()
+    if real or (not spec.startswith(RSSM_PREFIX) and p.is_dir() and not (p / "config.json").is_file()):
         d = stage1_dir(p)
         cfg_path = d / "autoencoder.json"
         if not cfg_path.is_file():

@@ -233,7 +233,7 @@ def prepare(args: Args) -> Setup:
     except ValueError as e:
         raise setting_arg_error(e, "world_model", f"expected a loadable world model, got {args.world_model!r}: "
                                                   f"{e.args[0] if e.args else e}") from None
-    except (FileNotFoundError, KeyError, OSError) as e:
+    except (FileNotFoundError, KeyError, OSError, ImportError) as e:
         raise ArgError("world_model", f"expected a loadable world model, got {args.world_model!r}: "
                                       f"{e.args[0] if e.args else e}") from None
     envs = te.envs
@@ -364,10 +364,11 @@ class AgentTrainer:
         else:  # several clipped steps on one rollout (PPO)
             targets = rollout_targets(self.ac, rollout)
             for _ in range(a.epochs):
-                for envs in torch.randperm(a.num_envs, generator=self.gen, device=self.dev).chunk(a.minibatches):
+                perm = torch.randperm(a.num_envs, generator=self.gen, device=self.dev)
+                for envs in torch.tensor_split(perm, a.minibatches):  # M near-equal shares
                     loss, m = clipped_loss(self.ac, rollout, targets, envs, a.clip)
                     grad_norm = self.step(loss)
-            m["return_mean"] = targets.returns.mean()
+            m.update(return_mean=targets.returns.mean(), return_scale=self.ac.normalizer.scale())
         self.ac.update_slow()
         self.updates += 1
         self.env_steps += a.horizon * a.num_envs

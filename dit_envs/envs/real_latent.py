@@ -86,7 +86,11 @@ class RealLatentVectorEnv(gym.vector.VectorWrapper):
         return self.stack.stack.clamp(-1.0, 1.0).cpu().numpy()
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
-        obs, info = self.env.reset(seed=seed, options=options)
+        """Reset every env (``seed`` as the wrapped env takes it). Raises ValueError for ``options`` (a partial
+        reset would leave the other envs' stacks unknown to this wrapper)."""
+        if options:
+            raise ValueError(f"options: expected None (every env resets), got {options!r}")
+        obs, info = self.env.reset(seed=seed)
         self.stack.reset(self._encode(obs))
         return self._obs(), info
 
@@ -97,6 +101,9 @@ class RealLatentVectorEnv(gym.vector.VectorWrapper):
         done = np.asarray(term) | np.asarray(trunc)
         info = {key: v for key, v in raw.items() if key not in ("final_obs", "_final_obs")}  # frames, not latents
         if done.any():
+            if "final_obs" not in raw:
+                raise ValueError("env: expected info['final_obs'] (the last frames) on a step where an env ended, "
+                                 "got none")
             idx = np.flatnonzero(done)
             rows = torch.as_tensor(idx, device=self.device)
             last = self.stack.stack[rows].clone()  # (n, K, d_z)
