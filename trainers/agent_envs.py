@@ -21,6 +21,7 @@ import torch
 from dit_envs.io import load_tensors
 from dit_envs.models.autoencoder import FrameAutoencoder
 from trainers.agent_io import AGENT_JSON, REAL_PREFIX, load_encoder, make_imagination_env, stage1_dir
+from trainers.common import ArgError
 
 
 @dataclass
@@ -39,6 +40,16 @@ class TrainingEnv:
     action_meanings: list[str]
     encoder: Any
     bundle: Any | None
+
+
+def check_real_args(args: Any) -> None:
+    """Refuse ``ditwm train-agent``'s world-model options (``args``: its ``Args``) on ``real:``: the real game has
+    no sampler, start contexts or imagined episode length. Raises :class:`~trainers.common.ArgError` naming one."""
+    for name, default in (("sampling_steps", 0), ("temperature", None), ("sampling_shift", None),
+                          ("episode_steps", 0), ("start_data", ""), ("dtype", "float32")):
+        if getattr(args, name) != default:
+            raise ArgError(name, f"expected the default {default!r} with --world-model {REAL_PREFIX}DIR (the real "
+                                 f"game has no world-model setting), got {getattr(args, name)!r}")
 
 
 def make_training_env(spec: str, num_envs: int, *, device: str | torch.device = "cpu", **imagination: Any

@@ -53,7 +53,7 @@ import torch
 from tqdm import tqdm
 
 from trainers.agent import ActorCritic, AgentConfig
-from trainers.agent_envs import REAL_PREFIX, make_training_env, warn_if_other_encoder
+from trainers.agent_envs import REAL_PREFIX, check_real_args, make_training_env, warn_if_other_encoder
 from trainers.agent_io import load_agent, save_agent, stage1_dir
 from trainers.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
 from trainers.common import (DTYPE_NAMES, ArgError, JsonlLogger, arg, catch_stop_signals, check_choice, check_out_dir,
@@ -165,16 +165,6 @@ def _set_start_contexts(args: Args, envs, k: int, dev: torch.device) -> int:
                                      f"frames, got {args.start_data!r}: {e}") from None
 
 
-def _check_real_args(args: Args) -> None:
-    """Refuse the world-model options on ``real:`` (the real game has no sampler, start contexts or imagined
-    episode length). Raises :class:`ArgError` naming the option."""
-    for name, default in (("sampling_steps", 0), ("temperature", None), ("sampling_shift", None),
-                          ("episode_steps", 0), ("start_data", ""), ("dtype", "float32")):
-        if getattr(args, name) != default:
-            raise ArgError(name, f"expected the default {default!r} with --world-model {REAL_PREFIX}DIR (the real "
-                                 f"game has no world-model setting), got {getattr(args, name)!r}")
-
-
 def prepare(args: Args) -> Setup:
     """Validate every argument and build the env and the initial actor-critic; writes nothing.
 
@@ -224,7 +214,7 @@ def prepare(args: Args) -> Setup:
         prev_rows = meta.get("start_rows")
     real = args.world_model.startswith(REAL_PREFIX)
     if real:
-        _check_real_args(args)
+        check_real_args(args)
     sampler = {} if real else dict(max_episode_steps=args.episode_steps or None, dtype=args.dtype,
                                    sampling_steps=args.sampling_steps or None, temperature=args.temperature,
                                    sampling_shift=args.sampling_shift)
