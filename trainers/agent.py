@@ -175,6 +175,11 @@ class ReturnNormalizer(nn.Module):
         return torch.clamp(self.high - self.low, min=self.min_scale)
 
 
+def action_log_prob(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """``log π(a|s)`` of the taken actions: logits ``(..., A)``, int64 actions ``(...)`` → ``(...)``."""
+    return logits.log_softmax(-1).gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+
+
 def actor_loss(logits: torch.Tensor, actions: torch.Tensor, returns: torch.Tensor, values: torch.Tensor,
                weights: torch.Tensor, scale: torch.Tensor | float, entropy_coef: float = 3e-4
                ) -> tuple[torch.Tensor, Metrics]:
@@ -194,8 +199,7 @@ def actor_loss(logits: torch.Tensor, actions: torch.Tensor, returns: torch.Tenso
     t_len, b, _ = logits.shape
     for name, x in (("actions", actions), ("returns", returns), ("values", values), ("weights", weights)):
         _check(name, x, (t_len, b))
-    logp = logits.log_softmax(-1)
-    logp_a = logp.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # (T, B)
+    logp_a = action_log_prob(logits, actions)  # (T, B)
     ent = categorical_entropy(logits)  # (T, B)
     adv = ((returns - values) / scale).detach()  # (T, B)
     w = weights.detach()

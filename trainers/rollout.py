@@ -29,7 +29,8 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 from dit_envs.models.dreamer_layers import categorical_entropy
-from trainers.agent import ActorCritic, Metrics, Trajectory, actor_loss, critic_loss, lambda_returns
+from trainers.agent import (ActorCritic, Metrics, Trajectory, action_log_prob, actor_loss, critic_loss,
+                            lambda_returns)
 
 
 @dataclasses.dataclass
@@ -207,7 +208,7 @@ def rollout_targets(ac: ActorCritic, rollout: Rollout, update_normalizer: bool =
     returns = _returns(ac, rollout, values)  # (T, B)
     if update_normalizer:
         ac.normalizer.update(returns)
-    logp = ac.actor(traj.obs[:-1]).log_softmax(-1).gather(-1, traj.actions[..., None])[..., 0]  # (T, B)
+    logp = action_log_prob(ac.actor(traj.obs[:-1]), traj.actions)  # (T, B)
     return RolloutTargets(returns, (returns - values[:-1]) / ac.normalizer.scale(), ac.slow_critic.value(traj.obs[:-1]),
                           logp)
 
@@ -226,7 +227,7 @@ def clipped_loss(ac: ActorCritic, rollout: Rollout, targets: RolloutTargets, env
     traj = rollout.traj
     obs, actions = traj.obs[:-1, envs], traj.actions[:, envs]  # (T, b, ·)
     logits = ac.actor(obs)  # (T, b, A)
-    logp = logits.log_softmax(-1).gather(-1, actions[..., None])[..., 0]  # (T, b)
+    logp = action_log_prob(logits, actions)  # (T, b)
     ratio = (logp - targets.old_logp[:, envs]).exp()
     adv = targets.advantages[:, envs]
     ent = categorical_entropy(logits)  # (T, b)
