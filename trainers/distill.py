@@ -160,6 +160,9 @@ def validate(args: Args) -> Setup:
     depth = bundle.model.dit.config.depth
     if args.student_depth > depth:
         raise ArgError("student_depth", f"expected at most the teacher's depth {depth}, got {args.student_depth}")
+    if args.streaming and bundle.model.dit.config.patch_size:
+        raise ArgError("streaming", f"expected a teacher with one token per time step, got spatial tokens (patch_size "
+                                    f"{bundle.model.dit.config.patch_size})")
     n = args.teacher_steps or int(bundle.config.get("sampling_steps", 4))
     try:
         levels = step_levels(n)

@@ -12,7 +12,8 @@ Options for rare, small events (in Pong: the agent's paddle returning the ball, 
 few pixels; a point won, one for every 8 to 56 lost), all off by default: ``--pixel-weight`` (a motion-weighted
 pixel loss through the frozen decoder, :class:`trainers.pretrain_objective.PretrainNet`), ``--priority-fraction``
 (prioritised replay on the model's one-step error), ``--event-fraction`` (windows near reward events, each sign
-with equal mass; :mod:`trainers.priority`). ``--depth`` overrides the preset's number of DiT blocks.
+with equal mass; :mod:`trainers.priority`). ``--depth`` and ``--width`` override the preset's number of DiT blocks
+and token width; ``--patch-size p`` makes each time step ``(H/p)·(W/p)`` spatial tokens (:mod:`dit_envs.models.dit`).
 
 nanoGPT-style straight-line loop: AdamW with an explicit warm-up + cosine schedule (:func:`trainers.autoencoder.
 lr_at`), gradient clipping, EMA weights; metrics to ``OUT/metrics.jsonl`` every ``--log-every`` steps, evaluation
@@ -40,8 +41,8 @@ import torch
 from tqdm import tqdm
 
 from dit_envs.io import sha256_file
-from dit_envs.models.dit import DIT_PRESETS, DiT, DiTConfig
-from dit_envs.models.heads import HeadsConfig, RewardTermHead
+from dit_envs.models.dit import DIT_PRESETS, DiT
+from dit_envs.models.heads import RewardTermHead
 from trainers import distributed as dist_
 from trainers.autoencoder import load_autoencoder, lr_at
 from trainers.common import (PRECISIONS, ArgError, JsonlLogger, LoopArgs, adamw, arg, autocast_for, catch_stop_signals,
@@ -50,6 +51,7 @@ from trainers.data import EpisodeStore, heldout_mask, segments
 from trainers.latents import LatentWindows, load_latents_on_ranks, store_index
 from trainers.pong_objects import agent_return_rows, store_ball_columns
 from trainers.pretrain_eval import data_summary, eval_windows, evaluate
+from trainers.pretrain_nets import configs_match, net_configs
 from trainers.pretrain_objective import ObjectiveConfig, PretrainNet, make_inputs, optimizer_step, total_loss
 from trainers.priority import event_probabilities, flag_probabilities, one_step_errors, priority_probabilities
 from trainers.pretrain_state import (configs_meta, export_bundle, init_weights, model_card, rank_seed, read_state,
@@ -68,6 +70,9 @@ class Args(LoopArgs):
                         "scratch)")
     preset: str = arg("S", "DiT size preset", choices=tuple(DIT_PRESETS))
     depth: int = arg(0, "DiT blocks (0: the preset's; e.g. --preset S --depth 6 for a deeper S)")
+    width: int = arg(0, "DiT token width (0: the preset's; a divisor of it by the preset's heads)")
+    patch_size: int = arg(0, "spatial tokens: p x p patches of the latent grid, (H/p)(W/p) tokens per time step "
+                             "(0: one token per time step)")
     batch: int = arg(32, "windows per step per process")
     lr: float = arg(6e-4, "peak learning rate (AdamW, linear warm-up then cosine decay to a tenth)")
     warmup: int = arg(500, "linear warm-up steps")
@@ -120,14 +125,6 @@ class Setup:
     returns: np.ndarray | None = None  # bool (R,): rows where the agent's paddle returns the ball (--return-fraction)
 
 
-def net_configs(preset: str, latent_dim: int, num_actions: int, context_len: int,
-                depth: int = 0) -> tuple[DiTConfig, HeadsConfig]:
-    """The DiT and reward/termination-head configs of a run (what ``--init`` and ``--resume`` must match)."""
-    dcfg = DiTConfig.from_preset(preset, latent_dim=latent_dim, num_actions=num_actions, context_len=context_len,
-                                 **({"depth": depth} if depth else {}))
-    return dcfg, HeadsConfig(latent_dim=latent_dim, num_actions=num_actions, hidden=dcfg.width)
-
-
 def _positive(args: Args, names: tuple[str, ...], strict: bool = True) -> None:
     for name in names:
         v = getattr(args, name)
@@ -142,7 +139,7 @@ def validate(args: Args) -> Setup:
                      "priority_every", "latent_motion_threshold"))
     _positive(args, ("warmup", "lr_decay_steps", "weight_decay", "context_len", "seq_len", "eval_every", "threads",
                      "rollout_weight", "priority_alpha", "pixel_weight", "motion_boost", "event_horizon",
-                     "latent_motion_weight", "depth"), strict=False)
+                     "latent_motion_weight", "depth", "width", "patch_size"), strict=False)
     check_choice("precision", args.precision, PRECISIONS)
     if args.preset not in DIT_PRESETS:
         raise ArgError("preset", f"expected one of {tuple(DIT_PRESETS)}, got {args.preset!r}")
@@ -202,6 +199,7 @@ def validate(args: Args) -> Setup:
         raise ArgError("data", f"expected a non-held-out episode of >= {window} frames (K + max(1, rollout_steps)), "
                                f"got {int(train.sum())} rows whose longest episode segment has {longest}")
     sha = sha256_file(stage1 / "autoencoder.safetensors")
+    net_configs(args, ae, len(meta["action_meanings"]), k)  # sizes the DiT refuses fail here, before any write
     if args.resume and ((Path(args.out) / "ckpt").exists() or (Path(args.out) / "ckpt.prev").exists()):
         try:
             _, ck = read_state(Path(args.out))
@@ -210,9 +208,10 @@ def validate(args: Args) -> Setup:
         if ck.get("encoder_sha256") != sha:
             raise ArgError("stage1", f"expected the autoencoder of the checkpoint (sha256 {ck.get('encoder_sha256')}"
                                      f"), got {sha}")
-        dit_now = asdict(net_configs(args.preset, ae.latent_dim, len(meta["action_meanings"]), k, args.depth)[0])
-        for name, have in (("preset", args.preset), ("depth", dit_now["depth"]), ("context_len", k)):
-            want = ck["args"]["preset"] if name == "preset" else ck["configs"]["dit"][name]
+        dit_now = asdict(net_configs(args, ae, len(meta["action_meanings"]), k)[0])
+        for name, have in (("preset", args.preset), ("depth", dit_now["depth"]), ("width", dit_now["width"]),
+                           ("patch_size", dit_now["patch_size"]), ("context_len", k)):
+            want = ck["args"]["preset"] if name == "preset" else ck["configs"]["dit"].get(name, 0)
             if want != have:
                 raise ArgError(name, f"expected {want!r} (the checkpoint's), got {have!r}")
     if init_state is not None:
@@ -224,9 +223,8 @@ def validate(args: Args) -> Setup:
             raise ArgError("preset", f"expected {ck['args']['preset']!r} (the --init run's), got {args.preset!r}")
         if k < ck.get("context_len", k):  # a context can grow (init_weights), not shrink
             raise ArgError("context_len", f"expected >= {ck['context_len']} (the --init run's), got {k}")
-        dcfg, hcfg = net_configs(args.preset, ae.latent_dim, len(meta["action_meanings"]), ck.get("context_len", k),
-                                 args.depth)
-        if ck.get("configs") != {"dit": asdict(dcfg), "heads": asdict(hcfg)}:
+        dcfg, hcfg = net_configs(args, ae, len(meta["action_meanings"]), ck.get("context_len", k))
+        if not configs_match(ck.get("configs"), dcfg, hcfg):
             raise ArgError("init", f"expected a run with this network config (DiT {asdict(dcfg)}), got "
                                    f"{ck.get('configs')}")
     returns = _return_rows(args.data, episode, train) if args.return_fraction else None  # reads the frames: last
@@ -301,7 +299,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     summary = data_summary(ds, ~held)
 
     seed_everything(args.seed)  # identical initialisation on every rank
-    dcfg, hcfg = net_configs(args.preset, ae.latent_dim, A, K, args.depth)
+    dcfg, hcfg = net_configs(args, ae, A, K)
     cfg = ObjectiveConfig(seq_len=s.seq_len, **{k: getattr(args, k) for k in (
         "clean_context", "action_dropout", "term_weight", "rollout_steps", "rollout_weight", "rollout_sampling_steps",
         "pixel_weight", "motion_boost", "latent_motion_weight", "latent_motion_threshold")})
@@ -362,9 +360,11 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     run_meta = {"args": asdict(args), "context_len": K, "configs": configs_meta(net),
                 "objective": asdict(cfg), "encoder_sha256": s.encoder_sha256, "data": summary}
     n_params = sum(p.numel() for p in net.parameters())
+    size = (f"{args.preset}{f' depth {args.depth}' if args.depth else ''}{f' width {args.width}' if args.width else ''}"
+            f"{f' patch {args.patch_size}' if args.patch_size else ''} ({n_params / 1e6:.2f} M params)")
     log = JsonlLogger(out / "metrics.jsonl") if d.is_main else None
     if d.is_main:
-        print(f"pretrain: DiT-{args.preset} {n_params / 1e6:.2f} M params, K {K}, d_z {ae.latent_dim}, {A} actions; "
+        print(f"pretrain: DiT-{size}, K {K}, d_z {ae.latent_dim}, {A} actions; "
               f"{summary['train_rows']} train / {summary['heldout_rows']} held-out rows; batch {args.batch} x "
               f"{d.world_size} proc; {_start(step, args.init)}")
 
@@ -427,7 +427,6 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
             log.log(step, **final)
         log.close()
         split = "held-out episodes" if len(test) else "training episodes (the store has no held-out one)"
-        size = f"{args.preset}{f' depth {args.depth}' if args.depth else ''} ({n_params / 1e6:.2f} M params)"
         info = {"store": Path(args.data).name, **summary, "eval split": split,
                 "encoder sha256": s.encoder_sha256[:12], "preset": size, "training steps": step,
                 "batch": f"{args.batch} x {d.world_size}", "lr": args.lr, "objective": json.dumps(asdict(cfg)),

@@ -25,92 +25,31 @@ per-layer keys/values of a context token never change: an env keeps them in a ro
 depends on up to ``depth·K`` past tokens since the last :meth:`DiT.context_cache` (a reset), as in Transformer-XL's
 recurrence. A streaming :meth:`DiT.forward` embeds every token but the last as context: only the last one's velocity
 is meaningful.
+
+Spatial tokens (``DiTConfig.patch_size = p > 0``): a time step is ``G = (H/p)·(W/p)`` tokens instead of one, each a
+``p × p`` patch of the ``(C, H, W)`` latent grid (the patch embedding of DiT and ViT) with a learned patch position
+added to its time position; attention is block-causal (a token sees its own time step and the earlier ones), every
+token of a step shares that step's noise level and action, and each patch token outputs its own patch of the
+velocity. The same weights then move a small object (Pong's ball) the same way anywhere on the grid, which a single
+token per frame has to learn position by position; it costs ``G`` times the tokens. The interface is unchanged:
+latents stay flat ``(…, d_z)`` vectors outside the model, and a cache holds ``G`` tokens per context step.
 """
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from dit_envs.models.dit_block import DiTBlock, modulate, timestep_features
+from dit_envs.models.dit_config import DIT_PRESETS, DiTConfig  # noqa: F401 (re-exported)
 from dit_envs.models.flow import sample, uniform_times
 
 _WARNED: set[tuple[int, int]] = set()  # (shortcut_steps, sampling steps) already warned about
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 """Per-layer ``(keys, values)``, each float ``(N, heads, L, width/heads)`` for ``L`` context tokens."""
-
-
-@dataclass
-class DiTConfig:
-    """Sizes of :class:`DiT` (saved inside every bundle as plain JSON).
-
-    Attributes:
-        latent_dim: ``d_z``, size of one latent.
-        num_actions: size of the action set; the embedding tables have ``num_actions + 1`` rows (null action).
-        context_len: ``K`` clean context tokens; the model handles sequences of up to ``K + 1`` tokens.
-        width: ``D``, token width.
-        depth: number of transformer blocks.
-        heads: attention heads (``width`` must be divisible by it).
-        mlp_ratio: MLP hidden width / ``D``.
-        freq_dim: size of the sinusoidal noise-level features.
-        action_cond: also add an action embedding to the adaLN conditioning (besides the token input).
-        shortcut_steps: ``N`` of a distilled student's step-size conditioning (0: none, a plain flow model).
-        streaming: each token attends to itself and the ``context_len`` tokens before it, with relative positions
-            (see the module docstring): a rolling cache, one new context token per env step.
-    Raises:
-        ValueError: a non-positive size or ``width`` not divisible by ``heads``.
-    """
-
-    latent_dim: int
-    num_actions: int
-    context_len: int = 4
-    width: int = 256
-    depth: int = 4
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    freq_dim: int = 256
-    action_cond: bool = True
-    shortcut_steps: int = 0
-    streaming: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("latent_dim", "num_actions", "context_len", "width", "depth", "heads", "freq_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
-        if self.shortcut_steps < 0:
-            raise ValueError(f"shortcut_steps: expected >= 0, got {self.shortcut_steps}")
-        if self.width % self.heads:
-            raise ValueError(f"heads: expected a divisor of width={self.width}, got {self.heads}")
-
-    @property
-    def seq_len(self) -> int:
-        """Longest sequence the model takes: ``context_len + 1``."""
-        return self.context_len + 1
-
-    @classmethod
-    def from_preset(
-        cls, name: str, *, latent_dim: int, num_actions: int, context_len: int = 4, **overrides
-    ) -> "DiTConfig":
-        """Config of preset ``name`` (a key of :data:`DIT_PRESETS`) for a given latent/action space.
-
-        Raises:
-            KeyError: unknown preset (message lists the known ones).
-        """
-        if name not in DIT_PRESETS:
-            raise KeyError(f"preset: expected one of {sorted(DIT_PRESETS)}, got {name!r}")
-        kw = {**DIT_PRESETS[name], **overrides}
-        return cls(latent_dim=latent_dim, num_actions=num_actions, context_len=context_len, **kw)
-
-
-DIT_PRESETS: dict[str, dict] = {
-    "tiny": dict(width=32, depth=2, heads=2, freq_dim=32),  # tests
-    "S": dict(width=256, depth=4, heads=4),  # default: Pong on CPU
-    "B": dict(width=384, depth=8, heads=6),
-    "L": dict(width=512, depth=12, heads=8),
-}
 
 
 class DiT(nn.Module):
@@ -123,20 +62,22 @@ class DiT(nn.Module):
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
         self.config = config
-        D, A = config.width, config.num_actions
-        self.z_embed = nn.Linear(config.latent_dim, D)
+        D, A, G = config.width, config.num_actions, config.frame_tokens
+        self.z_embed = nn.Linear(config.token_dim, D)
         self.a_embed = nn.Embedding(A + 1, D)
         self.in_proj = nn.Linear(2 * D, D)
         self.pos_embed = nn.Parameter(torch.zeros(config.seq_len, D))
+        self.patch_pos = nn.Parameter(torch.zeros(G, D)) if G > 1 else None
         self.t_embed = nn.Sequential(nn.Linear(config.freq_dim, D), nn.SiLU(), nn.Linear(D, D))
         self.a_cond = nn.Embedding(A + 1, D) if config.action_cond else None
         self.step_embed = (nn.Sequential(nn.Linear(config.freq_dim, D), nn.SiLU(), nn.Linear(D, D))
                            if config.shortcut_steps else None)
         window = config.context_len + 1 if config.streaming else 0
-        self.blocks = nn.ModuleList(DiTBlock(D, config.heads, config.mlp_ratio, window) for _ in range(config.depth))
+        self.blocks = nn.ModuleList(DiTBlock(D, config.heads, config.mlp_ratio, window, G)
+                                    for _ in range(config.depth))
         self.norm_final = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
-        self.final_linear = nn.Linear(D, config.latent_dim)
+        self.final_linear = nn.Linear(D, config.token_dim)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -150,6 +91,8 @@ class DiT(nn.Module):
             if emb is not None:
                 nn.init.normal_(emb.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.02)
+        if self.patch_pos is not None:
+            nn.init.normal_(self.patch_pos, std=0.02)
         nn.init.normal_(self.t_embed[0].weight, std=0.02)
         nn.init.normal_(self.t_embed[2].weight, std=0.02)
         zero = [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_modulation[-1], self.final_linear]
@@ -167,7 +110,8 @@ class DiT(nn.Module):
         """Token and conditioning embeddings, each ``(B, T, D)``, for positions ``offset .. offset+T-1`` (streaming:
         ``pos_embed[K-1]`` for context tokens, ``pos_embed[K]`` for the last one when ``denoised_last``);
         ``step_size`` ``(B, T)`` (0 = none for that token) is ignored by models without step conditioning;
-        ``cond=False`` skips the conditioning (returned as None)."""
+        ``cond=False`` skips the conditioning (returned as None). With spatial tokens both are ``(B, T·G, D)``, the
+        ``G`` tokens of each time step in a row."""
         T, dtype = x.shape[1], self.pos_embed.dtype
         if self.config.streaming:
             K = self.config.context_len
@@ -178,8 +122,14 @@ class DiT(nn.Module):
             raise ValueError(f"x: expected at most {self.config.seq_len} time steps, got {offset + T}")
         else:
             pos = self.pos_embed[offset : offset + T]  # (T, D)
-        tok = torch.cat([self.z_embed(x.to(dtype)), self.a_embed(prev_action)], dim=-1)  # (B, T, 2D)
-        tok = self.in_proj(tok) + pos  # (B, T, D)
+        G = self.config.frame_tokens
+        if G == 1:
+            tok = torch.cat([self.z_embed(x.to(dtype)), self.a_embed(prev_action)], dim=-1)  # (B, T, 2D)
+            tok = self.in_proj(tok) + pos  # (B, T, D)
+        else:
+            a = self.a_embed(prev_action)[:, :, None].expand(-1, -1, G, -1)  # (B, T, G, D)
+            tok = self.in_proj(torch.cat([self.z_embed(self.patches(x.to(dtype))), a], dim=-1))  # (B, T, G, D)
+            tok = (tok + pos[:, None] + self.patch_pos).flatten(1, 2)  # (B, T·G, D)
         if not cond:
             return tok, None
         c = self.t_embed(timestep_features(noise_level, self.config.freq_dim).to(dtype))  # (B, T, D)
@@ -189,11 +139,26 @@ class DiT(nn.Module):
             d = step_size.float().clamp(min=1.0 / self.config.shortcut_steps)  # (B, T)
             e = self.step_embed(timestep_features(d, self.config.freq_dim).to(dtype))  # (B, T, D)
             c = c + torch.where((step_size > 0)[..., None], e, torch.zeros_like(e))  # (B, T, D)
-        return tok, c
+        return tok, (c if G == 1 else c.repeat_interleave(G, dim=1))  # (B, T·G, D)
 
     def _output(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.final_modulation(c).chunk(2, dim=-1)  # (B, T, D) each
-        return self.final_linear(modulate(self.norm_final(h), shift, scale))  # (B, T, d_z)
+        shift, scale = self.final_modulation(c).chunk(2, dim=-1)  # (B, T·G, D) each
+        return self._latents(self.final_linear(modulate(self.norm_final(h), shift, scale)))  # (B, T, d_z)
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Flat latents ``(B, T, d_z)`` as the patches of spatial tokens ``(B, T, G, C·p²)`` (patch ``g`` = row
+        ``g // (W/p)``, column ``g % (W/p)`` of the ``p × p`` patch grid, row-major); :meth:`_latents` inverts it."""
+        C, H, W = self.config.latent_shape
+        p = self.config.patch_size
+        return rearrange(x, "b t (c h p w q) -> b t (h w) (c p q)", c=C, p=p, q=p, w=W // p)
+
+    def _latents(self, y: torch.Tensor) -> torch.Tensor:
+        """Per-token outputs ``(B, T·G, token_dim)`` as flat latents ``(B, T, d_z)`` (the inverse patch layout)."""
+        if self.config.frame_tokens == 1:
+            return y
+        C, H, W = self.config.latent_shape
+        p = self.config.patch_size
+        return rearrange(y, "b (t h w) (c p q) -> b t (c h p w q)", c=C, p=p, q=p, h=H // p, w=W // p)
 
     def forward(self, x: torch.Tensor, noise_level: torch.Tensor, prev_action: torch.Tensor,
                 step_size: torch.Tensor | None = None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -243,7 +208,8 @@ class DiT(nn.Module):
                 masks keys inside this pass only: the cache carries no mask, so its last ``min(L, context_len)``
                 rows must be valid ones.
         Returns:
-            :data:`KVCache` with one ``(k, v)`` pair per block, of the last ``min(L, context_len)`` tokens.
+            :data:`KVCache` with one ``(k, v)`` pair per block, of the last ``min(L, context_len)`` tokens (``G``
+            per time step with spatial tokens).
         Raises:
             ValueError: ``L > context_len`` or ``key_valid`` for a non-streaming model, or ``key_valid`` of
                 another shape.
@@ -262,9 +228,10 @@ class DiT(nn.Module):
         """Per-layer keys/values of the last ``min(L, K)`` of ``L`` clean tokens ``z`` ``(N, L, d_z)`` attending to
         ``past`` (a cache, or none); a streaming model computes block ``i`` only on the last ``K·(depth − i)`` rows,
         all that the last ``K`` outputs depend on (windows of ``K + 1``), and the last block only keys and values."""
-        K, depth = self.config.context_len, len(self.blocks)
-        h, _ = self._embed(z, None, prev_action, offset=0, cond=False)  # (N, L, D)
+        K, depth, G = self.config.context_len, len(self.blocks), self.config.frame_tokens
+        h, _ = self._embed(z, None, prev_action, offset=0, cond=False)  # (N, L·G, D)
         table, index = self._cond_table(0.0, None, prev_action)
+        index = index if G == 1 else index.repeat_interleave(G, dim=1)  # (N, L·G)
         cache: KVCache = []
         for i, block in enumerate(self.blocks):
             if self.config.streaming:
@@ -273,10 +240,10 @@ class DiT(nn.Module):
                 key_valid = None if key_valid is None else key_valid[:, -keep:]
             mod = block.adaLN_modulation(table)[index]  # (N, L', 6D)
             if i == depth - 1:  # its outputs feed nothing
-                cache.append(block.keys_values(h[:, -K:], mod[:, -K:]))
+                cache.append(block.keys_values(h[:, -K * G:], mod[:, -K * G:]))
             else:
                 h, (k, v) = block(h, None, past=None if past is None else past[i], mod=mod, key_valid=key_valid)
-                cache.append((k[:, :, -K:], v[:, :, -K:]))
+                cache.append((k[:, :, -K * G:], v[:, :, -K * G:]))
         return cache
 
     def extend_cache(self, cache: KVCache, z: torch.Tensor, prev_action: torch.Tensor) -> KVCache:
@@ -337,7 +304,7 @@ class DiT(nn.Module):
         Returns:
             float ``(N, d_z)`` velocity (model dtype).
         """
-        L = cache[0][0].shape[2]
+        L = cache[0][0].shape[2] // self.config.frame_tokens  # context time steps
         d = None if step_size is None else step_size[:, None]
         uniform = x.shape[0] > 0 and not per_token and (shared_level or (
             bool((noise_level == noise_level[0]).all()) and (d is None or bool((d == d[0]).all()))))
@@ -345,15 +312,15 @@ class DiT(nn.Module):
             h, c = self._embed(x[:, None], noise_level[:, None], prev_action[:, None], offset=L, step_size=d,
                                denoised_last=True)
             for block, past in zip(self.blocks, cache):
-                h, _ = block(h, c, past=past)  # (N, 1, D)
+                h, _ = block(h, c, past=past)  # (N, G, D)
             return self._output(h, c)[:, 0]  # (N, d_z)
         h, _ = self._embed(x[:, None], noise_level[:, None], prev_action[:, None], offset=L, cond=False,
-                           denoised_last=True)  # (N, 1, D)
+                           denoised_last=True)  # (N, G, D)
         table, index = self._cond_table(float(noise_level[0]), None if d is None else float(d[0]), prev_action)
         for block, past in zip(self.blocks, cache):
-            h, _ = block(h, None, past=past, mod=block.adaLN_modulation(table)[index][:, None])  # (N, 1, D)
+            h, _ = block(h, None, past=past, mod=block.adaLN_modulation(table)[index][:, None])  # (N, G, D)
         shift, scale = self.final_modulation(table)[index][:, None].chunk(2, dim=-1)  # (N, 1, D) each
-        return self.final_linear(modulate(self.norm_final(h), shift, scale))[:, 0]  # (N, d_z)
+        return self._latents(self.final_linear(modulate(self.norm_final(h), shift, scale)))[:, 0]  # (N, d_z)
 
     def sample_next(self, noise: torch.Tensor, prev_action: torch.Tensor, cache: KVCache, steps: int,
                     shift: float = 1.0) -> torch.Tensor:

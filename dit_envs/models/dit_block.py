@@ -37,11 +37,13 @@ class DiTBlock(nn.Module):
     """Pre-LN transformer block with adaLN-Zero conditioning and causal self-attention (Peebles & Xie 2023); with
     ``window = W > 0`` (streaming) sliding-window attention over the token and the ``W − 1`` before it
     (:func:`~dit_envs.models.attention.window_attention`), relative embeddings ``rel_k``, ``rel_v`` float ``(W, width)``
-    zero-initialised."""
+    zero-initialised. With ``frame_tokens = G > 1`` (spatial tokens, ``G`` per time step) attention is block-causal:
+    a token sees every token of its own time step and of the earlier ones (the frame-level causal mask of video
+    transformers, e.g. Genie, Bruce et al. 2024)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, window: int = 0) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: float, window: int = 0, frame_tokens: int = 1) -> None:
         super().__init__()
-        self.heads, self.window = heads, window
+        self.heads, self.window, self.frame_tokens = heads, window, frame_tokens
         if window:  # streaming: relative position embeddings of keys and values (zero: none yet)
             self.rel_k = nn.Parameter(torch.zeros(window, width))
             self.rel_v = nn.Parameter(torch.zeros(window, width))
@@ -72,10 +74,11 @@ class DiTBlock(nn.Module):
         k_all, v_all = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))  # P+T
         if self.window:
             a = window_attention(q, k_all, v_all, self.rel_k, self.rel_v, offset=P, key_valid=key_valid)
-        elif past is None:
+        elif past is None and self.frame_tokens == 1:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D/H)
-        else:
-            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)  # token i sees <= P+i
+        else:  # token i (key index P + i) sees the keys of its own time step and earlier ones
+            step = torch.arange(P + T, device=x.device) // self.frame_tokens  # (P+T,) time step of each key
+            mask = step[None] <= step[P:, None]  # (T, P+T); G = 1: tril(diagonal=P)
             a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, H, T, D/H)
         x = x + gate_msa * self.proj(a.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, T, D)

@@ -1,0 +1,41 @@
+"""The network configs of a ``ditwm pretrain`` run: the DiT preset with the run's size flags, and the check that an
+``--init`` run was trained with the same ones."""
+from __future__ import annotations
+
+import torch
+
+from dit_envs.models.dit import DiTConfig
+from dit_envs.models.heads import HeadsConfig
+from trainers.common import ArgError
+
+
+def net_configs(args, ae: torch.nn.Module, num_actions: int, context_len: int) -> tuple[DiTConfig, HeadsConfig]:
+    """The DiT and reward/termination-head configs of a run (what ``--init`` and ``--resume`` must match): the
+    preset's, with ``--depth``, ``--width`` and ``--patch-size`` where given (the latent grid from the autoencoder).
+
+    Args:
+        args: the run's :class:`trainers.pretrain.Args` (``preset``, ``depth``, ``width``, ``patch_size``).
+        ae: the frozen :class:`~dit_envs.models.autoencoder.FrameAutoencoder` (``latent_dim``, its latent grid).
+        num_actions: size of the action set. context_len: ``K``.
+
+    Raises:
+        ArgError: sizes the DiT refuses (e.g. a width the heads do not divide, a patch that does not tile the grid).
+    """
+    sizes = {k: getattr(args, k) for k in ("depth", "width", "patch_size") if getattr(args, k)}
+    if args.patch_size:
+        sizes["latent_shape"] = (ae.config.latent_channels, ae.config.latent_size, ae.config.latent_size)
+    try:
+        dcfg = DiTConfig.from_preset(args.preset, latent_dim=ae.latent_dim, num_actions=num_actions,
+                                     context_len=context_len, **sizes)
+    except ValueError as e:
+        raise ArgError("patch_size" if "patch" in str(e) else "width", str(e)) from None
+    return dcfg, HeadsConfig(latent_dim=ae.latent_dim, num_actions=num_actions, hidden=dcfg.width)
+
+
+def configs_match(saved: dict | None, dit: DiTConfig, heads: HeadsConfig) -> bool:
+    """Whether a checkpoint's saved ``{"dit": …, "heads": …}`` dicts describe these configs (fields added since it
+    was written take their defaults, so older runs still match)."""
+    try:
+        return (DiTConfig(**saved["dit"]), HeadsConfig(**saved["heads"])) == (dit, heads)
+    except (KeyError, TypeError, ValueError):
+        return False
