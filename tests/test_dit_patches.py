@@ -162,3 +162,16 @@ def test_a_patched_teacher_distills_to_a_patched_student_but_not_a_streaming_one
     with pytest.raises(ArgError, match="spatial tokens"):
         distill(DistillArgs(out=str(tmp_path / "bad"), streaming=True, **common))
     assert not (tmp_path / "bad").exists()
+
+
+def test_world_model_refuses_a_latent_shape_other_than_the_autoencoders():
+    from dit_envs.models.autoencoder import AutoencoderConfig, FrameAutoencoder
+    from dit_envs.models.dit_world_model import DiTWorldModel
+    from dit_envs.models.heads import HeadsConfig, RewardTermHead
+
+    ae = FrameAutoencoder(AutoencoderConfig(base_channels=4, max_channels=16, latent_channels=2, latent_size=4))
+    heads = RewardTermHead(HeadsConfig(latent_dim=32, num_actions=3, hidden=16))
+    dit = lambda shape: DiT(patched(latent_dim=32, latent_shape=shape))  # noqa: E731
+    DiTWorldModel(ae, dit((2, 4, 4)), heads)
+    with pytest.raises(ValueError, match="latent_shape"):
+        DiTWorldModel(ae, dit((8, 2, 2)), heads)

@@ -70,7 +70,7 @@ class Args(LoopArgs):
                         "scratch)")
     preset: str = arg("S", "DiT size preset", choices=tuple(DIT_PRESETS))
     depth: int = arg(0, "DiT blocks (0: the preset's; e.g. --preset S --depth 6 for a deeper S)")
-    width: int = arg(0, "DiT token width (0: the preset's; a divisor of it by the preset's heads)")
+    width: int = arg(0, "DiT token width (0: the preset's; a multiple of the preset's heads)")
     patch_size: int = arg(0, "spatial tokens: p x p patches of the latent grid, (H/p)(W/p) tokens per time step "
                              "(0: one token per time step)")
     batch: int = arg(32, "windows per step per process")

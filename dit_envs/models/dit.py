@@ -1,15 +1,15 @@
 """Causal Diffusion Transformer over latent time steps (DiT, Peebles & Xie 2023; diffusion forcing, Chen et al. 2024).
 
-Each time step ``i`` is ONE token: ``Linear(concat(embed_z(x_i), embed_a(prev_action_i))) + pos_i``, where
-``prev_action_i`` is the action that led to latent ``i`` (index ``num_actions`` = null action, used for the first
-frame of an episode and for action dropout). Every token carries its own noise level ``t_i ∈ [0, 1]``, which
-enters each block through adaLN-Zero: the conditioning ``c_i = timestep_emb(t_i) [+ action_emb(prev_action_i)]``
-(like DiT's ``t + y`` and DIAMOND's noise + action conditioning) is mapped to shift/scale/gate vectors for the
-attention and MLP branches. Self-attention is causal, so one forward pass with independent per-token noise
-levels trains every position (diffusion forcing), and at inference ``K`` clean context tokens (``t = 0``) plus one
-noisy token predict the velocity of the next latent. Because the context does not attend to the noisy token,
-its per-layer keys/values can be computed once per env step (:meth:`DiT.context_cache`) and reused by every
-sampling step (:meth:`DiT.predict_next`; the whole sampler is :meth:`DiT.sample_next`).
+Each time step ``i`` is ONE token (by default; see spatial tokens below): ``Linear(concat(embed_z(x_i),
+embed_a(prev_action_i))) + pos_i``, where ``prev_action_i`` is the action that led to latent ``i`` (index
+``num_actions`` = null action, used for the first frame of an episode and for action dropout). Every token carries its
+own noise level ``t_i ∈ [0, 1]``, which enters each block through adaLN-Zero: the conditioning ``c_i =
+timestep_emb(t_i) [+ action_emb(prev_action_i)]`` (like DiT's ``t + y`` and DIAMOND's noise + action conditioning) is
+mapped to shift/scale/gate vectors for the attention and MLP branches. Self-attention is causal, so one forward pass
+with independent per-token noise levels trains every position (diffusion forcing), and at inference ``K`` clean
+context tokens (``t = 0``) plus one noisy token predict the velocity of the next latent. Because the context does not
+attend to the noisy token, its per-layer keys/values can be computed once per env step (:meth:`DiT.context_cache`) and
+reused by every sampling step (:meth:`DiT.predict_next`; the whole sampler is :meth:`DiT.sample_next`).
 
 Step-size conditioning (``DiTConfig.shortcut_steps = N > 0``, set by ``ditwm distill``): the noisy token's
 conditioning also gets ``step_emb(d)`` for the Euler step size ``d`` the sampler will take, so a distilled
@@ -30,8 +30,9 @@ Spatial tokens (``DiTConfig.patch_size = p > 0``): a time step is ``G = (H/p)·(
 ``p × p`` patch of the ``(C, H, W)`` latent grid (the patch embedding of DiT and ViT) with a learned patch position
 added to its time position; attention is block-causal (a token sees its own time step and the earlier ones), every
 token of a step shares that step's noise level and action, and each patch token outputs its own patch of the
-velocity. The same weights then move a small object (Pong's ball) the same way anywhere on the grid, which a single
-token per frame has to learn position by position; it costs ``G`` times the tokens. The interface is unchanged:
+velocity. The patch weights can then share how a small object (Pong's ball) moves across positions (for shifts by
+whole patches; the patch positions and attention keep tokens position-aware), which a single token per frame has to
+learn position by position; it costs ``G`` times the tokens. The interface is unchanged:
 latents stay flat ``(…, d_z)`` vectors outside the model, and a cache holds ``G`` tokens per context step.
 """
 from __future__ import annotations
@@ -49,7 +50,8 @@ from dit_envs.models.flow import sample, uniform_times
 _WARNED: set[tuple[int, int]] = set()  # (shortcut_steps, sampling steps) already warned about
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
-"""Per-layer ``(keys, values)``, each float ``(N, heads, L, width/heads)`` for ``L`` context tokens."""
+"""Per-layer ``(keys, values)``, each float ``(N, heads, L, width/heads)`` for ``L`` context tokens
+(``L·G`` with ``G`` spatial tokens per time step)."""
 
 
 class DiT(nn.Module):
@@ -147,7 +149,8 @@ class DiT(nn.Module):
 
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """Flat latents ``(B, T, d_z)`` as the patches of spatial tokens ``(B, T, G, C·p²)`` (patch ``g`` = row
-        ``g // (W/p)``, column ``g % (W/p)`` of the ``p × p`` patch grid, row-major); :meth:`_latents` inverts it."""
+        ``g // (W/p)``, column ``g % (W/p)`` of the ``(H/p) × (W/p)`` grid of patches, row-major); :meth:`_latents`
+        inverts it."""
         C, H, W = self.config.latent_shape
         p = self.config.patch_size
         return rearrange(x, "b t (c h p w q) -> b t (h w) (c p q)", c=C, p=p, q=p, w=W // p)
@@ -192,7 +195,7 @@ class DiT(nn.Module):
                              f"{tuple(key_valid.shape)} (streaming {self.config.streaming})")
         h, c = self._embed(x, noise_level, prev_action, offset=0, step_size=step_size, denoised_last=True)
         for block in self.blocks:
-            h, _ = block(h, c, key_valid=key_valid)  # (B, T, D)
+            h, _ = block(h, c, key_valid=key_valid)  # (B, T·G, D)
         return self._output(h, c)  # (B, T, d_z)
 
     def context_cache(self, z: torch.Tensor, prev_action: torch.Tensor,

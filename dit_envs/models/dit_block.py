@@ -38,8 +38,7 @@ class DiTBlock(nn.Module):
     ``window = W > 0`` (streaming) sliding-window attention over the token and the ``W − 1`` before it
     (:func:`~dit_envs.models.attention.window_attention`), relative embeddings ``rel_k``, ``rel_v`` float ``(W, width)``
     zero-initialised. With ``frame_tokens = G > 1`` (spatial tokens, ``G`` per time step) attention is block-causal:
-    a token sees every token of its own time step and of the earlier ones (the frame-level causal mask of video
-    transformers, e.g. Genie, Bruce et al. 2024)."""
+    a token sees every token of its own time step and of the earlier ones (a frame-level causal mask)."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, window: int = 0, frame_tokens: int = 1) -> None:
         super().__init__()

@@ -12,7 +12,7 @@ class DiTConfig:
     Attributes:
         latent_dim: ``d_z``, size of one latent.
         num_actions: size of the action set; the embedding tables have ``num_actions + 1`` rows (null action).
-        context_len: ``K`` clean context tokens; the model handles sequences of up to ``K + 1`` tokens.
+        context_len: ``K`` clean context time steps; the model handles sequences of up to ``K + 1`` time steps.
         width: ``D``, token width.
         depth: number of transformer blocks.
         heads: attention heads (``width`` must be divisible by it).

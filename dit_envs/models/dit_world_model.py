@@ -57,7 +57,8 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
         num_actions, latent_dim, context_len: as in the WorldModel protocol.
         latent_mean, latent_std: float32 ``(d_z,)`` buffers; the DiT sees ``(z − mean) / std``.
     Raises:
-        ValueError: the three networks disagree on ``latent_dim`` or ``num_actions``.
+        ValueError: the three networks disagree on ``latent_dim`` or ``num_actions``, or a DiT with spatial tokens
+            on another ``latent_shape`` than the autoencoder's grid.
     """
 
     model_type = "dit"
@@ -73,6 +74,9 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
                 f"latent_dim: autoencoder has {autoencoder.latent_dim}, dit has {dc.latent_dim}, "
                 f"heads have {hc.latent_dim}; expected all equal"
             )
+        grid = (autoencoder.config.latent_channels, autoencoder.config.latent_size, autoencoder.config.latent_size)
+        if dc.patch_size and dc.latent_shape != grid:
+            raise ValueError(f"latent_shape: expected the autoencoder's latent grid {grid}, got {dc.latent_shape}")
         if dc.num_actions != hc.num_actions:
             raise ValueError(f"num_actions: dit has {dc.num_actions}, heads have {hc.num_actions}; expected equal")
         self.autoencoder = autoencoder.requires_grad_(False).eval()
