@@ -199,7 +199,7 @@ def validate(args: Args) -> Setup:
         raise ArgError("data", f"expected a non-held-out episode of >= {window} frames (K + max(1, rollout_steps)), "
                                f"got {int(train.sum())} rows whose longest episode segment has {longest}")
     sha = sha256_file(stage1 / "autoencoder.safetensors")
-    net_configs(args, ae, len(meta["action_meanings"]), k)  # sizes the DiT refuses fail here, before any write
+    dit_now = asdict(net_configs(args, ae, len(meta["action_meanings"]), k)[0])  # refused sizes fail before writes
     if args.resume and ((Path(args.out) / "ckpt").exists() or (Path(args.out) / "ckpt.prev").exists()):
         try:
             _, ck = read_state(Path(args.out))
@@ -208,7 +208,6 @@ def validate(args: Args) -> Setup:
         if ck.get("encoder_sha256") != sha:
             raise ArgError("stage1", f"expected the autoencoder of the checkpoint (sha256 {ck.get('encoder_sha256')}"
                                      f"), got {sha}")
-        dit_now = asdict(net_configs(args, ae, len(meta["action_meanings"]), k)[0])
         for name, have in (("preset", args.preset), ("depth", dit_now["depth"]), ("width", dit_now["width"]),
                            ("patch_size", dit_now["patch_size"]), ("context_len", k)):
             want = ck["args"]["preset"] if name == "preset" else ck["configs"]["dit"].get(name, 0)

@@ -27,8 +27,9 @@ def net_configs(args, ae: torch.nn.Module, num_actions: int, context_len: int) -
     try:
         dcfg = DiTConfig.from_preset(args.preset, latent_dim=ae.latent_dim, num_actions=num_actions,
                                      context_len=context_len, **sizes)
-    except ValueError as e:
-        raise ArgError("patch_size" if "patch" in str(e) else "width", str(e)) from None
+    except ValueError as e:  # DiTConfig's messages start with the field; name the flag that set it
+        field = str(e).split(":", 1)[0]
+        raise ArgError({"heads": "width", "latent_shape": "patch_size"}.get(field, field), str(e)) from None
     return dcfg, HeadsConfig(latent_dim=ae.latent_dim, num_actions=num_actions, hidden=dcfg.width)
 
 

@@ -125,13 +125,11 @@ class DiT(nn.Module):
         else:
             pos = self.pos_embed[offset : offset + T]  # (T, D)
         G = self.config.frame_tokens
-        if G == 1:
-            tok = torch.cat([self.z_embed(x.to(dtype)), self.a_embed(prev_action)], dim=-1)  # (B, T, 2D)
-            tok = self.in_proj(tok) + pos  # (B, T, D)
-        else:
-            a = self.a_embed(prev_action)[:, :, None].expand(-1, -1, G, -1)  # (B, T, G, D)
-            tok = self.in_proj(torch.cat([self.z_embed(self.patches(x.to(dtype))), a], dim=-1))  # (B, T, G, D)
-            tok = (tok + pos[:, None] + self.patch_pos).flatten(1, 2)  # (B, T·G, D)
+        a = self.a_embed(prev_action)[:, :, None].expand(-1, -1, G, -1)  # (B, T, G, D)
+        tok = self.in_proj(torch.cat([self.z_embed(self.patches(x.to(dtype))), a], dim=-1)) + pos[:, None]
+        if self.patch_pos is not None:
+            tok = tok + self.patch_pos  # (B, T, G, D)
+        tok = tok.flatten(1, 2)  # (B, T·G, D)
         if not cond:
             return tok, None
         c = self.t_embed(timestep_features(noise_level, self.config.freq_dim).to(dtype))  # (B, T, D)
@@ -150,7 +148,9 @@ class DiT(nn.Module):
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """Flat latents ``(B, T, d_z)`` as the patches of spatial tokens ``(B, T, G, C·p²)`` (patch ``g`` = row
         ``g // (W/p)``, column ``g % (W/p)`` of the ``(H/p) × (W/p)`` grid of patches, row-major); :meth:`_latents`
-        inverts it."""
+        inverts it. One token per time step: ``(B, T, 1, d_z)``."""
+        if self.config.frame_tokens == 1:
+            return x[:, :, None]
         C, H, W = self.config.latent_shape
         p = self.config.patch_size
         return rearrange(x, "b t (c h p w q) -> b t (h w) (c p q)", c=C, p=p, q=p, w=W // p)

@@ -75,6 +75,8 @@ class DiTBlock(nn.Module):
             a = window_attention(q, k_all, v_all, self.rel_k, self.rel_v, offset=P, key_valid=key_valid)
         elif past is None and self.frame_tokens == 1:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D/H)
+        elif T == self.frame_tokens and P % T == 0:  # one time step after whole ones (a sampler step): sees every key
+            a = F.scaled_dot_product_attention(q, k_all, v_all)  # (B, H, T, D/H)
         else:  # token i (key index P + i) sees the keys of its own time step and earlier ones
             step = torch.arange(P + T, device=x.device) // self.frame_tokens  # (P+T,) time step of each key
             mask = step[None] <= step[P:, None]  # (T, P+T); G = 1: tril(diagonal=P)
