@@ -48,7 +48,8 @@ def step_levels(teacher_steps: int) -> list[int]:
 @torch.no_grad()
 def teacher_trajectory(teacher: DiT, context: torch.Tensor, context_action: torch.Tensor, action: torch.Tensor,
                        noise: torch.Tensor, steps: int) -> torch.Tensor:
-    """The teacher's uniform ``steps``-step Euler trajectory from ``noise`` (t = 1) to its sample (t = 0).
+    """The teacher's uniform ``steps``-step Euler trajectory from its source (t = 1; ``noise``, or with
+    ``prev_source`` the last context latent plus ``prev_source·noise``, :meth:`DiT.flow_source`) to its sample (t = 0).
 
     Args:
         teacher: the frozen DiT.
@@ -60,7 +61,8 @@ def teacher_trajectory(teacher: DiT, context: torch.Tensor, context_action: torc
         float32 ``(N + 1, B, d_z)``: ``x`` at times ``1, 1 − 1/N, …, 0``.
     """
     cache = teacher.context_cache(context, context_action)
-    xs, x = [noise], noise
+    x = teacher.flow_source(noise, context[:, -1])  # the flow's start (noise, or the last latent + noise)
+    xs = [x]
     d = torch.full((noise.shape[0],), 1.0 / steps, device=noise.device)
     for j in range(steps):
         t = torch.full_like(d, 1.0 - j / steps)
@@ -343,6 +345,8 @@ def sample_gap(student: DiT, teacher: DiT, context: torch.Tensor, context_action
     gap."""
     gen = torch.Generator(device=context.device).manual_seed(seed)
     noise = temperature * torch.randn(context.shape[0], context.shape[2], generator=gen, device=context.device)
-    ref = teacher.sample_next(noise, action, teacher.context_cache(context, context_action), teacher_steps)
-    got = student.sample_next(noise, action, student.context_cache(context, context_action), student_steps)
+    last = context[:, -1]
+    ref = teacher.sample_next(noise, action, teacher.context_cache(context, context_action), teacher_steps, x_prev=last)
+    got = student.sample_next(noise, action, student.context_cache(context, context_action), student_steps,
+                              x_prev=last)
     return (got - ref).square().mean().item()

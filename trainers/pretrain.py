@@ -73,6 +73,8 @@ class Args(LoopArgs):
     width: int = arg(0, "DiT token width (0: the preset's; a multiple of the preset's heads)")
     patch_size: int = arg(0, "spatial tokens: p x p patches of the latent grid, (H/p)(W/p) tokens per time step "
                              "(0: one token per time step)")
+    prev_source: float = arg(0.0, "flow source: 0 = N(0, I) (rectified flow); S > 0 = the previous latent + S x noise "
+                                  "(standardised units: the flow moves the last frame to the next)")
     batch: int = arg(32, "windows per step per process")
     lr: float = arg(6e-4, "peak learning rate (AdamW, linear warm-up then cosine decay to a tenth)")
     warmup: int = arg(500, "linear warm-up steps")
@@ -139,7 +141,7 @@ def validate(args: Args) -> Setup:
                      "priority_every", "latent_motion_threshold"))
     _positive(args, ("warmup", "lr_decay_steps", "weight_decay", "context_len", "seq_len", "eval_every", "threads",
                      "rollout_weight", "priority_alpha", "pixel_weight", "motion_boost", "event_horizon",
-                     "latent_motion_weight", "depth", "width", "patch_size"), strict=False)
+                     "latent_motion_weight", "depth", "width", "patch_size", "prev_source"), strict=False)
     check_choice("precision", args.precision, PRECISIONS)
     if args.preset not in DIT_PRESETS:
         raise ArgError("preset", f"expected one of {tuple(DIT_PRESETS)}, got {args.preset!r}")
@@ -208,8 +210,8 @@ def validate(args: Args) -> Setup:
         if ck.get("encoder_sha256") != sha:
             raise ArgError("stage1", f"expected the autoencoder of the checkpoint (sha256 {ck.get('encoder_sha256')}"
                                      f"), got {sha}")
-        for name, have in (("preset", args.preset), ("depth", dit_now["depth"]), ("width", dit_now["width"]),
-                           ("patch_size", dit_now["patch_size"]), ("context_len", k)):
+        for name, have in (("preset", args.preset), ("context_len", k),
+                           *((f, dit_now[f]) for f in ("depth", "width", "patch_size", "prev_source"))):
             want = ck["args"]["preset"] if name == "preset" else ck["configs"]["dit"].get(name, 0)
             if want != have:
                 raise ArgError(name, f"expected {want!r} (the checkpoint's), got {have!r}")

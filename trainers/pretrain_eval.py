@@ -63,10 +63,11 @@ def evaluate(net: PretrainNet, w: Windows, *, context_len: int, sampling_steps: 
     t = logit_normal_times((B,), generator=gen, device=dev)
     eps = torch.randn(B, d, generator=gen, device=dev)
     x0 = w.x[:, K]
-    xt = torch.cat([w.x[:, :K], interpolate(x0, eps, t)[:, None]], dim=1)  # (B, K+1, d_z)
+    src = net.dit.flow_source(eps, w.x[:, K - 1])  # (B, d_z)
+    xt = torch.cat([w.x[:, :K], interpolate(x0, src, t)[:, None]], dim=1)  # (B, K+1, d_z)
     tt = torch.cat([torch.zeros(B, K, device=dev), t[:, None]], dim=1)  # (B, K+1)
     v = net.dit(xt, tt, w.prev_action[:, : K + 1])[:, -1]  # (B, d_z)
-    out["eval/flow_last"] = flow_matching_loss(v, x0, eps).item()
+    out["eval/flow_last"] = flow_matching_loss(v, x0, src).item()
 
     ctx, ctx_a = w.x[:, :K], w.prev_action[:, :K]
     streaming = net.dit.config.streaming  # a rolling cache, as the env keeps it
@@ -77,7 +78,7 @@ def evaluate(net: PretrainNet, w: Windows, *, context_len: int, sampling_steps: 
                 ctx, ctx_a)
         a = w.prev_action[:, K + h - 1]
         noise = torch.randn(B, d, generator=gen, device=dev)
-        x = net.dit.sample_next(noise, a, cache, sampling_steps)  # (B, d_z)
+        x = net.dit.sample_next(noise, a, cache, sampling_steps, x_prev=ctx[:, -1])  # (B, d_z)
         z = (x * std + mean).clamp(-1.0, 1.0)  # inference maps samples into the encoder's range
         if h in HORIZONS or h == L - K:
             out[f"eval/mse@{h}"] = (z - w.z[:, K + h - 1]).square().mean().item()

@@ -11,17 +11,19 @@ from trainers.common import ArgError
 
 def net_configs(args, ae: torch.nn.Module, num_actions: int, context_len: int) -> tuple[DiTConfig, HeadsConfig]:
     """The DiT and reward/termination-head configs of a run (what ``--init`` and ``--resume`` must match): the
-    preset's, with ``--depth``, ``--width`` and ``--patch-size`` where given (the latent grid from the autoencoder).
+    preset's, with ``--depth``, ``--width``, ``--patch-size`` and ``--prev-source`` where given (the latent grid from
+    the autoencoder).
 
     Args:
-        args: the run's :class:`trainers.pretrain.Args` (``preset``, ``depth``, ``width``, ``patch_size``).
+        args: the run's :class:`trainers.pretrain.Args` (``preset``, ``depth``, ``width``, ``patch_size``,
+            ``prev_source``).
         ae: the frozen :class:`~dit_envs.models.autoencoder.FrameAutoencoder` (``latent_dim``, its latent grid).
         num_actions: size of the action set. context_len: ``K``.
 
     Raises:
         ArgError: sizes the DiT refuses (e.g. a width the heads do not divide, a patch that does not tile the grid).
     """
-    sizes = {k: getattr(args, k) for k in ("depth", "width", "patch_size") if getattr(args, k)}
+    sizes = {k: getattr(args, k) for k in ("depth", "width", "patch_size", "prev_source") if getattr(args, k)}
     if args.patch_size:
         sizes["latent_shape"] = (ae.config.latent_channels, ae.config.latent_size, ae.config.latent_size)
     try:

@@ -265,7 +265,7 @@ def imagine_context(dit: DiT, w: Windows, n: int, *, context_len: int, sampling_
         cache = dit.context_cache(ctx, ctx_a)
         a = w.prev_action[:, K + j]
         noise = torch.randn(ctx.shape[0], ctx.shape[2], generator=generator, device=ctx.device)
-        x = clamp(dit.sample_next(noise, a, cache, sampling_steps))  # (B, d_z)
+        x = clamp(dit.sample_next(noise, a, cache, sampling_steps, x_prev=ctx[:, -1]))  # (B, d_z)
         ctx = torch.cat([ctx[:, 1:], x[:, None]], dim=1)
         ctx_a = torch.cat([ctx_a[:, 1:], a[:, None]], dim=1)
     return ctx, ctx_a
@@ -279,7 +279,9 @@ def make_inputs(w: Windows, cfg: ObjectiveConfig, *, num_actions: int, generator
         w: windows with ``L ≥ seq_len`` rows (``L ≥ K + rollout_steps`` when the multi-step term is on).
         cfg: the objective. num_actions: the null action index.
         generator: on ``w``'s device; the only randomness used.
-        dit, context_len, clamp: needed for the multi-step term (see :func:`imagine_context`).
+        dit, context_len, clamp: needed for the multi-step term (see :func:`imagine_context`); ``dit`` also gives
+            the flow's source (``DiTConfig.prev_source``; without ``dit``: ``N(0, I)``). With a previous-latent
+            source a window's first token has no latent before it: it is noised from ``N(0, I)`` and not counted.
     Returns:
         Tensors for :meth:`PretrainNet.forward`: ``xt, t, prev_action, x0, noise, mask`` ``(B, T, ...)``,
         ``h_z, h_action, h_z_next, h_reward, h_term, h_mask`` ``(B, L−1, ...)``, ``ro_*`` for the multi-step term,
@@ -299,9 +301,13 @@ def make_inputs(w: Windows, cfg: ObjectiveConfig, *, num_actions: int, generator
     clean_ctx = clean[:, None] & is_ctx[None]  # (B, T)
     t = torch.where(clean_ctx, torch.zeros_like(t), t)
     noise = torch.randn(B, T, d, generator=generator, device=dev)
+    mask = (~clean_ctx).float()
+    if dit is not None and dit.config.prev_source:
+        noise = torch.cat([noise[:, :1], dit.flow_source(noise[:, 1:], w.x[:, :T - 1])], dim=1)  # the source
+        mask[:, 0] = 0.0
     drop = torch.rand(B, T, generator=generator, device=dev) < cfg.action_dropout
     out = {
-        "xt": interpolate(x0, noise, t), "t": t, "x0": x0, "noise": noise, "mask": (~clean_ctx).float(),
+        "xt": interpolate(x0, noise, t), "t": t, "x0": x0, "noise": noise, "mask": mask,
         "prev_action": torch.where(drop, torch.full_like(w.prev_action[:, :T], num_actions), w.prev_action[:, :T]),
         "h_z": w.z[:, :-1], "h_action": w.prev_action[:, 1:], "h_z_next": w.z[:, 1:],
         "h_reward": w.reward[:, 1:], "h_term": w.terminated[:, 1:].float(),
@@ -322,7 +328,7 @@ def make_inputs(w: Windows, cfg: ObjectiveConfig, *, num_actions: int, generator
                                      clamp=clamp, generator=generator)
         target, target_a = w.x[:, K + n - 1], w.prev_action[:, K + n - 1]  # (B, d_z), (B,)
         t_last = logit_normal_times((B,), mean=cfg.t_mean, std=cfg.t_std, generator=generator, device=dev)
-        eps = torch.randn(B, d, generator=generator, device=dev)
+        eps = dit.flow_source(torch.randn(B, d, generator=generator, device=dev), ctx[:, -1])  # (B, d_z) source
         out.update({
             "ro_xt": torch.cat([ctx, interpolate(target, eps, t_last)[:, None]], dim=1),  # (B, K+1, d_z)
             "ro_t": torch.cat([torch.zeros(B, K, device=dev), t_last[:, None]], dim=1),  # (B, K+1)

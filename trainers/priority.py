@@ -46,7 +46,8 @@ def one_step_errors(dit: DiT, x: torch.Tensor, prev_action: torch.Tensor, starts
         ctx, target = x[rows[:, :K]].float(), x[rows[:, K]].float()  # (B, K, d_z), (B, d_z)
         cache = dit.context_cache(ctx, prev_action[rows[:, :K]])
         noise = torch.randn(target.shape, generator=gen, device=dev)
-        pred = clamp(dit.sample_next(noise, prev_action[rows[:, K]], cache, sampling_steps))  # (B, d_z)
+        pred = clamp(dit.sample_next(noise, prev_action[rows[:, K]], cache, sampling_steps,
+                                     x_prev=ctx[:, -1]))  # (B, d_z)
         out[i:i + batch] = ((pred - target) ** 2).mean(dim=1).double().cpu().numpy()
     return out
 

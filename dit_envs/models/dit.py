@@ -34,6 +34,13 @@ velocity. The patch weights can then share how a small object (Pong's ball) move
 whole patches; the patch positions and attention keep tokens position-aware), which a single token per frame has to
 learn position by position; it costs ``G`` times the tokens. The interface is unchanged:
 latents stay flat ``(…, d_z)`` vectors outside the model, and a cache holds ``G`` tokens per context step.
+
+Previous-latent source (``DiTConfig.prev_source = σ > 0``): the flow of latent ``i`` runs from ``x_{i−1} + σ·ε``
+(the latent before it plus noise; a stochastic-interpolant coupling, Albergo & Vanden-Eijnden 2023, as InDI or
+image-to-image flows start from the degraded image) instead of from ``ε``, so at high noise the token already holds
+the last frame and the velocity is mostly its change. The sampler then needs the newest context latent
+(``sample_next(..., x_prev=)``, :meth:`flow_source`); a window's first token, with no latent before it in the window,
+keeps the ``N(0, I)`` source in training and is not counted.
 """
 from __future__ import annotations
 
@@ -325,8 +332,30 @@ class DiT(nn.Module):
         shift, scale = self.final_modulation(table)[index][:, None].chunk(2, dim=-1)  # (N, 1, D) each
         return self._latents(self.final_linear(modulate(self.norm_final(h), shift, scale)))[:, 0]  # (N, d_z)
 
+    def flow_source(self, noise: torch.Tensor, x_prev: torch.Tensor | None = None) -> torch.Tensor:
+        """The flow's start ``x_1`` for a token: ``noise`` itself (rectified flow's ``N(0, I)`` source), or with
+        ``config.prev_source = σ > 0`` the latent before it plus noise, ``x_prev + σ·noise``.
+
+        Args:
+            noise: float ``(..., d_z)`` ``ε`` (already scaled by a sampling temperature, if any).
+            x_prev: float ``(..., d_z)`` the normalised latent one step before the token (the newest context
+                latent at inference); ignored when ``prev_source`` is 0.
+        Returns:
+            Float ``(..., d_z)`` in ``noise``'s dtype.
+        Raises:
+            ValueError: ``prev_source > 0`` and ``x_prev`` missing or not shaped like ``noise``.
+        """
+        s = self.config.prev_source
+        if not s:
+            return noise
+        if x_prev is None or x_prev.shape != noise.shape:
+            got = None if x_prev is None else tuple(x_prev.shape)
+            raise ValueError(f"x_prev: expected the latent before the token, shape {tuple(noise.shape)}, for a DiT "
+                             f"with prev_source {s}, got {got}")
+        return x_prev.to(noise.dtype) + s * noise
+
     def sample_next(self, noise: torch.Tensor, prev_action: torch.Tensor, cache: KVCache, steps: int,
-                    shift: float = 1.0) -> torch.Tensor:
+                    shift: float = 1.0, x_prev: torch.Tensor | None = None) -> torch.Tensor:
         """Sample the next normalised latent with :func:`~dit_envs.models.flow.sample` on ``steps`` Euler steps
         (uniform in time, or time-shifted by ``shift``: :func:`~dit_envs.models.flow.uniform_times`), passing the
         step size ``1/steps`` to step-conditioned models.
@@ -337,11 +366,13 @@ class DiT(nn.Module):
             cache: from :meth:`context_cache` (streaming: or :meth:`extend_cache`).
             steps: Euler steps ≥ 1.
             shift: time shift ``s > 0`` of the steps; ``s > 1`` spends more of them at high noise.
+            x_prev: float ``(N, d_z)`` the newest context latent (normalised), required when
+                ``config.prev_source > 0``: the flow starts at :meth:`flow_source` ``(noise, x_prev)``.
         Returns:
             float32 ``(N, d_z)`` sample (normalised units, not clamped).
         Raises:
-            ValueError: ``steps`` < 1, ``shift`` ≤ 0, or ``shift`` ≠ 1 for a step-conditioned student (it was
-                distilled for uniform steps of size ``1/steps``).
+            ValueError: ``steps`` < 1, ``shift`` ≤ 0, ``shift`` ≠ 1 for a step-conditioned student (it was
+                distilled for uniform steps of size ``1/steps``), or ``x_prev`` missing where it is required.
         """
         if self.config.shortcut_steps and shift != 1.0:
             raise ValueError(f"sampling_shift: expected 1 for a distilled (step-conditioned) student, got {shift}")
@@ -353,6 +384,6 @@ class DiT(nn.Module):
                           f"{steps}: an untrained step size, expect lower fidelity", stacklevel=2)
         times = uniform_times(steps, shift)
         d = torch.full((noise.shape[0],), 1.0 / steps, device=noise.device)
-        x = sample(lambda xx, t: self.predict_next(xx, t, prev_action, cache, step_size=d, shared_level=True), noise,
-                   times)
+        x = sample(lambda xx, t: self.predict_next(xx, t, prev_action, cache, step_size=d, shared_level=True),
+                   self.flow_source(noise, x_prev), times)
         return x.float()

@@ -25,10 +25,13 @@ class DiTConfig:
         patch_size: ``p`` of spatial tokens (see the module docstring); 0: one token per time step.
         latent_shape: ``(C, H, W)`` of the latent grid, flattened channel-major to ``d_z`` (the autoencoder's
             layout); required with ``patch_size > 0``, else ignored.
+        prev_source: ``σ`` of the flow's source: 0 is rectified flow's ``N(0, I)``; ``σ > 0`` starts the flow
+            of latent ``i`` at the one before it plus noise, ``x_{i−1} + σ·ε`` (standardised units; see the
+            module docstring of :mod:`dit_envs.models.dit`).
     Raises:
-        ValueError: a non-positive size, ``width`` not divisible by ``heads``, or with ``patch_size > 0`` a
-            ``latent_shape`` that is missing, not ``d_z`` elements or not divisible into ``p × p`` patches, or
-            ``streaming`` (windows of single tokens).
+        ValueError: a non-positive size, a negative or non-finite ``prev_source``, ``width`` not divisible by
+            ``heads``, or with ``patch_size > 0`` a ``latent_shape`` that is missing, not ``d_z`` elements or not
+            divisible into ``p × p`` patches, or ``streaming`` (windows of single tokens).
     """
 
     latent_dim: int
@@ -44,6 +47,7 @@ class DiTConfig:
     streaming: bool = False
     patch_size: int = 0
     latent_shape: tuple[int, int, int] | None = None
+    prev_source: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("latent_dim", "num_actions", "context_len", "width", "depth", "heads", "freq_dim"):
@@ -51,6 +55,8 @@ class DiTConfig:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.shortcut_steps < 0:
             raise ValueError(f"shortcut_steps: expected >= 0, got {self.shortcut_steps}")
+        if not 0.0 <= self.prev_source < float("inf"):  # also refuses NaN
+            raise ValueError(f"prev_source: expected a finite number >= 0, got {self.prev_source}")
         if self.width % self.heads:
             raise ValueError(f"heads: expected a divisor of width={self.width}, got {self.heads}")
         if self.latent_shape is not None:

@@ -301,7 +301,8 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
         noise = torch.randn(N, self.latent_dim, generator=generator, device=self.device, dtype=torch.float32)
         if self.temperature != 1.0:
             noise = noise * self.temperature
-        x0 = self.dit.sample_next(noise, action, cache, self.sampling_steps, self.sampling_shift)  # (N, d_z)
+        x0 = self.dit.sample_next(noise, action, cache, self.sampling_steps, self.sampling_shift,
+                                  x_prev=self.normalize(z[:, -1]))  # (N, d_z)
         z_next = self.denormalize(x0).clamp(-1.0, 1.0)  # the encoder's tanh range
         reward, terminated = self.heads.predict(z[:, -1], action, z_next)
         next_state = {
