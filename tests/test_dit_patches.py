@@ -123,7 +123,7 @@ def test_pretrain_patch_size_and_width_make_a_bundle_that_steps_and_resumes(tiny
     assert main(Args(data=str(tiny_stage1_store), out=str(out), steps=4, patch_size=2, width=16, **tiny)) == 0
     dit = json.loads((out / "bundle" / "config.json").read_text())["configs"]["dit"]
     assert (dit["patch_size"], dit["width"], dit["latent_shape"]) == (2, 16, [2, 4, 4])
-    assert "tiny width 16 patch 2" in (out / "bundle" / "README.md").read_text()
+    assert "tiny width 16 patch-size 2" in (out / "bundle" / "README.md").read_text()
     envs = gym.make_vec("DiTWM/Pong-v0", num_envs=2, checkpoint=str(out / "bundle"))
     envs.reset(seed=0)
     assert envs.step(envs.action_space.sample())[0].shape == (2, 3, 64, 64)

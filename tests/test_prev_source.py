@@ -72,6 +72,23 @@ def test_objective_noises_each_token_from_the_latent_before_it_and_skips_the_fir
     assert torch.all(prev["mask"][:, 0] == 0) and torch.all(prev["mask"][:, 1:] == 1)
 
 
+def test_multi_step_term_starts_the_target_at_the_imagined_last_latent():
+    g = torch.Generator().manual_seed(0)
+    L = K + 3
+    x = torch.randn(6, L, D_Z, generator=g)
+    a = torch.randint(0, A, (6, L), generator=g)
+    w = Windows(x=x, z=x.clamp(-1, 1), prev_action=a, reward=torch.zeros(6, L),
+                terminated=torch.zeros(6, L, dtype=torch.bool))
+    cfg = ObjectiveConfig(seq_len=K + 1, rollout_steps=3)
+    m = dit()
+    inp = make_inputs(w, cfg, num_actions=A, generator=torch.Generator().manual_seed(3), dit=m, context_len=K,
+                      clamp=lambda v: v)
+    eps = (inp["ro_noise"] - inp["ro_xt"][:, K - 1]) / S  # the source minus the (partly imagined) last context
+    t = inp["ro_t"][:, -1:]
+    assert torch.allclose(inp["ro_xt"][:, -1], (1 - t) * inp["ro_x0"] + t * inp["ro_noise"], atol=1e-6)
+    assert 0.7 < float(eps.std()) < 1.3 and abs(float(eps.mean())) < 0.3  # N(0, I) draws, not the latent itself
+
+
 def world_model(prev_source: float) -> DiTWorldModel:
     ae = FrameAutoencoder(AutoencoderConfig(base_channels=4, max_channels=16, latent_channels=2, latent_size=4))
     cfg = DiTConfig.from_preset("tiny", latent_dim=32, num_actions=A, context_len=K, prev_source=prev_source)
@@ -88,6 +105,21 @@ def test_a_fresh_world_model_with_the_previous_source_imagines_that_nothing_move
         assert torch.allclose(z_next, expect, atol=1e-6)
 
 
+def test_world_model_samples_from_the_last_latent_plus_scaled_noise():
+    z = torch.rand(3, K, 32) * 1.6 - 0.8
+    a = torch.randint(0, A, (3, K))
+    m = world_model(S)
+    m.temperature = 0.5
+    with torch.no_grad():
+        m.latent_mean.uniform_(-0.1, 0.1)
+        m.latent_std.uniform_(0.2, 0.4)
+    _, z_next, _, _ = m.step(m.initial_state(z, a), torch.zeros(3, dtype=torch.int64),
+                             generator=torch.Generator().manual_seed(5))
+    eps = torch.randn(3, 32, generator=torch.Generator().manual_seed(5))  # the step's draw
+    expect = m.denormalize(m.normalize(z[:, -1]) + S * 0.5 * eps).clamp(-1, 1)  # a fresh DiT moves nothing
+    assert torch.allclose(z_next, expect, atol=1e-5) and not torch.allclose(z_next, z[:, -1], atol=1e-3)
+
+
 def test_distillation_starts_the_teachers_trajectory_at_its_source():
     t = dit()
     g = torch.Generator().manual_seed(2)
@@ -97,7 +129,11 @@ def test_distillation_starts_the_teachers_trajectory_at_its_source():
     assert torch.equal(traj[0], ctx[:, -1] + S * noise)
     assert torch.allclose(traj[-1], t.sample_next(noise, a, t.context_cache(ctx, ctx_a), 4, x_prev=ctx[:, -1]),
                           atol=1e-5)
-    assert sample_gap(t, t, ctx, ctx_a, a, teacher_steps=4, student_steps=4) == 0.0
+    fresh = dit(perturb=False)  # velocity 0: its sample is the source itself, x_prev + σ·ε
+    noise_gap = torch.randn(8, D_Z, generator=torch.Generator().manual_seed(0))  # sample_gap's draw (seed 0)
+    ref = t.sample_next(noise_gap, a, t.context_cache(ctx, ctx_a), 4, x_prev=ctx[:, -1])
+    by_hand = (ctx[:, -1] + S * noise_gap - ref).square().mean().item()
+    assert sample_gap(fresh, t, ctx, ctx_a, a, teacher_steps=4, student_steps=1) == pytest.approx(by_hand, rel=1e-5)
 
 
 def test_pretrain_prev_source_writes_a_bundle_and_resume_must_match(tiny_stage1_store, tmp_path, capsys):
@@ -116,6 +152,8 @@ def test_pretrain_prev_source_writes_a_bundle_and_resume_must_match(tiny_stage1_
                   ["--out", str(tmp_path / "bad"), "--steps", "2", "--prev-source", "nan"]):
         assert cli.main([*base, *extra]) == 2
         assert "--prev-source" in capsys.readouterr().err
+    assert cli.main([*base, "--out", str(tmp_path / "bad"), "--steps", "2", "--init", str(out)]) == 2
+    assert "--prev-source" in capsys.readouterr().err  # a fine-tune keeps the source it was trained with
     assert load_checkpoint(out)[1]["step"] == 4 and not (tmp_path / "bad").exists()
     assert cli.main([*base, "--out", str(out), "--steps", "6", "--resume", "--prev-source", "0.5"]) == 0
     assert load_checkpoint(out)[1]["step"] == 6

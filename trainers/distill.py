@@ -91,7 +91,8 @@ class Args(LoopArgs):
                                  "trained with 0 .. (depth - 1) x K history rows before each context (imagined "
                                  "contexts: their real rows, then the rollout's)")
     temperatures: list[float] = arg([1.0], "sampling temperatures the student is distilled at: each teacher "
-                                           "trajectory starts at tau x noise, tau drawn uniformly from these, and "
+                                           "trajectory starts at tau x noise (a --prev-source S teacher's: at the "
+                                           "last latent + S x tau x noise), tau drawn uniformly from these, and "
                                            "--imagined-refresh rolls the student at each; the first is the bundle's "
                                            "default (e.g. 0.5 1 for a model used at 0.5 by default and at 1)")
     jumps: str = arg("all", "targets per teacher trajectory: 'all' its 2N - 1 jumps (the context encoded once, one "

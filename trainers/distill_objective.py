@@ -1,7 +1,8 @@
 """Objective of ``ditwm distill``: step-size-conditioned trajectory distillation of a few-step rectified-flow DiT.
 
 Method — why this one. The stage-2 teacher already samples with a short uniform Euler schedule of ``N`` steps
-(``N = 4`` by default), so its whole sampling trajectory ``x_1 = ε, x_{1−1/N}, …, x_0`` costs only ``N`` cheap
+(``N = 4`` by default), so its whole sampling trajectory ``x_1 = ε`` (or, with a previous-latent source, the last
+context latent plus ``σ·ε``), ``x_{1−1/N}, …, x_0`` costs only ``N`` cheap
 single-token evaluations against a cached context. The student is the teacher plus a zero-initialised step-size
 embedding (shortcut models, Frans et al. 2024, "One Step Diffusion via Shortcut Models"): it is asked for the
 velocity of a jump of size ``d ∈ {1/N, 2/N, 4/N, …, 1}`` from a point of the teacher trajectory, and regresses the
@@ -55,10 +56,12 @@ def teacher_trajectory(teacher: DiT, context: torch.Tensor, context_action: torc
         teacher: the frozen DiT.
         context: float32 ``(B, K, d_z)`` clean normalised context latents.
         context_action: int64 ``(B, K)`` actions preceding them. action: int64 ``(B,)`` the action taken.
-        noise: float32 ``(B, d_z)``.
+        noise: float32 ``(B, d_z)``; with ``prev_source`` the start is ``context[:, -1] + prev_source·noise``.
         steps: ``N`` Euler steps.
     Returns:
         float32 ``(N + 1, B, d_z)``: ``x`` at times ``1, 1 − 1/N, …, 0``.
+    Raises:
+        ValueError: with ``prev_source > 0``, ``noise`` not shaped like ``context[:, -1]``.
     """
     cache = teacher.context_cache(context, context_action)
     x = teacher.flow_source(noise, context[:, -1])  # the flow's start (noise, or the last latent + noise)
@@ -302,9 +305,10 @@ def make_distill_inputs(teacher: DiT, context: torch.Tensor, context_action: tor
         generator: draws the noise (and the jumps, and with several ``temperatures`` each sample's).
         jumps: one of :data:`JUMPS`.
         temperatures: sampling temperatures ``τ`` (:attr:`~dit_envs.models.dit_world_model.DiTWorldModel.
-            temperature`): each sample's trajectory starts at ``τ·ε``, ``τ`` drawn uniformly from these (none drawn
-            for one value). A student learns the teacher's map only from the start points it is trained on, and in
-            ``d_z`` dimensions ``‖τ·ε‖ ≈ τ·√d_z``: the starts of different temperatures do not overlap.
+            temperature`): each sample's trajectory starts at ``τ·ε`` (with ``prev_source = σ``: at the last context
+            latent plus ``σ·τ·ε``), ``τ`` drawn uniformly from these (none drawn for one value). A student learns the
+            teacher's map only from the start points it is trained on, and in ``d_z`` dimensions ``‖τ·ε‖ ≈ τ·√d_z``:
+            the starts of different temperatures do not overlap.
     Returns:
         The ``inputs`` of :class:`DistillNet`.
     Raises:

@@ -51,7 +51,7 @@ from trainers.data import EpisodeStore, heldout_mask, segments
 from trainers.latents import LatentWindows, load_latents_on_ranks, store_index
 from trainers.pong_objects import agent_return_rows, store_ball_columns
 from trainers.pretrain_eval import data_summary, eval_windows, evaluate
-from trainers.pretrain_nets import configs_match, net_configs
+from trainers.pretrain_nets import FLAGS as NET_FLAGS, check_init, net_configs
 from trainers.pretrain_objective import ObjectiveConfig, PretrainNet, make_inputs, optimizer_step, total_loss
 from trainers.priority import event_probabilities, flag_probabilities, one_step_errors, priority_probabilities
 from trainers.pretrain_state import (configs_meta, export_bundle, init_weights, model_card, rank_seed, read_state,
@@ -211,7 +211,7 @@ def validate(args: Args) -> Setup:
             raise ArgError("stage1", f"expected the autoencoder of the checkpoint (sha256 {ck.get('encoder_sha256')}"
                                      f"), got {sha}")
         for name, have in (("preset", args.preset), ("context_len", k),
-                           *((f, dit_now[f]) for f in ("depth", "width", "patch_size", "prev_source"))):
+                           *((f, dit_now[f]) for f in NET_FLAGS)):
             want = ck["args"]["preset"] if name == "preset" else ck["configs"]["dit"].get(name, 0)
             if want != have:
                 raise ArgError(name, f"expected {want!r} (the checkpoint's), got {have!r}")
@@ -224,10 +224,8 @@ def validate(args: Args) -> Setup:
             raise ArgError("preset", f"expected {ck['args']['preset']!r} (the --init run's), got {args.preset!r}")
         if k < ck.get("context_len", k):  # a context can grow (init_weights), not shrink
             raise ArgError("context_len", f"expected >= {ck['context_len']} (the --init run's), got {k}")
-        dcfg, hcfg = net_configs(args, ae, len(meta["action_meanings"]), ck.get("context_len", k))
-        if not configs_match(ck.get("configs"), dcfg, hcfg):
-            raise ArgError("init", f"expected a run with this network config (DiT {asdict(dcfg)}), got "
-                                   f"{ck.get('configs')}")
+        check_init(ck.get("configs"), *net_configs(args, ae, len(meta["action_meanings"]),
+                                                   ck.get("context_len", k)))
     returns = _return_rows(args.data, episode, train) if args.return_fraction else None  # reads the frames: last
     return Setup(meta=meta, autoencoder=ae, encoder_sha256=sha, context_len=k, seq_len=seq_len, window=window,
                  init_state=init_state, returns=returns)
@@ -361,8 +359,9 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     run_meta = {"args": asdict(args), "context_len": K, "configs": configs_meta(net),
                 "objective": asdict(cfg), "encoder_sha256": s.encoder_sha256, "data": summary}
     n_params = sum(p.numel() for p in net.parameters())
-    size = (f"{args.preset}{f' depth {args.depth}' if args.depth else ''}{f' width {args.width}' if args.width else ''}"
-            f"{f' patch {args.patch_size}' if args.patch_size else ''} ({n_params / 1e6:.2f} M params)")
+    size = args.preset + "".join(f" {f.replace('_', '-')} {getattr(args, f):g}" for f in NET_FLAGS
+                                 if getattr(args, f))
+    size += f" ({n_params / 1e6:.2f} M params)"
     log = JsonlLogger(out / "metrics.jsonl") if d.is_main else None
     if d.is_main:
         print(f"pretrain: DiT-{size}, K {K}, d_z {ae.latent_dim}, {A} actions; "

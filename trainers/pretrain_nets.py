@@ -2,6 +2,8 @@
 ``--init`` run was trained with the same ones."""
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 
 from dit_envs.models.dit import DiTConfig
@@ -23,7 +25,7 @@ def net_configs(args, ae: torch.nn.Module, num_actions: int, context_len: int) -
     Raises:
         ArgError: sizes the DiT refuses (e.g. a width the heads do not divide, a patch that does not tile the grid).
     """
-    sizes = {k: getattr(args, k) for k in ("depth", "width", "patch_size", "prev_source") if getattr(args, k)}
+    sizes = {k: getattr(args, k) for k in FLAGS if getattr(args, k)}
     if args.patch_size:
         sizes["latent_shape"] = (ae.config.latent_channels, ae.config.latent_size, ae.config.latent_size)
     try:
@@ -33,6 +35,26 @@ def net_configs(args, ae: torch.nn.Module, num_actions: int, context_len: int) -
         field = str(e).split(":", 1)[0]
         raise ArgError({"heads": "width", "latent_shape": "patch_size"}.get(field, field), str(e)) from None
     return dcfg, HeadsConfig(latent_dim=ae.latent_dim, num_actions=num_actions, hidden=dcfg.width)
+
+
+FLAGS = ("depth", "width", "patch_size", "prev_source")
+"""DiTConfig fields a ``ditwm pretrain`` flag of the same name sets."""
+
+
+def check_init(saved: dict | None, dit: DiTConfig, heads: HeadsConfig) -> None:
+    """Refuse an ``--init`` run whose saved ``{"dit": …, "heads": …}`` configs differ from this run's.
+
+    Raises:
+        ArgError: naming the first flag of :data:`FLAGS` whose value differs (expected the init run's value), else
+            ``init`` with both configs.
+    """
+    if configs_match(saved, dit, heads):
+        return
+    for name in FLAGS:
+        want = ((saved or {}).get("dit") or {}).get(name, 0)
+        if want != getattr(dit, name):
+            raise ArgError(name, f"expected {want!r} (the --init run's), got {getattr(dit, name)!r}")
+    raise ArgError("init", f"expected a run with this network config (DiT {asdict(dit)}), got {saved}")
 
 
 def configs_match(saved: dict | None, dit: DiTConfig, heads: HeadsConfig) -> bool:

@@ -283,7 +283,9 @@ def make_inputs(w: Windows, cfg: ObjectiveConfig, *, num_actions: int, generator
             the flow's source (``DiTConfig.prev_source``; without ``dit``: ``N(0, I)``). With a previous-latent
             source a window's first token has no latent before it: it is noised from ``N(0, I)`` and not counted.
     Returns:
-        Tensors for :meth:`PretrainNet.forward`: ``xt, t, prev_action, x0, noise, mask`` ``(B, T, ...)``,
+        Tensors for :meth:`PretrainNet.forward`: ``xt, t, prev_action, x0, noise, mask`` ``(B, T, ...)`` (``noise``
+        and ``ro_noise`` hold each token's source, the flow's ``t = 1`` end: ``ε``, or the latent before it plus
+        ``prev_source·ε``),
         ``h_z, h_action, h_z_next, h_reward, h_term, h_mask`` ``(B, L−1, ...)``, ``ro_*`` for the multi-step term,
         and ``lw`` ``(B, T, d_z)`` / ``ro_lw`` ``(B, d_z)`` latent-motion weights when that term is on.
     Raises:

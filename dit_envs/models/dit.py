@@ -341,7 +341,7 @@ class DiT(nn.Module):
             x_prev: float ``(..., d_z)`` the normalised latent one step before the token (the newest context
                 latent at inference); ignored when ``prev_source`` is 0.
         Returns:
-            Float ``(..., d_z)`` in ``noise``'s dtype.
+            Float ``(..., d_z)`` in ``noise``'s dtype, on its device.
         Raises:
             ValueError: ``prev_source > 0`` and ``x_prev`` missing or not shaped like ``noise``.
         """
@@ -352,7 +352,7 @@ class DiT(nn.Module):
             got = None if x_prev is None else tuple(x_prev.shape)
             raise ValueError(f"x_prev: expected the latent before the token, shape {tuple(noise.shape)}, for a DiT "
                              f"with prev_source {s}, got {got}")
-        return x_prev.to(noise.dtype) + s * noise
+        return x_prev.to(noise) + s * noise  # noise's dtype and device
 
     def sample_next(self, noise: torch.Tensor, prev_action: torch.Tensor, cache: KVCache, steps: int,
                     shift: float = 1.0, x_prev: torch.Tensor | None = None) -> torch.Tensor:
@@ -361,7 +361,8 @@ class DiT(nn.Module):
         step size ``1/steps`` to step-conditioned models.
 
         Args:
-            noise: float ``(N, d_z)`` initial noise ``ε``.
+            noise: float ``(N, d_z)`` initial noise ``ε`` (the flow starts there, or with ``prev_source = σ`` at
+                ``x_prev + σ·ε``).
             prev_action: int64 ``(N,)`` action taken at the newest context frame.
             cache: from :meth:`context_cache` (streaming: or :meth:`extend_cache`).
             steps: Euler steps ≥ 1.
@@ -372,7 +373,8 @@ class DiT(nn.Module):
             float32 ``(N, d_z)`` sample (normalised units, not clamped).
         Raises:
             ValueError: ``steps`` < 1, ``shift`` ≤ 0, ``shift`` ≠ 1 for a step-conditioned student (it was
-                distilled for uniform steps of size ``1/steps``), or ``x_prev`` missing where it is required.
+                distilled for uniform steps of size ``1/steps``), or ``x_prev`` missing or not shaped like ``noise``
+                where it is required.
         """
         if self.config.shortcut_steps and shift != 1.0:
             raise ValueError(f"sampling_shift: expected 1 for a distilled (step-conditioned) student, got {shift}")

@@ -55,7 +55,8 @@ class DiTConfig:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.shortcut_steps < 0:
             raise ValueError(f"shortcut_steps: expected >= 0, got {self.shortcut_steps}")
-        if not 0.0 <= self.prev_source < float("inf"):  # also refuses NaN
+        ps = self.prev_source
+        if isinstance(ps, bool) or not isinstance(ps, (int, float)) or not 0.0 <= ps < float("inf"):  # NaN too
             raise ValueError(f"prev_source: expected a finite number >= 0, got {self.prev_source}")
         if self.width % self.heads:
             raise ValueError(f"heads: expected a divisor of width={self.width}, got {self.heads}")

@@ -93,7 +93,8 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
 
     @property
     def temperature(self) -> float:
-        """Sampling temperature ``τ``: the initial noise of every sample is ``τ·ε``, ``ε ~ N(0, I)``.
+        """Sampling temperature ``τ``: the initial noise of every sample is ``τ·ε``, ``ε ~ N(0, I)`` (with a
+        previous-latent source, ``DiTConfig.prev_source = σ``, the sample starts at ``x_prev + σ·τ·ε``).
 
         ``τ = 1`` samples the learned distribution; ``τ < 1`` trades diversity for fidelity, as the temperature
         of Glow (Kingma & Dhariwal 2018, §6) or the truncation trick of BigGAN (Brock et al. 2019) do; ``τ = 0``

@@ -65,7 +65,7 @@ def flow_matching_loss(
     Args:
         velocity: network output, float ``(..., d)``.
         x0: clean data, same shape.
-        noise: the ``ε`` used to build ``x_t``, same shape.
+        noise: the flow's ``t = 1`` end used to build ``x_t`` (``ε``, or any other source), same shape.
         mask: optional bool/float of the leading dims ``(...)``; only masked-in positions count (e.g. the
             padded steps of a sequence), averaged over them.
         weight: optional non-negative float per element, same shape as ``velocity``: each position's error is
