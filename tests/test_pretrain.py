@@ -296,6 +296,8 @@ def test_replicas_equal_detects_any_difference(differ):
     (["--latent-motion-weight", "-1"], "--latent-motion-weight"),
     (["--latent-motion-threshold", "0"], "--latent-motion-threshold"),
     (["--depth", "-1"], "--depth"),
+    (["--t-mean", "nan"], "--t-mean"),
+    (["--t-std", "0"], "--t-std"),
 ])
 def test_bad_arguments_exit_2_and_write_nothing(store, tmp_path, capsys, extra, field):
     from trainers import cli
@@ -432,3 +434,10 @@ def test_latent_cache_is_reused_and_invalidated(store, tmp_path):
     ds.path.write_bytes(b"garbage")  # a corrupt cache file is rebuilt
     fixed, reused = load_or_encode(s, ae, "a" * 64)
     assert not reused and len(fixed) == len(grown)
+
+
+def test_training_time_flags_reach_the_objective(store, tmp_path):
+    assert run(store, tmp_path / "o", 2, t_mean=-0.5, t_std=0.8) == 0
+    obj = load_checkpoint(tmp_path / "o")[1]["objective"]
+    assert (obj["t_mean"], obj["t_std"]) == (-0.5, 0.8)
+    assert '"t_mean": -0.5' in (tmp_path / "o" / "bundle" / "README.md").read_text()  # the model card's objective

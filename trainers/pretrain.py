@@ -80,11 +80,12 @@ class Args(LoopArgs):
     warmup: int = arg(500, "linear warm-up steps")
     lr_decay_steps: int = arg(0, "length of the warm-up + cosine schedule (0: --steps)")
     weight_decay: float = arg(0.01, "AdamW decoupled weight decay of matrices (biases/norms: none)")
-    context_len: int = arg(0, "K context frames (0: the --init run's K, else stage 1's agent.json context_len, "
-                               "else 4)")
+    context_len: int = arg(0, "K context frames (0: the --init run's K, else stage 1's agent.json context_len, else 4)")
     seq_len: int = arg(0, "tokens per diffusion-forcing window, 2..K+1 (0: K+1)")
     clean_context: float = arg(0.5, "fraction of samples with a clean context and only the last token noisy")
     action_dropout: float = arg(0.1, "per-token probability of the null action (for unconditional use)")
+    t_mean: float = arg(0.0, "training times t = sigmoid(m + s n), n ~ N(0, 1): m (< 0 trains more at low noise)")
+    t_std: float = arg(1.0, "training times: s of the logit-normal (SD3's 0, 1 by default)")
     term_weight: float = arg(10.0, "termination BCE positive weight (terminations are rare)")
     rollout_steps: int = arg(4, "multi-step z_{t+n} term: predict z_{t+n}, n in [2, N], from the model's own "
                                 "n-1-step rollout (0: off; on Pong N=4 cut the h-16 latent error by 29 %)")
@@ -92,8 +93,7 @@ class Args(LoopArgs):
     rollout_sampling_steps: int = arg(1, "Euler steps per imagined step in the multi-step term")
     sampling_steps: int = arg(4, "Euler steps per env step stored in the bundle")
     start_contexts: int = arg(256, "real start contexts (training episodes) stored in the bundle")
-    pixel_weight: float = arg(0.0, "weight of the decoded-pixel term (motion-weighted pixel MSE of the model's clean "
-                                    "estimate through the frozen decoder; 0: off)")
+    pixel_weight: float = arg(0.0, "weight of the decoded-pixel term (motion-weighted, via the frozen decoder; 0: off)")
     motion_boost: float = arg(100.0, "extra weight of moving pixels in the pixel term")
     latent_motion_weight: float = arg(0.0, "flow terms: latent elements that moved since the row before weigh 1 + W "
                                            "in each token's weighted-mean error (trainers.pretrain_objective); 0: off")
@@ -101,13 +101,11 @@ class Args(LoopArgs):
     priority_fraction: float = arg(0.0, "fraction of each batch drawn in proportion to the model's own one-step "
                                         "error^alpha (prioritised replay, trainers.priority); 0: uniform windows")
     priority_alpha: float = arg(1.0, "exponent alpha of the prioritised draw")
-    priority_every: int = arg(2000, "steps between recomputations of every window's error (EMA model); the first "
-                                    "at this step, uniform draws before it")
+    priority_every: int = arg(2000, "steps between recomputations of every window's error (EMA model; uniform before)")
     event_fraction: float = arg(0.0, "fraction of each batch drawn from windows that predict a reward event or "
                                      "lead to one within --event-horizon rows, each reward sign with equal mass "
                                      "(trainers.priority.event_probabilities); 0: off")
-    event_horizon: int = arg(8, "rows after a window in which a reward event (or a return) still makes it an event "
-                                "window")
+    event_horizon: int = arg(8, "rows after a window in which a reward event (or a return) makes it an event window")
     return_fraction: float = arg(0.0, "Pong: fraction of each batch drawn from windows that predict a return of the "
                                       "ball by the agent's paddle or lead to one within --event-horizon rows (found "
                                       "in the store's frames; trainers.pong_objects.agent_return_rows); 0: off")
@@ -148,6 +146,9 @@ def validate(args: Args) -> Setup:
     for name, hi in (("ema", 1.0), ("action_dropout", 1.0)):
         if not 0.0 <= getattr(args, name) < hi:
             raise ArgError(name, f"expected a number in [0, 1), got {getattr(args, name)}")
+    for name, lo, hi in (("t_mean", -5.0, 5.0), ("t_std", 0.05, 5.0)):
+        if not lo <= getattr(args, name) <= hi:  # also refuses NaN
+            raise ArgError(name, f"expected a number in [{lo:g}, {hi:g}], got {getattr(args, name)}")
     for name in ("clean_context", "priority_fraction", "event_fraction", "return_fraction"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ArgError(name, f"expected a number in [0, 1], got {getattr(args, name)}")
@@ -301,7 +302,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     dcfg, hcfg = net_configs(args, ae, A, K)
     cfg = ObjectiveConfig(seq_len=s.seq_len, **{k: getattr(args, k) for k in (
         "clean_context", "action_dropout", "term_weight", "rollout_steps", "rollout_weight", "rollout_sampling_steps",
-        "pixel_weight", "motion_boost", "latent_motion_weight", "latent_motion_threshold")})
+        "pixel_weight", "motion_boost", "latent_motion_weight", "latent_motion_threshold", "t_mean", "t_std")})
     net = PretrainNet(DiT(dcfg), RewardTermHead(hcfg), args.term_weight).to(dev)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     opt = adamw(net, args.lr, args.weight_decay)
