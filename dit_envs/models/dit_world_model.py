@@ -297,13 +297,15 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
                 raise ValueError(f"state['kv']: expected shape {shape} (a streaming DiT's cache), got "
                                  f"{None if kv is None else tuple(kv.shape)}")
             cache = unpack_cache(kv)
+            last = self.normalize(z[:, -1]) if self.dit.config.prev_source else None  # only a prev source reads it
         else:
-            cache = self.dit.context_cache(self.normalize(z), a)
+            x = self.normalize(z)  # (N, K, d_z)
+            cache, last = self.dit.context_cache(x, a), x[:, -1]
         noise = torch.randn(N, self.latent_dim, generator=generator, device=self.device, dtype=torch.float32)
         if self.temperature != 1.0:
             noise = noise * self.temperature
         x0 = self.dit.sample_next(noise, action, cache, self.sampling_steps, self.sampling_shift,
-                                  x_prev=self.normalize(z[:, -1]))  # (N, d_z)
+                                  x_prev=last)  # (N, d_z)
         z_next = self.denormalize(x0).clamp(-1.0, 1.0)  # the encoder's tanh range
         reward, terminated = self.heads.predict(z[:, -1], action, z_next)
         next_state = {
