@@ -51,7 +51,7 @@ from trainers.data import EpisodeStore, heldout_mask, segments
 from trainers.latents import LatentWindows, load_latents_on_ranks, store_index
 from trainers.pong_objects import agent_return_rows, store_ball_columns
 from trainers.pretrain_eval import data_summary, eval_windows, evaluate
-from trainers.pretrain_nets import FLAGS as NET_FLAGS, check_init, net_configs
+from trainers.pretrain_nets import FLAGS as NET_FLAGS, check_init, net_configs, saved_field
 from trainers.pretrain_objective import ObjectiveConfig, PretrainNet, make_inputs, optimizer_step, total_loss
 from trainers.priority import event_probabilities, flag_probabilities, one_step_errors, priority_probabilities
 from trainers.pretrain_state import (configs_meta, export_bundle, init_weights, model_card, rank_seed, read_state,
@@ -213,7 +213,7 @@ def validate(args: Args) -> Setup:
                                      f"), got {sha}")
         for name, have in (("preset", args.preset), ("context_len", k),
                            *((f, dit_now[f]) for f in NET_FLAGS)):
-            want = ck["args"]["preset"] if name == "preset" else ck["configs"]["dit"].get(name, 0)
+            want = ck["args"]["preset"] if name == "preset" else saved_field(ck["configs"]["dit"], name)
             if want != have:
                 raise ArgError(name, f"expected {want!r} (the checkpoint's), got {have!r}")
     if init_state is not None:

@@ -41,6 +41,12 @@ FLAGS = ("depth", "width", "patch_size", "prev_source")
 """DiTConfig fields a ``ditwm pretrain`` flag of the same name sets."""
 
 
+def saved_field(saved_dit: dict | None, name: str):
+    """Field ``name`` of a checkpoint's saved DiTConfig dict; one the checkpoint predates takes DiTConfig's default
+    (as :func:`configs_match` reads it)."""
+    return (saved_dit or {}).get(name, DiTConfig.__dataclass_fields__[name].default)
+
+
 def check_init(saved: dict | None, dit: DiTConfig, heads: HeadsConfig) -> None:
     """Refuse an ``--init`` run whose saved ``{"dit": …, "heads": …}`` configs differ from this run's.
 
@@ -51,7 +57,7 @@ def check_init(saved: dict | None, dit: DiTConfig, heads: HeadsConfig) -> None:
     if configs_match(saved, dit, heads):
         return
     for name in FLAGS:
-        want = ((saved or {}).get("dit") or {}).get(name, 0)
+        want = saved_field((saved or {}).get("dit"), name)
         if want != getattr(dit, name):
             raise ArgError(name, f"expected {want!r} (the --init run's), got {getattr(dit, name)!r}")
     raise ArgError("init", f"expected a run with this network config (DiT {asdict(dit)}), got {saved}")
