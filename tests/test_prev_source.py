@@ -157,3 +157,16 @@ def test_pretrain_prev_source_writes_a_bundle_and_resume_must_match(tiny_stage1_
     assert load_checkpoint(out)[1]["step"] == 4 and not (tmp_path / "bad").exists()
     assert cli.main([*base, "--out", str(out), "--steps", "6", "--resume", "--prev-source", "0.5"]) == 0
     assert load_checkpoint(out)[1]["step"] == 6
+
+
+def test_init_check_reads_a_field_the_checkpoint_predates_as_its_default():
+    from trainers.common import ArgError
+    from trainers.pretrain_nets import check_init, saved_field
+    cfg = DiTConfig(latent_dim=D_Z, num_actions=A)
+    heads = HeadsConfig(latent_dim=D_Z, num_actions=A)
+    old = {k: v for k, v in cfg.__dict__.items() if k != "prev_source"}  # written before prev_source existed
+    assert saved_field(old, "prev_source") == 0.0 and saved_field(None, "width") == cfg.width
+    check_init({"dit": old, "heads": heads.__dict__}, cfg, heads)  # matches: the missing field is the default
+    with pytest.raises(ArgError, match="--prev-source: expected 0.0"):
+        check_init({"dit": old, "heads": heads.__dict__}, DiTConfig(latent_dim=D_Z, num_actions=A, prev_source=S),
+                   heads)
