@@ -10,8 +10,10 @@ from dit_envs.models.dit import DiT, DiTConfig
 from dit_envs.models.dit_world_model import DiTWorldModel
 from dit_envs.models.heads import HeadsConfig, RewardTermHead
 from trainers.checkpoint import load_checkpoint
+from trainers.common import ArgError
 from trainers.distill_objective import sample_gap, teacher_trajectory
 from trainers.pretrain import Args, main
+from trainers.pretrain_nets import check_init, saved_field
 from trainers.pretrain_objective import ObjectiveConfig, Windows, make_inputs
 
 A, K, D_Z, S = 3, 3, 8, 0.25
@@ -160,8 +162,6 @@ def test_pretrain_prev_source_writes_a_bundle_and_resume_must_match(tiny_stage1_
 
 
 def test_init_check_reads_a_field_the_checkpoint_predates_as_its_default():
-    from trainers.common import ArgError
-    from trainers.pretrain_nets import check_init, saved_field
     cfg = DiTConfig(latent_dim=D_Z, num_actions=A)
     heads = HeadsConfig(latent_dim=D_Z, num_actions=A)
     old = {k: v for k, v in cfg.__dict__.items() if k != "prev_source"}  # written before prev_source existed
