@@ -44,7 +44,7 @@ import dit_envs  # noqa: E402  (registers the DiTWM ids)
 from trainers.common import ArgError  # noqa: E402
 from trainers.evaluate_agent import load_latent_policy  # noqa: E402
 from trainers.policy import StackedPolicy  # noqa: E402
-from trainers.pong_fates import ball_fates  # noqa: E402
+from trainers.pong_fates import ball_fates, keep_ball  # noqa: E402
 from trainers.pong_intercept import InterceptPlayer  # noqa: E402
 from trainers.pong_objects import locate_pong_objects  # noqa: E402
 from trainers.pong_objects import track_actions  # noqa: E402
@@ -167,6 +167,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p.add_argument("--encoder", default="", help="policy DIR: its frozen encoder (default: its agent.json's)")
     p.add_argument("--fates", action="store_true",
                    help="Pong: also count returns, phantom returns and vanished balls at the agent's paddle")
+    p.add_argument("--keep-ball", type=int, default=0,
+                   help="Pong: draw an imagined step again up to this many times when it loses the ball in "
+                        "mid-field (train-agent --keep-ball)")
+    p.add_argument("--keep-ball-returns", action="store_true",
+                   help="with --keep-ball: also draw again a return without the paddle")
     a = p.parse_args(argv)
     policy = a.policy
     if policy not in POLICIES:
@@ -196,6 +201,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     meanings = list(imagined.bundle.config["action_meanings"])
     if a.fates and game != "Pong":
         p.error(f"--fates: expected a Pong world model, got game {game!r}")
+    try:
+        keep_ball(imagined, a.keep_ball, phantom_returns=a.keep_ball_returns)
+    except ValueError as e:
+        p.error(f"--keep-ball: {e}")
     rates = {"imagined": play(imagined, a.steps, a.seed, policy, meanings, a.fates)}
     real = dit_envs.make_real_env(game, num_envs=a.num_envs, seed=a.seed)
     rates["real"] = play(real, a.steps, a.seed, policy, meanings, a.fates)

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 import dit_envs  # noqa: E402  (registers the DiTWM ids)
 from dit_envs.sb3 import to_sb3  # noqa: E402
 from dit_envs.envs.real_latent import RealLatentVectorEnv  # noqa: E402
+from trainers.pong_fates import keep_ball  # noqa: E402
 
 
 def score(envs: gym.vector.VectorEnv, predict: Callable[[np.ndarray], np.ndarray], max_steps: int) -> list[float]:
@@ -62,11 +63,24 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=27_000, help="per-episode step cap of the real game")
     p.add_argument("--seed", type=int, default=0, help="PPO and env seed")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the bundle's)")
+    p.add_argument("--sampling-steps", type=int, default=0, help="denoising steps per env step (0: the bundle's)")
+    p.add_argument("--sampling-shift", type=float, default=None, help="sampler time shift (default: the bundle's)")
+    p.add_argument("--dtype", default=None, help="float dtype of the world model (float32, bfloat16, auto)")
+    p.add_argument("--keep-ball", type=int, default=0,
+                   help="Pong: draw a step again up to this many times when it loses the ball in mid-field "
+                        "(as ditwm train-agent --keep-ball; 0: off)")
+    p.add_argument("--lr", type=float, default=3e-4, help="PPO learning rate (SB3's default 3e-4)")
+    p.add_argument("--gamma", type=float, default=0.99, help="PPO discount")
+    p.add_argument("--ent-coef", type=float, default=0.0, help="PPO entropy coefficient (SB3's default 0)")
+    p.add_argument("--n-epochs", type=int, default=10, help="PPO epochs per rollout (SB3's default 10)")
+    p.add_argument("--batch-size", type=int, default=256, help="PPO minibatch size (at most n_steps × num_envs)")
     p.add_argument("--device", default="cpu", help="torch device of the world model and PPO")
     args = p.parse_args(argv)
-    for name in ("timesteps", "episodes", "num_envs", "n_steps", "max_steps"):
+    for name in ("timesteps", "episodes", "num_envs", "n_steps", "max_steps", "n_epochs", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
+    if args.keep_ball < 0:
+        p.error(f"--keep-ball: expected an integer >= 0, got {args.keep_ball}")
     return args
 
 
@@ -80,12 +94,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         kw["checkpoint"] = args.checkpoint
     if args.episode_steps:
         kw["max_episode_steps"] = args.episode_steps
-    if args.temperature is not None:
-        kw["temperature"] = args.temperature
-    venv = to_sb3(gym.make_vec(args.env_id, num_envs=args.num_envs, **kw))
+    for name in ("temperature", "sampling_shift", "dtype"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    if args.sampling_steps:
+        kw["sampling_steps"] = args.sampling_steps
+    train_envs = gym.make_vec(args.env_id, num_envs=args.num_envs, **kw)
+    keep_ball(train_envs, args.keep_ball)
+    venv = to_sb3(train_envs)
     venv.seed(args.seed)
     policy = "CnnPolicy" if args.obs_type == "pixels" else "MlpPolicy"
-    model = PPO(policy, venv, n_steps=args.n_steps, batch_size=min(256, args.n_steps * args.num_envs),
+    model = PPO(policy, venv, n_steps=args.n_steps, batch_size=min(args.batch_size, args.n_steps * args.num_envs),
+                learning_rate=args.lr, gamma=args.gamma, ent_coef=args.ent_coef, n_epochs=args.n_epochs,
                 seed=args.seed, device=args.device, verbose=0)
     model.learn(total_timesteps=args.timesteps)
     venv.close()
@@ -94,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return np.asarray(model.predict(obs, deterministic=True)[0], dtype=np.int64)
 
     imagined = gym.make_vec(args.env_id, num_envs=args.episodes, **kw)
+    keep_ball(imagined, args.keep_ball)
     bundle = imagined.unwrapped.bundle
     imag = score(imagined, predict, args.max_steps)
     imagined.close()

@@ -28,6 +28,12 @@ def test_reward_rates_tiny(capsys):
         assert {"returns", "phantom_returns", "vanished", "ball_seen"} <= set(r) and 0.0 <= r["ball_seen"] <= 1.0
         assert 0.0 <= r["phantom_returns"] <= r["returns"] and r["vanished"] >= 0.0
     assert "phantom_returns" in capsys.readouterr().out
+    kept = _load("reward_rates").main(["--num-envs", "2", "--steps", "30", "--fates", "--keep-ball", "2",
+                                       "--keep-ball-returns"])
+    assert kept["real"] == fates["real"]  # the rule acts on imagination only
+    with pytest.raises(SystemExit):
+        _load("reward_rates").main(["--num-envs", "2", "--steps", "3", "--keep-ball", "-1"])
+    assert "--keep-ball: keep_ball: expected an integer >= 0" in capsys.readouterr().err
 
 
 def test_reward_rates_intercept_loses_fewer_points_than_random_play():

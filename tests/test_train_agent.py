@@ -391,13 +391,14 @@ def test_collect_with_a_trained_policy_replays_its_sampled_actions(bundle, tmp_p
 
 
 # ---- the SB3 example ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("obs_type", ["latent", "pixels"])
-def test_sb3_example_runs(bundle, obs_type, capsys):
+@pytest.mark.parametrize("obs_type, extra", [("latent", ["--keep-ball", "2", "--n-epochs", "2", "--lr", "1e-4"]),
+                                             ("pixels", [])])
+def test_sb3_example_runs(bundle, obs_type, extra, capsys):
     spec = importlib.util.spec_from_file_location("sb3_example", ROOT / "examples" / "sb3_ppo_in_imagination.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     res = mod.main(["--checkpoint", bundle, "--timesteps", "32", "--num-envs", "2", "--n-steps", "16",
-                    "--episodes", "2", "--episode-steps", "8", "--max-steps", "10", "--obs-type", obs_type])
+                    "--episodes", "2", "--episode-steps", "8", "--max-steps", "10", "--obs-type", obs_type, *extra])
     assert set(res) == {"imagined_mean", "imagined_std", "real_mean", "real_std"}
     out = capsys.readouterr().out
     assert "imagination return" in out and "real Pong return" in out

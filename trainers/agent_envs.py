@@ -46,7 +46,8 @@ def check_real_args(args: Any) -> None:
     """Refuse ``ditwm train-agent``'s world-model options (``args``: its ``Args``) on ``real:``: the real game has
     no sampler, start contexts or imagined episode length. Raises :class:`~trainers.common.ArgError` naming one."""
     for name, default in (("sampling_steps", 0), ("temperature", None), ("sampling_shift", None),
-                          ("episode_steps", 0), ("start_data", ""), ("dtype", "float32")):
+                          ("episode_steps", 0), ("start_data", ""), ("dtype", "float32"), ("keep_ball", 0),
+                          ("lost_ball_reward", None), ("keep_ball_returns", False)):
         if getattr(args, name) != default:
             raise ArgError(name, f"expected the default {default!r} with --world-model {REAL_PREFIX}DIR (the real "
                                  f"game has no world-model setting), got {getattr(args, name)!r}")
@@ -124,3 +125,31 @@ def warn_if_other_encoder(init_dir: Path, meta: dict, model: torch.nn.Module) ->
     if ref.keys() != mine.keys() or any(not _same_weights(ref[k], mine[k]) for k in ref):
         print(f"ditwm train-agent: warning: init: {where} differs from the world model's; the policy's input "
               f"latents change meaning", file=sys.stderr)
+
+
+def attach_keep_ball(envs: gym.vector.VectorEnv, max_resamples: int, lost_ball_reward: float | None,
+                     phantom_returns: bool = False) -> None:
+    """``--keep-ball R [--lost-ball-reward X] [--keep-ball-returns]``: Pong's lost-ball rejection
+    (:func:`trainers.pong_fates.keep_ball`) on a training env. Raises :class:`~trainers.common.ArgError` (naming
+    the option) for another game, a non-imagination env, or a reward or returns flag without ``R``."""
+    from trainers.pong_fates import keep_ball
+
+    try:
+        keep_ball(envs, max_resamples, lost_ball_reward, phantom_returns)
+    except ValueError as e:
+        field = next((f for f in ("lost_ball_reward", "phantom_returns") if str(e).startswith(f)), "keep_ball")
+        raise ArgError("keep_ball_returns" if field == "phantom_returns" else field, str(e)) from None
+
+
+def resample_rates(envs: gym.vector.VectorEnv) -> dict[str, float]:
+    """Since the last call, of the imagined env steps with a resample rule: the fraction rejected at the first
+    draw (``rejected_rate``) and after the last allowed one (``still_rejected_rate``); ``{}`` without a rule or
+    steps. Resets the env's counters."""
+    core = getattr(envs.unwrapped, "core", None)
+    c = getattr(core, "resample_counts", None)
+    if not c or not c["steps"]:
+        return {}
+    out = {"rejected_rate": c["rejected"] / c["steps"], "still_rejected_rate": c["still_rejected"] / c["steps"]}
+    for k in c:
+        c[k] = 0
+    return out

@@ -16,9 +16,10 @@ each rollout instead, with PPO's clipped surrogate (Schulman et al. 2017; :func:
 where imagined steps are the cost, each is learned from several times.
 
 Step sizes. ``--lr``, ``--gamma`` and ``--entropy-coef`` default to DreamerV3's (3e-5, 0.997, 3e-4), tuned for
-long GPU runs. In a CPU budget on Pong (README, results) they learned nothing in 300 updates; lr 3e-4 with η 3e-4
-learned nothing in 600 updates (γ 0.997) or collapsed the policy (γ 0.99); lr 1e-4, γ 0.99 (a 100-step horizon:
-Pong's points are decided within one rally) with η 3e-3 learned to return the ball within 2 000 updates of 64 envs.
+long GPU runs; in a CPU budget on Pong lr 1e-4, γ 0.99 (Pong's points are decided within one rally) and η 3e-3
+learned where they did not (README, results).
+Rejection. ``--keep-ball R`` (Pong) draws a step again where the ball is lost without a point (``--keep-ball-returns``:
+or returned without the paddle; :class:`trainers.pong_fates.LostBallRule`), ``--lost-ball-reward`` its reward after R.
 ``--init policy:DIR`` continues a run's policy in another world model: with ``ditwm collect --agent policy`` and
 ``ditwm pretrain --init`` this is a DIAMOND-style alternation (Alonso et al. 2024) of data collection, world-model
 fine-tuning and training in imagination. ``--episode-steps 15`` with ``--start-data STORE`` imagines as DreamerV3 and
@@ -53,7 +54,8 @@ import torch
 from tqdm import tqdm
 
 from trainers.agent import ActorCritic, AgentConfig
-from trainers.agent_envs import REAL_PREFIX, check_real_args, make_training_env, warn_if_other_encoder
+from trainers.agent_envs import (REAL_PREFIX, attach_keep_ball, check_real_args, make_training_env, resample_rates,
+                                 warn_if_other_encoder)
 from trainers.agent_io import load_agent, save_agent, stage1_dir
 from trainers.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
 from trainers.common import (DTYPE_NAMES, ArgError, JsonlLogger, arg, catch_stop_signals, check_choice, check_out_dir,
@@ -92,6 +94,11 @@ class Args:
     sampling_shift: float | None = arg(None, "time shift of the sampler's steps (default: the bundle's; DiT "
                                              "teachers only): > 1 spends more steps at high noise, where the "
                                              "sample decides whether a small object is there")
+    keep_ball: int = arg(0, "Pong: draw an imagined step again, up to this many times, when it loses the ball in "
+                            "mid-field without a point (rejection sampling; 0: off)")
+    lost_ball_reward: float | None = arg(None, "with --keep-ball: reward of a step that loses the ball in every draw "
+                                               "(e.g. -1, a point lost; default: the model's own)")
+    keep_ball_returns: bool = arg(False, "with --keep-ball: also draw again a return without the paddle")
     lr: float = arg(3e-5, "Adam learning rate of actor and critic (DreamerV3: 3e-5)")
     gamma: float = arg(0.997, "discount of the λ-returns (DreamerV3: 0.997, a 333-step horizon)")
     entropy_coef: float = arg(3e-4, "entropy bonus η of the actor loss (DreamerV3: 3e-4, on advantages divided "
@@ -175,7 +182,7 @@ def prepare(args: Args) -> Setup:
                  "epochs", "minibatches"):
         if getattr(args, name) < 1:
             raise ArgError(name, f"expected an integer >= 1, got {getattr(args, name)}")
-    for name in ("eval_every", "episode_steps", "sampling_steps"):
+    for name in ("eval_every", "episode_steps", "sampling_steps", "keep_ball"):
         if getattr(args, name) < 0:
             raise ArgError(name, f"expected an integer >= 0, got {getattr(args, name)}")
     if args.minibatches > args.num_envs:
@@ -207,7 +214,8 @@ def prepare(args: Args) -> Setup:
             raise ArgError("out", f"expected a readable checkpoint to resume, got {e}") from None
         defaults = {f.name: f.default for f in dataclasses.fields(Args)}  # for keys absent in older runs
         for name in ("world_model", "init", "hidden", "temperature", "sampling_shift", "gamma", "entropy_coef",
-                     "start_data", "start_contexts", "epochs", "minibatches", "clip"):
+                     "start_data", "start_contexts", "epochs", "minibatches", "clip", "keep_ball",
+                     "lost_ball_reward", "keep_ball_returns"):
             prev = meta["args"].get(name, defaults[name])
             if prev != getattr(args, name):
                 raise ArgError(name, f"expected {prev!r} (the run being resumed), got {getattr(args, name)!r}")
@@ -227,6 +235,7 @@ def prepare(args: Args) -> Setup:
         raise ArgError("world_model", f"expected a loadable world model, got {args.world_model!r}: "
                                       f"{e.args[0] if e.args else e}") from None
     envs = te.envs
+    attach_keep_ball(envs, args.keep_ball, args.lost_ball_reward, args.keep_ball_returns)
     k_env, d_z = envs.single_observation_space.shape
     start_rows = _set_start_contexts(args, envs, k_env, dev) if args.start_data else None
     if prev_rows is not None and start_rows != prev_rows:
@@ -285,7 +294,7 @@ class AgentTrainer:
         self.ac.train()
         rec = {"updates": self.updates, "env_steps": self.env_steps, "eval_return_mean": res["mean"],
                "eval_return_std": res["std"], "eval_length_mean": float(np.mean(res["lengths"])),
-               "imagined_episodes": len(self.imagined)}
+               "imagined_episodes": len(self.imagined), **resample_rates(self.envs)}
         if self.imagined:  # no record (rather than NaN, which is not JSON) when no imagined episode ended
             rec["imagined_return_mean"] = float(np.mean(self.imagined))
         self.imagined = []

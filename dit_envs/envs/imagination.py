@@ -63,6 +63,38 @@ class ImaginationCore:
         self.start_z, self.start_a = bundle.start_z, bundle.start_a
         if start_contexts is not None:
             self.set_start_contexts(*start_contexts)
+        self.resample_rule: Any = None
+        self.max_resamples, self.rejected_reward = 0, None
+        self.resample_counts = {"steps": 0, "rejected": 0, "resampled": 0, "still_rejected": 0}
+
+    def set_resample_rule(self, rule: Any, max_resamples: int, rejected_reward: float | None = None) -> None:
+        """Rejection sampling of imagined steps: a step the rule rejects is drawn again ``max_resamples`` times,
+        with fresh noise from the same state and action, in one batched call; the first accepted draw is kept (the
+        last one if every draw is rejected). It samples the model's next-step distribution conditioned on an
+        invariant the game never breaks, e.g. Pong's ball does not vanish without a point
+        (:class:`trainers.pong_fates.LostBallRule`). ``resample_counts`` counts steps, first-draw rejections,
+        redraws and steps rejected in every draw; seeded envs stay reproducible.
+
+        Args:
+            rule: None (off) or a callable ``(history float (n, K, d_z), next_z float (n, d_z), reward float (n,),
+                terminated bool (n,)) -> bool (n,)`` (tensor or numpy), True where the step must be drawn again;
+                ``history`` holds the last ``K`` latents before the step, oldest first.
+            max_resamples: draws after the first (all made at once), >= 1 with a rule.
+            rejected_reward: the reward of a step whose every draw is rejected (None: its last draw's own), e.g. a
+                pessimistic penalty where the model cannot keep the invariant (MOReL, Kidambi et al. 2020).
+        Raises:
+            ValueError: ``max_resamples`` not an integer >= 1 with a rule, ``rule`` not callable, or a
+                non-finite ``rejected_reward``.
+        """
+        if rule is not None and not callable(rule):
+            raise ValueError(f"rule: expected None or a callable, got {type(rule).__name__}")
+        if rule is not None and (isinstance(max_resamples, bool) or not isinstance(max_resamples, (int, np.integer))
+                                 or max_resamples < 1):
+            raise ValueError(f"max_resamples: expected an integer >= 1 with a rule, got {max_resamples!r}")
+        if rejected_reward is not None and not np.isfinite(rejected_reward):
+            raise ValueError(f"rejected_reward: expected None or a finite number, got {rejected_reward!r}")
+        self.resample_rule, self.max_resamples = rule, int(max_resamples) if rule is not None else 0
+        self.rejected_reward = None if rule is None or rejected_reward is None else float(rejected_reward)
 
     def set_start_contexts(self, z: Any, prev_action: Any) -> None:
         """Replace the real start contexts that later resets draw from (e.g. DIAMOND's imagination starts from
@@ -135,12 +167,49 @@ class ImaginationCore:
         """Advance every env one imagined step → ``(reward float32 (N,), terminated bool (N,), truncated bool (N,))``."""
         if self.state is None:
             raise ResetNeeded("step: expected reset() to be called before step()")
-        self.state, z, reward, term = self.model.step(self.state, actions, self.generator)
+        prev = self.state
+        self.state, z, reward, term = self.model.step(prev, actions, self.generator)
+        if self.resample_rule is not None:
+            z, reward, term = self._resample(prev, actions, z, reward, term)
         self._last_z = z
         self.elapsed += 1
         terminated = term.cpu().numpy().astype(bool)
         truncated = (self.elapsed >= self.max_episode_steps) & ~terminated
         return reward.float().cpu().numpy(), terminated, truncated
+
+    def _rejected(self, history: torch.Tensor, z: torch.Tensor, reward: torch.Tensor, term: torch.Tensor
+                  ) -> torch.Tensor:
+        bad = torch.as_tensor(self.resample_rule(history, z, reward, term), device=self.device)
+        if bad.dtype != torch.bool or tuple(bad.shape) != (len(z),):
+            raise ValueError(f"resample_rule: expected a bool mask of shape ({len(z)},), got {bad.dtype} "
+                             f"{tuple(bad.shape)}")
+        return bad
+
+    def _resample(self, prev: dict, actions: torch.Tensor, z: torch.Tensor, reward: torch.Tensor,
+                  term: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Redraw the rejected envs' steps (see :meth:`set_resample_rule`): ``max_resamples`` candidates each in one
+        batched model call, the first accepted one kept (else the last); updates ``self.state`` in place."""
+        history, n_draws = self.model.latent_history(prev), self.max_resamples
+        bad = self._rejected(history, z, reward, term)
+        c = self.resample_counts
+        c["steps"] += len(z)
+        idx = bad.nonzero().squeeze(1)
+        c["rejected"] += len(idx)
+        if len(idx):
+            rep = idx.repeat_interleave(n_draws)
+            state, z2, r2, t2 = self.model.step({k: v[rep] for k, v in prev.items()}, actions[rep], self.generator)
+            ok = ~self._rejected(history[rep], z2, r2, t2).view(-1, n_draws)
+            first = torch.where(ok.any(1), ok.float().argmax(1), torch.full_like(idx, n_draws - 1))
+            pick = torch.arange(len(idx), device=self.device) * n_draws + first
+            for k, v in state.items():
+                self.state[k][idx] = v[pick]
+            z[idx], reward[idx], term[idx] = z2[pick], r2[pick], t2[pick]
+            lost = ~ok.any(1)
+            if self.rejected_reward is not None:
+                reward[idx[lost]] = self.rejected_reward
+            c["resampled"] += len(rep)
+            c["still_rejected"] += int(lost.sum())
+        return z, reward, term
 
     @torch.no_grad()
     def observe(self, mask: np.ndarray | None = None) -> np.ndarray:
