@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout without install
 
 import dit_envs  # noqa: E402  (registers the DiTWM ids)
+from trainers.agent_envs import keep_ball_flag  # noqa: E402
 from trainers.common import ArgError  # noqa: E402
 from trainers.evaluate_agent import load_latent_policy  # noqa: E402
 from trainers.policy import StackedPolicy  # noqa: E402
@@ -204,7 +205,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     try:
         keep_ball(imagined, a.keep_ball, phantom_returns=a.keep_ball_returns)
     except ValueError as e:
-        p.error(f"--keep-ball: {e}")
+        field, msg = keep_ball_flag(e)
+        p.error(f"--{field.replace('_', '-')}: {msg}")
     rates = {"imagined": play(imagined, a.steps, a.seed, policy, meanings, a.fates)}
     real = dit_envs.make_real_env(game, num_envs=a.num_envs, seed=a.seed)
     rates["real"] = play(real, a.steps, a.seed, policy, meanings, a.fates)

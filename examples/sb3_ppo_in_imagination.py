@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 import dit_envs  # noqa: E402  (registers the DiTWM ids)
 from dit_envs.sb3 import to_sb3  # noqa: E402
 from dit_envs.envs.real_latent import RealLatentVectorEnv  # noqa: E402
+from trainers.agent_envs import keep_ball_flag  # noqa: E402
 from trainers.pong_fates import keep_ball  # noqa: E402
 
 
@@ -100,7 +101,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.sampling_steps:
         kw["sampling_steps"] = args.sampling_steps
     train_envs = gym.make_vec(args.env_id, num_envs=args.num_envs, **kw)
-    keep_ball(train_envs, args.keep_ball)
+    try:
+        keep_ball(train_envs, args.keep_ball)
+    except ValueError as e:
+        field, msg = keep_ball_flag(e)
+        raise SystemExit(f"sb3_ppo_in_imagination.py: error: --{field.replace('_', '-')}: {msg}") from None
     venv = to_sb3(train_envs)
     venv.seed(args.seed)
     policy = "CnnPolicy" if args.obs_type == "pixels" else "MlpPolicy"

@@ -33,7 +33,10 @@ def test_reward_rates_tiny(capsys):
     assert kept["real"] == fates["real"]  # the rule acts on imagination only
     with pytest.raises(SystemExit):
         _load("reward_rates").main(["--num-envs", "2", "--steps", "3", "--keep-ball", "-1"])
-    assert "--keep-ball: keep_ball: expected an integer >= 0" in capsys.readouterr().err
+    assert "--keep-ball: expected an integer >= 0, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _load("reward_rates").main(["--num-envs", "2", "--steps", "3", "--keep-ball-returns"])
+    assert "--keep-ball-returns: expected it only with --keep-ball >= 1, got --keep-ball 0" in capsys.readouterr().err
 
 
 def test_reward_rates_intercept_loses_fewer_points_than_random_play():

@@ -108,7 +108,7 @@ def test_lost_ball_rule_on_synthetic_frames():
     rule = LostBallRule(_decode_ball_at([30, None, 62, 56]))  # latent value → ball column
     hist = _hist(*[(0, p) for p in (0, 0, 2, 1, 0, 0, 3)])
     nxt = torch.tensor([[1.0], [3.0], [1.0], [1.0], [1.0], [1.0], [1.0]])
-    reward = torch.tensor([0.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0])
+    reward = torch.tensor([0.1, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0])  # 0.1: an expected reward (RSSM), no point
     term = torch.tensor([False, False, False, False, False, True, False])
     # lost in mid-field; kept; lost at the field's edge (col 62); no ball before; a point; the game ended; lost at
     # the agent's paddle (col 56)
@@ -125,6 +125,8 @@ def test_phantom_returns_rule_on_synthetic_frames():
     assert LostBallRule(decode, phantom_returns=True)(hist, nxt, quiet, going).tolist() == [True, False, False,
                                                                                            False]
     assert not LostBallRule(decode)(hist, nxt, quiet, going).any()
+    with pytest.raises(ValueError, match="history: expected at least 2 latents per env for phantom returns, got 1"):
+        LostBallRule(decode, phantom_returns=True)(hist[:, -1:], nxt, quiet, going)
 
 
 def test_keep_ball_attach_and_refusals(bundle, tmp_path):
@@ -133,17 +135,18 @@ def test_keep_ball_attach_and_refusals(bundle, tmp_path):
     assert isinstance(env.unwrapped.core.resample_rule, LostBallRule) and env.unwrapped.core.max_resamples == 3
     keep_ball(env, 0)
     assert env.unwrapped.core.resample_rule is None
-    with pytest.raises(ValueError, match="keep_ball: expected an integer >= 0"):
+    with pytest.raises(ValueError, match="max_resamples: expected an integer >= 0, got -1"):
         keep_ball(env, -1)
-    with pytest.raises(ValueError, match="lost_ball_reward: expected it with max_resamples >= 1"):
+    with pytest.raises(ValueError, match="lost_ball_reward: expected it only with max_resamples >= 1"):
         keep_ball(env, 0, -1.0)
     keep_ball(env, 2, -1.0)
     assert env.unwrapped.core.rejected_reward == -1.0
     other = DiTWMVectorEnv(2, obs_type="latent",
                            checkpoint=str(make_tiny_bundle(tmp_path / "breakout", game="Breakout", num_actions=4)))
-    with pytest.raises(ValueError, match="keep_ball: expected a Pong world model, got game 'Breakout'"):
+    with pytest.raises(ValueError, match="max_resamples: expected 0 for a world model of another game than Pong, "
+                                         "got 2 for game 'Breakout'"):
         keep_ball(other, 2)
-    with pytest.raises(ValueError, match="keep_ball: expected an imagination env"):
+    with pytest.raises(ValueError, match="envs: expected an imagination env"):
         keep_ball(gym.make_vec("CartPole-v1", num_envs=2), 2)
 
 
@@ -165,4 +168,5 @@ def test_train_agent_keep_ball_logs_rejection_rates(bundle, tmp_path, capsys):
                       (["--keep-ball", "2", "--lost-ball-reward", "inf"], "--lost-ball-reward"),
                       (["--keep-ball-returns"], "--keep-ball-returns")):
         assert cli.main([*argv[:-1], str(tmp_path / "bad"), *bad]) == 2
-        assert flag in capsys.readouterr().err and not (tmp_path / "bad").exists()
+        err = capsys.readouterr().err
+        assert flag in err and "max_resamples" not in err and not (tmp_path / "bad").exists()

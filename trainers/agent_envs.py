@@ -131,14 +131,27 @@ def attach_keep_ball(envs: gym.vector.VectorEnv, max_resamples: int, lost_ball_r
                      phantom_returns: bool = False) -> None:
     """``--keep-ball R [--lost-ball-reward X] [--keep-ball-returns]``: Pong's lost-ball rejection
     (:func:`trainers.pong_fates.keep_ball`) on a training env. Raises :class:`~trainers.common.ArgError` (naming
-    the option) for another game, a non-imagination env, or a reward or returns flag without ``R``."""
+    the option) for another game, a non-imagination env, a non-finite reward, or a reward or returns flag without
+    ``R``."""
     from trainers.pong_fates import keep_ball
 
     try:
         keep_ball(envs, max_resamples, lost_ball_reward, phantom_returns)
     except ValueError as e:
-        field = next((f for f in ("lost_ball_reward", "phantom_returns") if str(e).startswith(f)), "keep_ball")
-        raise ArgError("keep_ball_returns" if field == "phantom_returns" else field, str(e)) from None
+        raise ArgError(*keep_ball_flag(e)) from None
+
+
+KEEP_BALL_FLAGS = {"envs": "keep_ball", "max_resamples": "keep_ball", "lost_ball_reward": "lost_ball_reward",
+                   "phantom_returns": "keep_ball_returns"}
+
+
+def keep_ball_flag(e: ValueError) -> tuple[str, str]:
+    """A :func:`trainers.pong_fates.keep_ball` error as ``(CLI field, message)``: its parameter prefix becomes the
+    flag (``max_resamples`` → ``keep_ball``, ``phantom_returns`` → ``keep_ball_returns``), and parameter names in
+    the message become flags."""
+    param, _, msg = str(e).partition(": ")
+    field = KEEP_BALL_FLAGS.get(param, "keep_ball")
+    return field, msg.replace("max_resamples", "--keep-ball") if param in KEEP_BALL_FLAGS else str(e)
 
 
 def resample_rates(envs: gym.vector.VectorEnv) -> dict[str, float]:

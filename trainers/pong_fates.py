@@ -96,8 +96,11 @@ class LostBallRule:
         decode: ``latents float (n, d_z) -> uint8 frames (n, 3, 64, 64)`` (the world model's ``decode``).
         phantom_returns: also reject returns without the paddle.
     Returns (call with ``history float (n, K, d_z)``, ``next_z (n, d_z)``, ``reward (n,)``, ``terminated (n,)``):
-        bool numpy ``(n,)``: True where the step loses the ball (or makes a phantom return). ``reward`` must be the
-        head's events (0 when no point; the env's default decoding).
+        bool numpy ``(n,)``: True where the step loses the ball (or makes a phantom return). A step with
+        ``|reward| >= 0.5`` scores a point and is never rejected (the head's events are 0 / ±1; an RSSM's expected
+        reward is small but not 0 between points).
+    Raises (call):
+        ValueError: ``phantom_returns`` with a context of fewer than 2 latents (``history.shape[1] < 2``).
     """
 
     def __init__(self, decode, phantom_returns: bool = False) -> None:
@@ -105,10 +108,13 @@ class LostBallRule:
 
     def __call__(self, history, next_z, reward, terminated) -> np.ndarray:
         n, k = len(history), 2 if self.phantom_returns else 1
+        if history.shape[1] < k:
+            raise ValueError(f"history: expected at least 2 latents per env for phantom returns, got "
+                             f"{history.shape[1]}")
         seen = locate_pong_objects(self.decode(history[:, -k:].reshape(n * k, -1)).cpu().numpy())
         ball, paddle = seen.ball.reshape(n, k, 2), seen.agent_y.reshape(n, k)[:, -1]
         before = ball[:, -1, 1]
-        quiet = (np.asarray(reward.float().cpu()) == 0) & ~np.asarray(terminated.cpu())
+        quiet = (np.abs(np.asarray(reward.float().cpu())) < 0.5) & ~np.asarray(terminated.cpu())
         with np.errstate(invalid="ignore"):
             inside = (before >= LOST_BALL_COLS[0]) & (before <= LOST_BALL_COLS[1])
             coming = (before > ball[:, 0, 1]) & (before >= RETURN_COL) if self.phantom_returns else np.zeros(n, bool)
@@ -127,27 +133,30 @@ def keep_ball(envs, max_resamples: int, lost_ball_reward: float | None = None,
               phantom_returns: bool = False) -> None:
     """Attach :class:`LostBallRule` to a Pong imagination vector env (``envs.unwrapped.core``), drawing a step
     that loses the ball up to ``max_resamples`` times (0: off); ``lost_ball_reward`` (e.g. -1, a point lost) is
-    the reward of a step that loses the ball in every draw (None: the model's own); ``phantom_returns``: also
-    reject returns without the paddle (:class:`LostBallRule`).
+    the reward of a step the rule rejects in every draw (None: the model's own); ``phantom_returns``: also
+    reject returns without the paddle (:class:`LostBallRule`), so a phantom return rejected in every draw gets
+    ``lost_ball_reward`` too.
 
     Raises:
-        ValueError: not an imagination env of Pong, ``max_resamples`` < 0, or ``lost_ball_reward`` without it.
+        ValueError: not an imagination env (with any option set), not a Pong model (with ``max_resamples`` >= 1),
+            ``max_resamples`` not an integer >= 0, a non-finite ``lost_ball_reward``, or ``lost_ball_reward`` /
+            ``phantom_returns`` without ``max_resamples`` >= 1; each message starts with the parameter's name.
     """
     core = getattr(envs.unwrapped, "core", None)
     if not max_resamples and lost_ball_reward is None and not phantom_returns and core is None:
         return  # off, and nothing to switch off
     if core is None or not hasattr(core, "set_resample_rule"):
-        raise ValueError(f"keep_ball: expected an imagination env, got {type(envs.unwrapped).__name__}")
+        raise ValueError(f"envs: expected an imagination env, got {type(envs.unwrapped).__name__}")
+    if isinstance(max_resamples, bool) or not isinstance(max_resamples, (int, np.integer)) or max_resamples < 0:
+        raise ValueError(f"max_resamples: expected an integer >= 0, got {max_resamples!r}")
     game = core.bundle.config.get("game")
     if max_resamples and game != "Pong":
-        raise ValueError(f"keep_ball: expected a Pong world model, got game {game!r}")
-    if isinstance(max_resamples, bool) or not isinstance(max_resamples, int) or max_resamples < 0:
-        raise ValueError(f"keep_ball: expected an integer >= 0, got {max_resamples!r}")
+        raise ValueError(f"max_resamples: expected 0 for a world model of another game than Pong, got "
+                         f"{max_resamples} for game {game!r}")
     if lost_ball_reward is not None and not np.isfinite(lost_ball_reward):
         raise ValueError(f"lost_ball_reward: expected a finite number, got {lost_ball_reward!r}")
-    if lost_ball_reward is not None and not max_resamples:
-        raise ValueError(f"lost_ball_reward: expected it with max_resamples >= 1, got max_resamples {max_resamples}")
-    if phantom_returns and not max_resamples:
-        raise ValueError("phantom_returns: expected it with max_resamples >= 1, got max_resamples 0")
+    for name, value in (("lost_ball_reward", lost_ball_reward is not None), ("phantom_returns", phantom_returns)):
+        if value and not max_resamples:
+            raise ValueError(f"{name}: expected it only with max_resamples >= 1, got max_resamples {max_resamples}")
     rule = LostBallRule(core.model.decode, phantom_returns) if max_resamples else None
     core.set_resample_rule(rule, max_resamples, lost_ball_reward)

@@ -96,8 +96,8 @@ class Args:
                                              "sample decides whether a small object is there")
     keep_ball: int = arg(0, "Pong: draw an imagined step again, up to this many times, when it loses the ball in "
                             "mid-field without a point (rejection sampling; 0: off)")
-    lost_ball_reward: float | None = arg(None, "with --keep-ball: reward of a step that loses the ball in every draw "
-                                               "(e.g. -1, a point lost; default: the model's own)")
+    lost_ball_reward: float | None = arg(None, "with --keep-ball: reward of a step the rule rejects in every "
+                                               "draw (e.g. -1, a point lost; default: the model's own)")
     keep_ball_returns: bool = arg(False, "with --keep-ball: also draw again a return without the paddle")
     lr: float = arg(3e-5, "Adam learning rate of actor and critic (DreamerV3: 3e-5)")
     gamma: float = arg(0.997, "discount of the λ-returns (DreamerV3: 0.997, a 333-step horizon)")
