@@ -41,11 +41,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout without install
 
 import dit_envs  # noqa: E402  (registers the DiTWM ids)
-from trainers.agent_envs import keep_ball_flag  # noqa: E402
+from trainers.agent_envs import attach_keep_ball  # noqa: E402
 from trainers.common import ArgError  # noqa: E402
 from trainers.evaluate_agent import load_latent_policy  # noqa: E402
 from trainers.policy import StackedPolicy  # noqa: E402
-from trainers.pong_fates import ball_fates, keep_ball  # noqa: E402
+from trainers.pong_fates import ball_fates  # noqa: E402
 from trainers.pong_intercept import InterceptPlayer  # noqa: E402
 from trainers.pong_objects import locate_pong_objects  # noqa: E402
 from trainers.pong_objects import track_actions  # noqa: E402
@@ -203,10 +203,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if a.fates and game != "Pong":
         p.error(f"--fates: expected a Pong world model, got game {game!r}")
     try:
-        keep_ball(imagined, a.keep_ball, phantom_returns=a.keep_ball_returns)
-    except ValueError as e:
-        field, msg = keep_ball_flag(e)
-        p.error(f"--{field.replace('_', '-')}: {msg}")
+        attach_keep_ball(imagined, a.keep_ball, None, a.keep_ball_returns)
+    except ArgError as e:
+        p.error(str(e))
     rates = {"imagined": play(imagined, a.steps, a.seed, policy, meanings, a.fates)}
     real = dit_envs.make_real_env(game, num_envs=a.num_envs, seed=a.seed)
     rates["real"] = play(real, a.steps, a.seed, policy, meanings, a.fates)

@@ -24,15 +24,14 @@ from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout without install
 
 import dit_envs  # noqa: E402  (registers the DiTWM ids)
 from dit_envs.sb3 import to_sb3  # noqa: E402
 from dit_envs.envs.real_latent import RealLatentVectorEnv  # noqa: E402
-from trainers.agent_envs import keep_ball_flag  # noqa: E402
-from trainers.pong_fates import keep_ball  # noqa: E402
+from trainers.agent_envs import attach_keep_ball  # noqa: E402
+from trainers.common import ArgError  # noqa: E402
 
 
 def score(envs: gym.vector.VectorEnv, predict: Callable[[np.ndarray], np.ndarray], max_steps: int) -> list[float]:
@@ -102,10 +101,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         kw["sampling_steps"] = args.sampling_steps
     train_envs = gym.make_vec(args.env_id, num_envs=args.num_envs, **kw)
     try:
-        keep_ball(train_envs, args.keep_ball)
-    except ValueError as e:
-        field, msg = keep_ball_flag(e)
-        raise SystemExit(f"sb3_ppo_in_imagination.py: error: --{field.replace('_', '-')}: {msg}") from None
+        attach_keep_ball(train_envs, args.keep_ball, None)
+    except ArgError as e:
+        raise SystemExit(f"sb3_ppo_in_imagination.py: error: {e}") from None
     venv = to_sb3(train_envs)
     venv.seed(args.seed)
     policy = "CnnPolicy" if args.obs_type == "pixels" else "MlpPolicy"
@@ -119,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return np.asarray(model.predict(obs, deterministic=True)[0], dtype=np.int64)
 
     imagined = gym.make_vec(args.env_id, num_envs=args.episodes, **kw)
-    keep_ball(imagined, args.keep_ball)
+    attach_keep_ball(imagined, args.keep_ball, None)
     bundle = imagined.unwrapped.bundle
     imag = score(imagined, predict, args.max_steps)
     imagined.close()

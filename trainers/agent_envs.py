@@ -138,14 +138,14 @@ def attach_keep_ball(envs: gym.vector.VectorEnv, max_resamples: int, lost_ball_r
     try:
         keep_ball(envs, max_resamples, lost_ball_reward, phantom_returns)
     except ValueError as e:
-        raise ArgError(*keep_ball_flag(e)) from None
+        raise ArgError(*_keep_ball_flag(e)) from None
 
 
 KEEP_BALL_FLAGS = {"envs": "keep_ball", "max_resamples": "keep_ball", "lost_ball_reward": "lost_ball_reward",
                    "phantom_returns": "keep_ball_returns"}
 
 
-def keep_ball_flag(e: ValueError) -> tuple[str, str]:
+def _keep_ball_flag(e: ValueError) -> tuple[str, str]:
     """A :func:`trainers.pong_fates.keep_ball` error as ``(CLI field, message)``: its parameter prefix becomes the
     flag (``max_resamples`` → ``keep_ball``, ``phantom_returns`` → ``keep_ball_returns``), and parameter names in
     the message become flags."""

@@ -21,6 +21,7 @@ is the next episode's first after a ``done``), so a pattern that spans a ``done`
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from trainers.pong_objects import ball_reversals, locate_pong_objects
 
@@ -111,8 +112,11 @@ class LostBallRule:
         if history.shape[1] < k:
             raise ValueError(f"history: expected at least 2 latents per env for phantom returns, got "
                              f"{history.shape[1]}")
-        seen = locate_pong_objects(self.decode(history[:, -k:].reshape(n * k, -1)).cpu().numpy())
-        ball, paddle = seen.ball.reshape(n, k, 2), seen.agent_y.reshape(n, k)[:, -1]
+        # The core checks the R candidates of a rejected env against R copies of its history: decode each once.
+        rows, inverse = torch.unique(history[:, -k:].reshape(n, -1), dim=0, return_inverse=True)
+        seen = locate_pong_objects(self.decode(rows.reshape(len(rows) * k, -1)).cpu().numpy())
+        ball = seen.ball.reshape(len(rows), k, 2)[inverse.cpu().numpy()]
+        paddle = seen.agent_y.reshape(len(rows), k)[inverse.cpu().numpy(), -1]
         before = ball[:, -1, 1]
         quiet = (np.abs(np.asarray(reward.float().cpu())) < 0.5) & ~np.asarray(terminated.cpu())
         with np.errstate(invalid="ignore"):
