@@ -18,7 +18,9 @@ what happens to the ball at the agent's paddle (:mod:`trainers.pong_fates`): ret
 turns round with the paddle more than 8 px away) and *vanished* balls (gone near the paddle without a point) — the
 ways a model lets an agent keep the ball that the real game never does — and the fraction of frames that show the
 ball at all (``ball_seen``: in real play 0.6–0.8; a model that loses the ball often imagines a game with little of
-it, where no point is lost).
+it, where no point is lost). With ``--keep-ball R`` (train-agent's rejection sampling) it also prints the share of
+imagined steps rejected at the first draw (the model's one-step rate of losing the ball in that play) and after R
+more.
 
 Run::
 
@@ -41,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout without install
 
 import dit_envs  # noqa: E402  (registers the DiTWM ids)
-from trainers.agent_envs import attach_keep_ball  # noqa: E402
+from trainers.agent_envs import attach_keep_ball, resample_rates  # noqa: E402
 from trainers.common import ArgError  # noqa: E402
 from trainers.evaluate_agent import load_latent_policy  # noqa: E402
 from trainers.policy import StackedPolicy  # noqa: E402
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     except ArgError as e:
         p.error(str(e))
     rates = {"imagined": play(imagined, a.steps, a.seed, policy, meanings, a.fates)}
+    drawn = resample_rates(imagined)  # {} without --keep-ball
     real = dit_envs.make_real_env(game, num_envs=a.num_envs, seed=a.seed)
     rates["real"] = play(real, a.steps, a.seed, policy, meanings, a.fates)
     real.close()
@@ -219,6 +222,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     for name, r in rates.items():
         print(f"{name:>9} {r['wins']:7.3f} {r['losses']:7.2f} {r['episode_ends']:7.3f}"
               + "".join(f" {r[k]:15.2f}" for k in extra))
+    if drawn:
+        print(f"imagined steps rejected (the ball lost{', or a phantom return' if a.keep_ball_returns else ''}) "
+              f"at the first draw: {drawn['rejected_rate']:.4f}; after {a.keep_ball} more: "
+              f"{drawn['still_rejected_rate']:.4f}")
+        rates["imagined"].update(drawn)
     return rates
 
 

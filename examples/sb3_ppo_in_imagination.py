@@ -69,6 +69,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-ball", type=int, default=0,
                    help="Pong: draw a step again up to this many times when it loses the ball in mid-field "
                         "(as ditwm train-agent --keep-ball; 0: off)")
+    p.add_argument("--lost-ball-truncate", action="store_true",
+                   help="with --keep-ball: in training, a step lost in every draw is undone and truncates its "
+                        "episode (bootstrapped from the state before it; train-agent --lost-ball-truncate)")
     p.add_argument("--lr", type=float, default=3e-4, help="PPO learning rate (SB3's default 3e-4)")
     p.add_argument("--gamma", type=float, default=0.99, help="PPO discount")
     p.add_argument("--ent-coef", type=float, default=0.0, help="PPO entropy coefficient (SB3's default 0)")
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         kw["sampling_steps"] = args.sampling_steps
     train_envs = gym.make_vec(args.env_id, num_envs=args.num_envs, **kw)
     try:
-        attach_keep_ball(train_envs, args.keep_ball, None)
+        attach_keep_ball(train_envs, args.keep_ball, None, truncate_lost=args.lost_ball_truncate)
     except ArgError as e:
         raise SystemExit(f"sb3_ppo_in_imagination.py: error: {e}") from None
     venv = to_sb3(train_envs)

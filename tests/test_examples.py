@@ -31,6 +31,8 @@ def test_reward_rates_tiny(capsys):
     kept = _load("reward_rates").main(["--num-envs", "2", "--steps", "30", "--fates", "--keep-ball", "2",
                                        "--keep-ball-returns"])
     assert kept["real"] == fates["real"]  # the rule acts on imagination only
+    assert 0.0 <= kept["imagined"]["still_rejected_rate"] <= kept["imagined"]["rejected_rate"] <= 1.0
+    assert "imagined steps rejected (the ball lost, or a phantom return) at the first draw" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         _load("reward_rates").main(["--num-envs", "2", "--steps", "3", "--keep-ball", "-1"])
     assert "--keep-ball: expected an integer >= 0, got -1" in capsys.readouterr().err

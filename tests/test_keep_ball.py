@@ -67,6 +67,38 @@ def test_a_step_rejected_in_every_draw_gets_the_rejected_reward(bundle):
     assert penalised == env.unwrapped.core.resample_counts["still_rejected"] > 0
 
 
+def test_a_step_rejected_in_every_draw_is_undone_and_truncates(bundle):
+    env = _env(bundle)
+    env.unwrapped.core.set_resample_rule(positive_first, 1, truncate_rejected=True)
+    obs, _ = env.reset(seed=3)
+    rng = np.random.default_rng(0)
+    cut = 0
+    for _ in range(30):
+        prev = obs
+        obs, reward, term, trunc, info = env.step(rng.integers(0, 6, 16))
+        for i in np.flatnonzero(trunc):
+            assert np.array_equal(info["final_obs"][i], prev[i]) and reward[i] == 0.0  # the step was undone
+            assert env.unwrapped.core.elapsed[i] == 0  # and the env started a new episode
+        kept = ~(term | trunc)
+        assert (obs[kept, -1, 2] <= 0).all()  # no rejected draw reaches the policy
+        cut += int(trunc.sum())
+    assert cut == env.unwrapped.core.resample_counts["still_rejected"] > 0
+
+
+def test_the_single_pixel_env_truncates_at_an_undone_step(bundle):
+    env = gym.make("DiTWM/Pong-v0", checkpoint=str(bundle), obs_type="pixels", max_episode_steps=1000)
+    env.unwrapped.core.set_resample_rule(positive_first, 1, truncate_rejected=True)
+    obs, _ = env.reset(seed=3)
+    for t in range(200):
+        prev = obs
+        obs, reward, term, trunc, _ = env.step(t % 6)
+        if trunc:
+            break
+    assert trunc and not term and reward == 0.0 and np.array_equal(obs, prev)  # the frame before the undone step
+    with pytest.raises(gym.error.ResetNeeded):
+        env.step(0)
+
+
 def test_resample_rule_errors(bundle):
     core = _env(bundle, 2).unwrapped.core
     with pytest.raises(ValueError, match="rule: expected None or a callable"):
@@ -75,6 +107,8 @@ def test_resample_rule_errors(bundle):
         core.set_resample_rule(positive_first, 0)
     with pytest.raises(ValueError, match="rejected_reward: expected None or a finite number"):
         core.set_resample_rule(positive_first, 2, float("nan"))
+    with pytest.raises(ValueError, match="truncate_rejected: expected a bool, got 'yes'"):
+        core.set_resample_rule(positive_first, 2, None, "yes")
     env = _env(bundle, 2)
     env.unwrapped.core.set_resample_rule(lambda p, z, r, t: torch.zeros(3, dtype=torch.bool), 2)
     env.reset(seed=0)
@@ -140,7 +174,13 @@ def test_keep_ball_attach_and_refusals(bundle, tmp_path):
     with pytest.raises(ValueError, match="lost_ball_reward: expected it only with max_resamples >= 1"):
         keep_ball(env, 0, -1.0)
     keep_ball(env, 2, -1.0)
-    assert env.unwrapped.core.rejected_reward == -1.0
+    assert env.unwrapped.core.rejected_reward == -1.0 and not env.unwrapped.core.truncate_rejected
+    with pytest.raises(ValueError, match="truncate_lost: expected it only with max_resamples >= 1"):
+        keep_ball(env, 0, None, False, True)
+    with pytest.raises(ValueError, match="truncate_lost: expected a bool, got 'no'"):
+        keep_ball(env, 2, None, False, "no")
+    keep_ball(env, 2, None, False, True)
+    assert env.unwrapped.core.truncate_rejected
     other = DiTWMVectorEnv(2, obs_type="latent",
                            checkpoint=str(make_tiny_bundle(tmp_path / "breakout", game="Breakout", num_actions=4)))
     with pytest.raises(ValueError, match="max_resamples: expected 0 for a world model of another game than Pong, "
@@ -166,7 +206,8 @@ def test_train_agent_keep_ball_logs_rejection_rates(bundle, tmp_path, capsys):
                       (["--keep-ball", "2", "--world-model", "real:/nonexistent"], "--keep-ball"),
                       (["--lost-ball-reward", "-1"], "--lost-ball-reward"),
                       (["--keep-ball", "2", "--lost-ball-reward", "inf"], "--lost-ball-reward"),
-                      (["--keep-ball-returns"], "--keep-ball-returns")):
+                      (["--keep-ball-returns"], "--keep-ball-returns"),
+                      (["--lost-ball-truncate"], "--lost-ball-truncate")):
         assert cli.main([*argv[:-1], str(tmp_path / "bad"), *bad]) == 2
         err = capsys.readouterr().err
         assert flag in err and "max_resamples" not in err and not (tmp_path / "bad").exists()

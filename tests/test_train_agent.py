@@ -391,7 +391,8 @@ def test_collect_with_a_trained_policy_replays_its_sampled_actions(bundle, tmp_p
 
 
 # ---- the SB3 example ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("obs_type, extra", [("latent", ["--keep-ball", "2", "--n-epochs", "2", "--lr", "1e-4"]),
+@pytest.mark.parametrize("obs_type, extra", [("latent", ["--keep-ball", "2", "--lost-ball-truncate", "--n-epochs", "2",
+                                                        "--lr", "1e-4"]),
                                              ("pixels", [])])
 def test_sb3_example_runs(bundle, obs_type, extra, capsys):
     spec = importlib.util.spec_from_file_location("sb3_example", ROOT / "examples" / "sb3_ppo_in_imagination.py")

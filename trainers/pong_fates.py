@@ -134,20 +134,22 @@ class LostBallRule:
 
 
 def keep_ball(envs, max_resamples: int, lost_ball_reward: float | None = None,
-              phantom_returns: bool = False) -> None:
+              phantom_returns: bool = False, truncate_lost: bool = False) -> None:
     """Attach :class:`LostBallRule` to a Pong imagination vector env (``envs.unwrapped.core``), drawing a step
     that loses the ball up to ``max_resamples`` times (0: off); ``lost_ball_reward`` (e.g. -1, a point lost) is
     the reward of a step the rule rejects in every draw (None: the model's own); ``phantom_returns``: also
     reject returns without the paddle (:class:`LostBallRule`), so a phantom return rejected in every draw gets
-    ``lost_ball_reward`` too.
+    ``lost_ball_reward`` too; ``truncate_lost``: such a step is undone and ends the imagined episode as a
+    truncation (``ImaginationCore.set_resample_rule``'s ``truncate_rejected``).
 
     Raises:
         ValueError: not an imagination env (with any option set), not a Pong model (with ``max_resamples`` >= 1),
             ``max_resamples`` not an integer >= 0, a non-finite ``lost_ball_reward``, or ``lost_ball_reward`` /
-            ``phantom_returns`` without ``max_resamples`` >= 1; each message starts with the parameter's name.
+            ``phantom_returns`` / ``truncate_lost`` without ``max_resamples`` >= 1; each message starts with the
+            parameter's name.
     """
     core = getattr(envs.unwrapped, "core", None)
-    if not max_resamples and lost_ball_reward is None and not phantom_returns and core is None:
+    if not max_resamples and lost_ball_reward is None and not phantom_returns and not truncate_lost and core is None:
         return  # off, and nothing to switch off
     if core is None or not hasattr(core, "set_resample_rule"):
         raise ValueError(f"envs: expected an imagination env, got {type(envs.unwrapped).__name__}")
@@ -159,8 +161,11 @@ def keep_ball(envs, max_resamples: int, lost_ball_reward: float | None = None,
                          f"{max_resamples} for game {game!r}")
     if lost_ball_reward is not None and not np.isfinite(lost_ball_reward):
         raise ValueError(f"lost_ball_reward: expected a finite number, got {lost_ball_reward!r}")
-    for name, value in (("lost_ball_reward", lost_ball_reward is not None), ("phantom_returns", phantom_returns)):
+    for name, value in (("lost_ball_reward", lost_ball_reward is not None), ("phantom_returns", phantom_returns),
+                        ("truncate_lost", truncate_lost)):
         if value and not max_resamples:
             raise ValueError(f"{name}: expected it only with max_resamples >= 1, got max_resamples {max_resamples}")
     rule = LostBallRule(core.model.decode, phantom_returns) if max_resamples else None
-    core.set_resample_rule(rule, max_resamples, lost_ball_reward)
+    if not isinstance(truncate_lost, (bool, np.bool_)):
+        raise ValueError(f"truncate_lost: expected a bool, got {truncate_lost!r}")
+    core.set_resample_rule(rule, max_resamples, lost_ball_reward, bool(truncate_lost))

@@ -64,13 +64,15 @@ class ImaginationCore:
         if start_contexts is not None:
             self.set_start_contexts(*start_contexts)
         self.resample_rule: Any = None
-        self.max_resamples, self.rejected_reward = 0, None
+        self.max_resamples, self.rejected_reward, self.truncate_rejected = 0, None, False
+        self._cut: torch.Tensor | None = None  # (N,) bool: steps undone by truncate_rejected in the last step
         self.resample_counts = {"steps": 0, "rejected": 0, "resampled": 0, "still_rejected": 0}
 
-    def set_resample_rule(self, rule: Any, max_resamples: int, rejected_reward: float | None = None) -> None:
+    def set_resample_rule(self, rule: Any, max_resamples: int, rejected_reward: float | None = None,
+                          truncate_rejected: bool = False) -> None:
         """Rejection sampling of imagined steps: a step the rule rejects is drawn again ``max_resamples`` times,
         with fresh noise from the same state and action, in one batched call; the first accepted draw is kept (the
-        last one if every draw is rejected). It samples the model's next-step distribution conditioned on an
+        last one if every draw is rejected, unless ``truncate_rejected`` undoes the step). It samples the model's next-step distribution conditioned on an
         invariant the game never breaks, e.g. Pong's ball does not vanish without a point
         (:class:`trainers.pong_fates.LostBallRule`). ``resample_counts`` counts steps, first-draw rejections,
         redraws and steps rejected in every draw; seeded envs stay reproducible.
@@ -82,9 +84,14 @@ class ImaginationCore:
             max_resamples: draws after the first (all made at once), >= 1 with a rule.
             rejected_reward: the reward of a step whose every draw is rejected (None: its last draw's own), e.g. a
                 pessimistic penalty where the model cannot keep the invariant (MOReL, Kidambi et al. 2020).
+            truncate_rejected: a step rejected in every draw is undone and ends the episode as a truncation: the
+                env keeps its state from before the step (``final_obs``), the reward is ``rejected_reward`` or 0,
+                so a learner bootstraps from the last state the model could continue (model-based RL's
+                truncation at unreliable model states, e.g. MBPO, Janner et al. 2019); none of the broken
+                successor reaches the policy.
         Raises:
-            ValueError: ``max_resamples`` not an integer >= 1 with a rule, ``rule`` not callable, or a
-                non-finite ``rejected_reward``.
+            ValueError: ``max_resamples`` not an integer >= 1 with a rule, ``rule`` not callable, a non-finite
+                ``rejected_reward``, or a ``truncate_rejected`` that is not a bool.
         """
         if rule is not None and not callable(rule):
             raise ValueError(f"rule: expected None or a callable, got {type(rule).__name__}")
@@ -93,8 +100,11 @@ class ImaginationCore:
             raise ValueError(f"max_resamples: expected an integer >= 1 with a rule, got {max_resamples!r}")
         if rejected_reward is not None and not np.isfinite(rejected_reward):
             raise ValueError(f"rejected_reward: expected None or a finite number, got {rejected_reward!r}")
+        if not isinstance(truncate_rejected, (bool, np.bool_)):
+            raise ValueError(f"truncate_rejected: expected a bool, got {truncate_rejected!r}")
         self.resample_rule, self.max_resamples = rule, int(max_resamples) if rule is not None else 0
         self.rejected_reward = None if rule is None or rejected_reward is None else float(rejected_reward)
+        self.truncate_rejected = bool(truncate_rejected) and rule is not None
 
     def set_start_contexts(self, z: Any, prev_action: Any) -> None:
         """Replace the real start contexts that later resets draw from (e.g. DIAMOND's imagination starts from
@@ -167,7 +177,7 @@ class ImaginationCore:
         """Advance every env one imagined step → ``(reward float32 (N,), terminated bool (N,), truncated bool (N,))``."""
         if self.state is None:
             raise ResetNeeded("step: expected reset() to be called before step()")
-        prev = self.state
+        prev, self._cut = self.state, None
         self.state, z, reward, term = self.model.step(prev, actions, self.generator)
         if self.resample_rule is not None:
             z, reward, term = self._resample(prev, actions, z, reward, term)
@@ -175,6 +185,8 @@ class ImaginationCore:
         self.elapsed += 1
         terminated = term.cpu().numpy().astype(bool)
         truncated = (self.elapsed >= self.max_episode_steps) & ~terminated
+        if self._cut is not None:
+            truncated |= self._cut.cpu().numpy()
         return reward.float().cpu().numpy(), terminated, truncated
 
     def _rejected(self, history: torch.Tensor, z: torch.Tensor, reward: torch.Tensor, term: torch.Tensor
@@ -205,6 +217,13 @@ class ImaginationCore:
                 self.state[k][idx] = v[pick]
             z[idx], reward[idx], term[idx] = z2[pick], r2[pick], t2[pick]
             lost = ~ok.any(1)
+            if self.truncate_rejected and lost.any():  # undo the step: the env stays where it was, and ends
+                gone = idx[lost]
+                for k, v in prev.items():
+                    self.state[k][gone] = v[gone]
+                z[gone], reward[gone], term[gone] = history[gone, -1].to(z.dtype), 0.0, False
+                self._cut = torch.zeros(len(z), dtype=torch.bool, device=self.device)
+                self._cut[gone] = True
             if self.rejected_reward is not None:
                 reward[idx[lost]] = self.rejected_reward
             c["resampled"] += len(rep)
@@ -279,7 +298,8 @@ class DiTWMVectorEnv(CoreSamplingSteps, gym.vector.VectorEnv):
 
     ## Episode End
     ``terminated`` when the termination head fires (Pong: a player reaches 21); ``truncated`` after
-    ``max_episode_steps`` steps. Autoreset SAME_STEP (default): the returned observation of an ended env is the
+    ``max_episode_steps`` steps, or where a resample rule undid a step (``core.set_resample_rule``'s
+    ``truncate_rejected``). Autoreset SAME_STEP (default): the returned observation of an ended env is the
     first of its next episode, ``info["final_obs"]`` / ``info["final_info"]`` (object arrays, masks
     ``info["_final_obs"]``) hold the ended episode's last ones. NEXT_STEP: the step after the end resets.
 

@@ -17,8 +17,8 @@ class DiTWMEnv(CoreSamplingSteps, gym.Env):
 
     Observation: uint8 ``(3, 64, 64)`` (``obs_type="pixels"``) or float32 ``(K, d_z)`` (``"latent"``). Action:
     ``Discrete(A)``. ``step`` after an episode ended raises :class:`gymnasium.error.ResetNeeded` until ``reset``.
-    Registered ``max_episode_steps`` applies through Gymnasium's ``TimeLimit``; the model itself never truncates
-    earlier than that.
+    Registered ``max_episode_steps`` applies through Gymnasium's ``TimeLimit``; the env itself truncates earlier
+    only where a resample rule undoes a step (``ImaginationCore.set_resample_rule``'s ``truncate_rejected``).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 15}
@@ -59,9 +59,9 @@ class DiTWMEnv(CoreSamplingSteps, gym.Env):
                             f"of type {type(action).__name__}")
         if not 0 <= int(action) < self.core.num_actions:
             raise ValueError(f"action: expected an integer in [0, {self.core.num_actions}), got {int(action)}")
-        reward, terminated, _ = self.core.step(torch.tensor([int(action)], device=self.core.device))
-        self._needs_reset = bool(terminated[0])
-        return self.core.observe()[0], float(reward[0]), bool(terminated[0]), False, {}
+        reward, terminated, truncated = self.core.step(torch.tensor([int(action)], device=self.core.device))
+        self._needs_reset = bool(terminated[0] or truncated[0])
+        return self.core.observe()[0], float(reward[0]), bool(terminated[0]), bool(truncated[0]), {}
 
     def render(self):
         if self.render_mode != "rgb_array":
