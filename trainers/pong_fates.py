@@ -161,11 +161,11 @@ def keep_ball(envs, max_resamples: int, lost_ball_reward: float | None = None,
                          f"{max_resamples} for game {game!r}")
     if lost_ball_reward is not None and not np.isfinite(lost_ball_reward):
         raise ValueError(f"lost_ball_reward: expected a finite number, got {lost_ball_reward!r}")
+    if not isinstance(truncate_lost, (bool, np.bool_)):  # checked here too, to name this function's parameter
+        raise ValueError(f"truncate_lost: expected a bool, got {truncate_lost!r}")
     for name, value in (("lost_ball_reward", lost_ball_reward is not None), ("phantom_returns", phantom_returns),
                         ("truncate_lost", truncate_lost)):
         if value and not max_resamples:
             raise ValueError(f"{name}: expected it only with max_resamples >= 1, got max_resamples {max_resamples}")
     rule = LostBallRule(core.model.decode, phantom_returns) if max_resamples else None
-    if not isinstance(truncate_lost, (bool, np.bool_)):
-        raise ValueError(f"truncate_lost: expected a bool, got {truncate_lost!r}")
-    core.set_resample_rule(rule, max_resamples, lost_ball_reward, bool(truncate_lost))
+    core.set_resample_rule(rule, max_resamples, lost_ball_reward, truncate_lost)

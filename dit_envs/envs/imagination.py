@@ -65,17 +65,16 @@ class ImaginationCore:
             self.set_start_contexts(*start_contexts)
         self.resample_rule: Any = None
         self.max_resamples, self.rejected_reward, self.truncate_rejected = 0, None, False
-        self._cut: torch.Tensor | None = None  # (N,) bool: steps undone by truncate_rejected in the last step
         self.resample_counts = {"steps": 0, "rejected": 0, "resampled": 0, "still_rejected": 0}
 
     def set_resample_rule(self, rule: Any, max_resamples: int, rejected_reward: float | None = None,
                           truncate_rejected: bool = False) -> None:
         """Rejection sampling of imagined steps: a step the rule rejects is drawn again ``max_resamples`` times,
         with fresh noise from the same state and action, in one batched call; the first accepted draw is kept (the
-        last one if every draw is rejected, unless ``truncate_rejected`` undoes the step). It samples the model's next-step distribution conditioned on an
-        invariant the game never breaks, e.g. Pong's ball does not vanish without a point
-        (:class:`trainers.pong_fates.LostBallRule`). ``resample_counts`` counts steps, first-draw rejections,
-        redraws and steps rejected in every draw; seeded envs stay reproducible.
+        last one if every draw is rejected, unless ``truncate_rejected`` undoes the step). It samples the model's
+        next-step distribution conditioned on an invariant the game never breaks, e.g. Pong's ball does not vanish
+        without a point (:class:`trainers.pong_fates.LostBallRule`). ``resample_counts`` counts steps, first-draw
+        rejections, redraws and steps rejected in every draw; seeded envs stay reproducible.
 
         Args:
             rule: None (off) or a callable ``(history float (n, K, d_z), next_z float (n, d_z), reward float (n,),
@@ -177,16 +176,16 @@ class ImaginationCore:
         """Advance every env one imagined step → ``(reward float32 (N,), terminated bool (N,), truncated bool (N,))``."""
         if self.state is None:
             raise ResetNeeded("step: expected reset() to be called before step()")
-        prev, self._cut = self.state, None
+        prev, cut = self.state, None
         self.state, z, reward, term = self.model.step(prev, actions, self.generator)
         if self.resample_rule is not None:
-            z, reward, term = self._resample(prev, actions, z, reward, term)
+            z, reward, term, cut = self._resample(prev, actions, z, reward, term)
         self._last_z = z
         self.elapsed += 1
         terminated = term.cpu().numpy().astype(bool)
         truncated = (self.elapsed >= self.max_episode_steps) & ~terminated
-        if self._cut is not None:
-            truncated |= self._cut.cpu().numpy()
+        if cut is not None:
+            truncated |= cut
         return reward.float().cpu().numpy(), terminated, truncated
 
     def _rejected(self, history: torch.Tensor, z: torch.Tensor, reward: torch.Tensor, term: torch.Tensor
@@ -198,15 +197,17 @@ class ImaginationCore:
         return bad
 
     def _resample(self, prev: dict, actions: torch.Tensor, z: torch.Tensor, reward: torch.Tensor,
-                  term: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  term: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray | None]:
         """Redraw the rejected envs' steps (see :meth:`set_resample_rule`): ``max_resamples`` candidates each in one
-        batched model call, the first accepted one kept (else the last); updates ``self.state`` in place."""
+        batched model call, the first accepted one kept (else the last); updates ``self.state`` in place. Returns
+        ``(z, reward, term, cut)``, ``cut`` bool ``(N,)`` where ``truncate_rejected`` undid the step, else None."""
         history, n_draws = self.model.latent_history(prev), self.max_resamples
         bad = self._rejected(history, z, reward, term)
         c = self.resample_counts
         c["steps"] += len(z)
         idx = bad.nonzero().squeeze(1)
         c["rejected"] += len(idx)
+        cut = None
         if len(idx):
             rep = idx.repeat_interleave(n_draws)
             state, z2, r2, t2 = self.model.step({k: v[rep] for k, v in prev.items()}, actions[rep], self.generator)
@@ -222,13 +223,13 @@ class ImaginationCore:
                 for k, v in prev.items():
                     self.state[k][gone] = v[gone]
                 z[gone], reward[gone], term[gone] = history[gone, -1].to(z.dtype), 0.0, False
-                self._cut = torch.zeros(len(z), dtype=torch.bool, device=self.device)
-                self._cut[gone] = True
+                cut = np.zeros(len(z), bool)
+                cut[gone.cpu().numpy()] = True
             if self.rejected_reward is not None:
                 reward[idx[lost]] = self.rejected_reward
             c["resampled"] += len(rep)
             c["still_rejected"] += int(lost.sum())
-        return z, reward, term
+        return z, reward, term, cut
 
     @torch.no_grad()
     def observe(self, mask: np.ndarray | None = None) -> np.ndarray:
