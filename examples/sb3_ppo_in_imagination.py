@@ -34,6 +34,9 @@ from trainers.agent_envs import attach_keep_ball  # noqa: E402
 from trainers.common import ArgError  # noqa: E402
 
 
+ACTIVATIONS = {"tanh": "Tanh", "relu": "ReLU", "silu": "SiLU", "elu": "ELU"}  # name -> torch.nn class
+
+
 def score(envs: gym.vector.VectorEnv, predict: Callable[[np.ndarray], np.ndarray], max_steps: int) -> list[float]:
     """Play one episode per env (the first to end in each) and return the undiscounted returns.
 
@@ -77,8 +80,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ent-coef", type=float, default=0.0, help="PPO entropy coefficient (SB3's default 0)")
     p.add_argument("--n-epochs", type=int, default=10, help="PPO epochs per rollout (SB3's default 10)")
     p.add_argument("--batch-size", type=int, default=256, help="PPO minibatch size (at most n_steps × num_envs)")
+    p.add_argument("--net-arch", default="64,64",
+                   help="hidden sizes of the policy and value MLPs, comma-separated (SB3's default 64,64; "
+                        "train-agent's actor and critic from scratch: 256,256)")
+    p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="tanh",
+                   help="hidden activation of those MLPs (SB3's default tanh)")
     p.add_argument("--device", default="cpu", help="torch device of the world model and PPO")
     args = p.parse_args(argv)
+    try:
+        sizes = [int(v) for v in args.net_arch.split(",")]
+    except ValueError:
+        sizes = [0]
+    if not all(v >= 1 for v in sizes):
+        p.error(f"--net-arch: expected comma-separated integers >= 1 (e.g. 512,512), got {args.net_arch!r}")
+    args.net_arch = sizes
     for name in ("timesteps", "episodes", "num_envs", "n_steps", "max_steps", "n_epochs", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
@@ -90,6 +105,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Train PPO in imagination, score it in imagination and on the real game; returns both mean returns."""
     from stable_baselines3 import PPO
+    from torch import nn
 
     args = parse(argv)
     kw: dict[str, Any] = dict(obs_type=args.obs_type, device=args.device)
@@ -112,7 +128,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     policy = "CnnPolicy" if args.obs_type == "pixels" else "MlpPolicy"
     model = PPO(policy, venv, n_steps=args.n_steps, batch_size=min(args.batch_size, args.n_steps * args.num_envs),
                 learning_rate=args.lr, gamma=args.gamma, ent_coef=args.ent_coef, n_epochs=args.n_epochs,
-                seed=args.seed, device=args.device, verbose=0)
+                seed=args.seed, device=args.device, verbose=0,
+                policy_kwargs=dict(net_arch=list(args.net_arch),
+                                   activation_fn=getattr(nn, ACTIVATIONS[args.activation])))
     model.learn(total_timesteps=args.timesteps)
     venv.close()
 
@@ -134,8 +152,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     real.close()
     res = {"imagined_mean": float(np.mean(imag)), "imagined_std": float(np.std(imag)),
            "real_mean": float(np.mean(real_returns)), "real_std": float(np.std(real_returns))}
-    print(f"PPO ({policy}, {args.obs_type}) after {model.num_timesteps} imagined steps, {args.episodes} "
-          f"deterministic episodes each:")
+    print(f"PPO ({policy} {args.net_arch} {args.activation}, {args.obs_type}) after {model.num_timesteps} imagined "
+          f"steps, {args.episodes} deterministic episodes each:")
     print(f"  imagination return: {res['imagined_mean']:8.2f} ± {res['imagined_std']:.2f}")
     print(f"  real {bundle.config['game']} return: {res['real_mean']:8.2f} ± {res['real_std']:.2f}")
     return res

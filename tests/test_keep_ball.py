@@ -67,6 +67,20 @@ def test_a_step_rejected_in_every_draw_gets_the_rejected_reward(bundle):
     assert penalised == env.unwrapped.core.resample_counts["still_rejected"] > 0
 
 
+def test_the_rejection_penalty_charges_every_step_rejected_at_the_first_draw(bundle):
+    rewards = {}
+    for penalty in (0.0, 0.25):
+        env = _env(bundle)
+        env.unwrapped.core.set_resample_rule(positive_first, 2, rejection_penalty=penalty)
+        env.reset(seed=3)
+        rng = np.random.default_rng(0)
+        rewards[penalty] = np.stack([env.step(rng.integers(0, 6, 16))[1] for _ in range(30)])
+        counts = env.unwrapped.core.resample_counts
+    charged = np.isclose(rewards[0.0] - rewards[0.25], 0.25, atol=1e-6)  # the same draws, seeded alike
+    assert np.isclose(rewards[0.0] - rewards[0.25], 0.0, atol=1e-6)[~charged].all()
+    assert int(charged.sum()) == counts["rejected"] > counts["still_rejected"]  # kept redraws are charged too
+
+
 def test_a_step_rejected_in_every_draw_is_undone_and_truncates(bundle):
     env = _env(bundle)
     env.unwrapped.core.set_resample_rule(positive_first, 1, truncate_rejected=True)
@@ -109,6 +123,11 @@ def test_resample_rule_errors(bundle):
         core.set_resample_rule(positive_first, 2, float("nan"))
     with pytest.raises(ValueError, match="truncate_rejected: expected a bool, got 'yes'"):
         core.set_resample_rule(positive_first, 2, None, "yes")
+    for bad in (-0.1, float("inf"), True, "0.1"):
+        with pytest.raises(ValueError, match="rejection_penalty: expected a finite number >= 0"):
+            core.set_resample_rule(positive_first, 2, rejection_penalty=bad)
+    with pytest.raises(ValueError, match="rejection_penalty: expected 0 without a rule, got 0.1"):
+        core.set_resample_rule(None, 0, rejection_penalty=0.1)
     env = _env(bundle, 2)
     env.unwrapped.core.set_resample_rule(lambda p, z, r, t: torch.zeros(3, dtype=torch.bool), 2)
     env.reset(seed=0)
@@ -180,7 +199,13 @@ def test_keep_ball_attach_and_refusals(bundle, tmp_path):
     with pytest.raises(ValueError, match="truncate_lost: expected a bool, got 'no'"):
         keep_ball(env, 2, None, False, "no")
     keep_ball(env, 2, None, False, True)
-    assert env.unwrapped.core.truncate_rejected
+    assert env.unwrapped.core.truncate_rejected and env.unwrapped.core.rejection_penalty == 0.0
+    with pytest.raises(ValueError, match="rejection_penalty: expected it only with max_resamples >= 1"):
+        keep_ball(env, 0, rejection_penalty=0.1)
+    with pytest.raises(ValueError, match="rejection_penalty: expected a finite number >= 0, got -0.1"):
+        keep_ball(env, 2, rejection_penalty=-0.1)
+    keep_ball(env, 2, rejection_penalty=0.05)
+    assert env.unwrapped.core.rejection_penalty == 0.05
     other = DiTWMVectorEnv(2, obs_type="latent",
                            checkpoint=str(make_tiny_bundle(tmp_path / "breakout", game="Breakout", num_actions=4)))
     with pytest.raises(ValueError, match="max_resamples: expected 0 for a world model of another game than Pong, "
@@ -202,12 +227,16 @@ def test_train_agent_keep_ball_logs_rejection_rates(bundle, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main([*argv, "--keep-ball", "3", "--resume"]) == 2  # another env than the run being resumed
     assert "--keep-ball" in capsys.readouterr().err
+    assert cli.main([*argv, "--keep-ball", "2", "--rejection-penalty", "0.1", "--resume"]) == 2
+    assert "--rejection-penalty" in capsys.readouterr().err
     for bad, flag in ((["--keep-ball", "-1"], "--keep-ball"),
                       (["--keep-ball", "2", "--world-model", "real:/nonexistent"], "--keep-ball"),
                       (["--lost-ball-reward", "-1"], "--lost-ball-reward"),
                       (["--keep-ball", "2", "--lost-ball-reward", "inf"], "--lost-ball-reward"),
                       (["--keep-ball-returns"], "--keep-ball-returns"),
-                      (["--lost-ball-truncate"], "--lost-ball-truncate")):
+                      (["--lost-ball-truncate"], "--lost-ball-truncate"),
+                      (["--rejection-penalty", "0.1"], "--rejection-penalty"),
+                      (["--keep-ball", "2", "--rejection-penalty", "-1"], "--rejection-penalty")):
         assert cli.main([*argv[:-1], str(tmp_path / "bad"), *bad]) == 2
         err = capsys.readouterr().err
         assert flag in err and "max_resamples" not in err and not (tmp_path / "bad").exists()

@@ -392,7 +392,7 @@ def test_collect_with_a_trained_policy_replays_its_sampled_actions(bundle, tmp_p
 
 # ---- the SB3 example ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("obs_type, extra", [("latent", ["--keep-ball", "2", "--lost-ball-truncate", "--n-epochs", "2",
-                                                        "--lr", "1e-4"]),
+                                                        "--lr", "1e-4", "--net-arch", "32,16", "--activation", "silu"]),
                                              ("pixels", [])])
 def test_sb3_example_runs(bundle, obs_type, extra, capsys):
     spec = importlib.util.spec_from_file_location("sb3_example", ROOT / "examples" / "sb3_ppo_in_imagination.py")
@@ -403,3 +403,8 @@ def test_sb3_example_runs(bundle, obs_type, extra, capsys):
     assert set(res) == {"imagined_mean", "imagined_std", "real_mean", "real_std"}
     out = capsys.readouterr().out
     assert "imagination return" in out and "real Pong return" in out
+    assert ("[32, 16] silu" if "--net-arch" in extra else "[64, 64] tanh") in out
+    for bad in ("0,64", "a,b", ""):  # a bad --net-arch exits 2 naming the flag
+        with pytest.raises(SystemExit) as e:
+            mod.parse(["--net-arch", bad])
+        assert e.value.code == 2 and "--net-arch" in capsys.readouterr().err

@@ -47,7 +47,8 @@ def check_real_args(args: Any) -> None:
     no sampler, start contexts or imagined episode length. Raises :class:`~trainers.common.ArgError` naming one."""
     for name, default in (("sampling_steps", 0), ("temperature", None), ("sampling_shift", None),
                           ("episode_steps", 0), ("start_data", ""), ("dtype", "float32"), ("keep_ball", 0),
-                          ("lost_ball_reward", None), ("keep_ball_returns", False), ("lost_ball_truncate", False)):
+                          ("lost_ball_reward", None), ("keep_ball_returns", False), ("lost_ball_truncate", False),
+                          ("rejection_penalty", 0.0)):
         if getattr(args, name) != default:
             raise ArgError(name, f"expected the default {default!r} with --world-model {REAL_PREFIX}DIR (the real "
                                  f"game has no world-model setting), got {getattr(args, name)!r}")
@@ -128,21 +129,24 @@ def warn_if_other_encoder(init_dir: Path, meta: dict, model: torch.nn.Module) ->
 
 
 def attach_keep_ball(envs: gym.vector.VectorEnv, max_resamples: int, lost_ball_reward: float | None,
-                     phantom_returns: bool = False, truncate_lost: bool = False) -> None:
-    """``--keep-ball R [--lost-ball-reward X] [--keep-ball-returns] [--lost-ball-truncate]``: Pong's lost-ball
-    rejection (:func:`trainers.pong_fates.keep_ball`) on a training env. Raises :class:`~trainers.common.ArgError`
-    (naming the option) for another game, a non-imagination env, a non-finite reward, or a reward, returns or
-    truncate flag without ``R``."""
+                     phantom_returns: bool = False, truncate_lost: bool = False,
+                     rejection_penalty: float = 0.0) -> None:
+    """``--keep-ball R [--lost-ball-reward X] [--keep-ball-returns] [--lost-ball-truncate] [--rejection-penalty P]``:
+    Pong's lost-ball rejection (:func:`trainers.pong_fates.keep_ball`) on a training env. Raises
+    :class:`~trainers.common.ArgError` (naming the option) for another game, a non-imagination env, a non-finite
+    reward, a penalty that is not a finite number >= 0, or a reward, returns or truncate flag or penalty without
+    ``R``."""
     from trainers.pong_fates import keep_ball
 
     try:
-        keep_ball(envs, max_resamples, lost_ball_reward, phantom_returns, truncate_lost)
+        keep_ball(envs, max_resamples, lost_ball_reward, phantom_returns, truncate_lost, rejection_penalty)
     except ValueError as e:
         raise ArgError(*_keep_ball_flag(e)) from None
 
 
 KEEP_BALL_FLAGS = {"envs": "keep_ball", "max_resamples": "keep_ball", "lost_ball_reward": "lost_ball_reward",
-                   "phantom_returns": "keep_ball_returns", "truncate_lost": "lost_ball_truncate"}
+                   "phantom_returns": "keep_ball_returns", "truncate_lost": "lost_ball_truncate",
+                   "rejection_penalty": "rejection_penalty"}
 
 
 def _keep_ball_flag(e: ValueError) -> tuple[str, str]:

@@ -134,22 +134,24 @@ class LostBallRule:
 
 
 def keep_ball(envs, max_resamples: int, lost_ball_reward: float | None = None,
-              phantom_returns: bool = False, truncate_lost: bool = False) -> None:
+              phantom_returns: bool = False, truncate_lost: bool = False, rejection_penalty: float = 0.0) -> None:
     """Attach :class:`LostBallRule` to a Pong imagination vector env (``envs.unwrapped.core``), drawing a step
     that loses the ball up to ``max_resamples`` times (0: off); ``lost_ball_reward`` (e.g. -1, a point lost) is
     the reward of a step the rule rejects in every draw (None: the model's own); ``phantom_returns``: also
     reject returns without the paddle (:class:`LostBallRule`), so a phantom return rejected in every draw gets
     ``lost_ball_reward`` too; ``truncate_lost``: such a step is undone and ends the imagined episode as a
-    truncation (``ImaginationCore.set_resample_rule``'s ``truncate_rejected``).
+    truncation (``ImaginationCore.set_resample_rule``'s ``truncate_rejected``); ``rejection_penalty`` is subtracted
+    from the reward of every step whose first draw loses the ball (``set_resample_rule``'s, MOPO-style).
 
     Raises:
         ValueError: not an imagination env (with any option set), not a Pong model (with ``max_resamples`` >= 1),
-            ``max_resamples`` not an integer >= 0, a non-finite ``lost_ball_reward``, or ``lost_ball_reward`` /
-            ``phantom_returns`` / ``truncate_lost`` without ``max_resamples`` >= 1; each message starts with the
-            parameter's name.
+            ``max_resamples`` not an integer >= 0, a non-finite ``lost_ball_reward``, a ``rejection_penalty`` that is
+            not a finite number >= 0, or ``lost_ball_reward`` / ``phantom_returns`` / ``truncate_lost`` /
+            ``rejection_penalty`` without ``max_resamples`` >= 1; each message starts with the parameter's name.
     """
     core = getattr(envs.unwrapped, "core", None)
-    if not max_resamples and lost_ball_reward is None and not phantom_returns and not truncate_lost and core is None:
+    if not (max_resamples or lost_ball_reward is not None or phantom_returns or truncate_lost or rejection_penalty
+            or core is not None):
         return  # off, and nothing to switch off
     if core is None or not hasattr(core, "set_resample_rule"):
         raise ValueError(f"envs: expected an imagination env, got {type(envs.unwrapped).__name__}")
@@ -164,8 +166,8 @@ def keep_ball(envs, max_resamples: int, lost_ball_reward: float | None = None,
     if not isinstance(truncate_lost, (bool, np.bool_)):  # checked here too, to name this function's parameter
         raise ValueError(f"truncate_lost: expected a bool, got {truncate_lost!r}")
     for name, value in (("lost_ball_reward", lost_ball_reward is not None), ("phantom_returns", phantom_returns),
-                        ("truncate_lost", truncate_lost)):
+                        ("truncate_lost", truncate_lost), ("rejection_penalty", rejection_penalty)):
         if value and not max_resamples:
             raise ValueError(f"{name}: expected it only with max_resamples >= 1, got max_resamples {max_resamples}")
     rule = LostBallRule(core.model.decode, phantom_returns) if max_resamples else None
-    core.set_resample_rule(rule, max_resamples, lost_ball_reward, truncate_lost)
+    core.set_resample_rule(rule, max_resamples, lost_ball_reward, truncate_lost, rejection_penalty)

@@ -14,12 +14,10 @@ model, the ceiling of this learner at a given number of updates (in real env ste
 Updates. By default one DreamerV3 gradient step per rollout. ``--epochs E --minibatches M`` take ``E·M`` steps on
 each rollout instead, with PPO's clipped surrogate (Schulman et al. 2017; :func:`trainers.rollout.clipped_loss`):
 where imagined steps are the cost, each is learned from several times.
-Step sizes. ``--lr``, ``--gamma`` and ``--entropy-coef`` default to DreamerV3's (3e-5, 0.997, 3e-4), tuned for
-long GPU runs; in a CPU budget on Pong lr 1e-4, γ 0.99 (Pong's points are decided within one rally) and η 3e-3
-learned where they did not (README, results).
-Rejection. ``--keep-ball R`` (Pong) draws a step again where the ball is lost without a point (``--keep-ball-returns``:
-or returned without the paddle; :class:`trainers.pong_fates.LostBallRule`); after R draws ``--lost-ball-reward`` is its
-reward, and ``--lost-ball-truncate`` undoes it and truncates the episode: bootstrapped from the state before it.
+Step sizes. ``--lr``, ``--gamma``, ``--entropy-coef`` default to DreamerV3's (3e-5, 0.997, 3e-4, for long GPU runs);
+on Pong in a CPU budget lr 1e-4, γ 0.99 and η 3e-3 learned where they did not (README, results).
+Rejection. ``--keep-ball R`` (Pong) draws a step again where the ball is lost without a point; its options
+(returns, reward, truncation, penalty): :func:`trainers.agent_envs.attach_keep_ball`.
 ``--init policy:DIR`` continues a run's policy in another world model: with ``ditwm collect --agent policy`` and
 ``ditwm pretrain --init`` this is a DIAMOND-style alternation (Alonso et al. 2024) of data collection, world-model
 fine-tuning and training in imagination. ``--episode-steps 15`` with ``--start-data STORE`` imagines as DreamerV3 and
@@ -95,10 +93,11 @@ class Args:
                                              "teachers only): > 1 spends more steps at high noise, where the "
                                              "sample decides whether a small object is there")
     keep_ball: int = arg(0, "Pong: draw an imagined step again up to this many times when it loses the ball (0: off)")
-    lost_ball_reward: float | None = arg(None, "with --keep-ball: reward of a step lost in every draw (e.g. -1; "
-                                               "default: the model's own)")
+    lost_ball_reward: float | None = arg(None, "with --keep-ball: reward of a step lost in every draw (e.g. -1)")
     lost_ball_truncate: bool = arg(False, "with --keep-ball: undo a step lost in every draw; its episode ends there")
     keep_ball_returns: bool = arg(False, "with --keep-ball: also draw again a return without the paddle")
+    rejection_penalty: float = arg(0.0, "with --keep-ball: subtracted from the reward of every step whose first draw "
+                                        "loses the ball (MOPO-style; 0: off)")
     lr: float = arg(3e-5, "Adam learning rate of actor and critic (DreamerV3: 3e-5)")
     gamma: float = arg(0.997, "discount of the λ-returns (DreamerV3: 0.997, a 333-step horizon)")
     entropy_coef: float = arg(3e-4, "entropy bonus η of the actor loss (DreamerV3: 3e-4, on advantages divided "
@@ -215,7 +214,7 @@ def prepare(args: Args) -> Setup:
         defaults = {f.name: f.default for f in dataclasses.fields(Args)}  # for keys absent in older runs
         for name in ("world_model", "init", "hidden", "temperature", "sampling_shift", "gamma", "entropy_coef",
                      "start_data", "start_contexts", "epochs", "minibatches", "clip", "keep_ball",
-                     "lost_ball_reward", "keep_ball_returns", "lost_ball_truncate"):
+                     "lost_ball_reward", "keep_ball_returns", "lost_ball_truncate", "rejection_penalty"):
             prev = meta["args"].get(name, defaults[name])
             if prev != getattr(args, name):
                 raise ArgError(name, f"expected {prev!r} (the run being resumed), got {getattr(args, name)!r}")
@@ -235,7 +234,8 @@ def prepare(args: Args) -> Setup:
         raise ArgError("world_model", f"expected a loadable world model, got {args.world_model!r}: "
                                       f"{e.args[0] if e.args else e}") from None
     envs = te.envs
-    attach_keep_ball(envs, args.keep_ball, args.lost_ball_reward, args.keep_ball_returns, args.lost_ball_truncate)
+    attach_keep_ball(envs, args.keep_ball, args.lost_ball_reward, args.keep_ball_returns, args.lost_ball_truncate,
+                     args.rejection_penalty)
     k_env, d_z = envs.single_observation_space.shape
     start_rows = _set_start_contexts(args, envs, k_env, dev) if args.start_data else None
     if prev_rows is not None and start_rows != prev_rows:

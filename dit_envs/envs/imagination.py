@@ -64,11 +64,11 @@ class ImaginationCore:
         if start_contexts is not None:
             self.set_start_contexts(*start_contexts)
         self.resample_rule: Any = None
-        self.max_resamples, self.rejected_reward, self.truncate_rejected = 0, None, False
+        self.max_resamples, self.rejected_reward, self.truncate_rejected, self.rejection_penalty = 0, None, False, 0.0
         self.resample_counts = {"steps": 0, "rejected": 0, "resampled": 0, "still_rejected": 0}
 
     def set_resample_rule(self, rule: Any, max_resamples: int, rejected_reward: float | None = None,
-                          truncate_rejected: bool = False) -> None:
+                          truncate_rejected: bool = False, rejection_penalty: float = 0.0) -> None:
         """Rejection sampling of imagined steps: a step the rule rejects is drawn again ``max_resamples`` times,
         with fresh noise from the same state and action, in one batched call; the first accepted draw is kept (the
         last one if every draw is rejected, unless ``truncate_rejected`` undoes the step). It samples the model's
@@ -88,9 +88,13 @@ class ImaginationCore:
                 so a learner bootstraps from the last state the model could continue (model-based RL's
                 truncation at unreliable model states, e.g. MBPO, Janner et al. 2019); none of the broken
                 successor reaches the policy.
+            rejection_penalty: subtracted from the reward of every step whose first draw the rule rejects, kept
+                or not: a penalty on states where the model breaks the invariant, which steers a policy away from
+                the model's errors (reward minus a model-error estimate: MOPO, Yu et al. 2020).
         Raises:
             ValueError: ``max_resamples`` not an integer >= 1 with a rule, ``rule`` not callable, a non-finite
-                ``rejected_reward``, or a ``truncate_rejected`` that is not a bool.
+                ``rejected_reward``, a ``truncate_rejected`` that is not a bool, or a ``rejection_penalty`` that is
+                not a finite number >= 0 (or > 0 without a rule).
         """
         if rule is not None and not callable(rule):
             raise ValueError(f"rule: expected None or a callable, got {type(rule).__name__}")
@@ -101,9 +105,15 @@ class ImaginationCore:
             raise ValueError(f"rejected_reward: expected None or a finite number, got {rejected_reward!r}")
         if not isinstance(truncate_rejected, (bool, np.bool_)):
             raise ValueError(f"truncate_rejected: expected a bool, got {truncate_rejected!r}")
+        if isinstance(rejection_penalty, bool) or not isinstance(rejection_penalty, (int, float, np.number)) \
+                or not np.isfinite(rejection_penalty) or rejection_penalty < 0:
+            raise ValueError(f"rejection_penalty: expected a finite number >= 0, got {rejection_penalty!r}")
+        if rule is None and rejection_penalty:
+            raise ValueError(f"rejection_penalty: expected 0 without a rule, got {rejection_penalty!r}")
         self.resample_rule, self.max_resamples = rule, int(max_resamples) if rule is not None else 0
         self.rejected_reward = None if rule is None or rejected_reward is None else float(rejected_reward)
         self.truncate_rejected = bool(truncate_rejected) and rule is not None
+        self.rejection_penalty = float(rejection_penalty)
 
     def set_start_contexts(self, z: Any, prev_action: Any) -> None:
         """Replace the real start contexts that later resets draw from (e.g. DIAMOND's imagination starts from
@@ -227,6 +237,7 @@ class ImaginationCore:
                 cut[gone.cpu().numpy()] = True
             if self.rejected_reward is not None:
                 reward[idx[lost]] = self.rejected_reward
+            reward[idx] -= self.rejection_penalty
             c["resampled"] += len(rep)
             c["still_rejected"] += int(lost.sum())
         return z, reward, term, cut
