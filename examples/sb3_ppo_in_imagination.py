@@ -80,20 +80,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ent-coef", type=float, default=0.0, help="PPO entropy coefficient (SB3's default 0)")
     p.add_argument("--n-epochs", type=int, default=10, help="PPO epochs per rollout (SB3's default 10)")
     p.add_argument("--batch-size", type=int, default=256, help="PPO minibatch size (at most n_steps × num_envs)")
-    p.add_argument("--net-arch", default="64,64",
-                   help="hidden sizes of the policy and value MLPs, comma-separated (SB3's default 64,64; "
-                        "train-agent's actor and critic from scratch: 256,256)")
+    p.add_argument("--net-arch", default=None,
+                   help="hidden sizes of the policy and value MLPs, comma-separated (default: SB3's, 64,64 for "
+                        "MlpPolicy, none after CnnPolicy's CNN; train-agent's actor and critic from scratch: 256,256)")
     p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="tanh",
                    help="hidden activation of those MLPs (SB3's default tanh)")
     p.add_argument("--device", default="cpu", help="torch device of the world model and PPO")
     args = p.parse_args(argv)
-    try:
-        sizes = [int(v) for v in args.net_arch.split(",")]
-    except ValueError:
-        sizes = [0]
-    if not all(v >= 1 for v in sizes):
-        p.error(f"--net-arch: expected comma-separated integers >= 1 (e.g. 512,512), got {args.net_arch!r}")
-    args.net_arch = sizes
+    if args.net_arch is not None:
+        try:
+            sizes = [int(v) for v in args.net_arch.split(",")]
+        except ValueError:
+            sizes = [0]
+        if not all(v >= 1 for v in sizes):
+            p.error(f"--net-arch: expected comma-separated integers >= 1 (e.g. 512,512), got {args.net_arch!r}")
+        args.net_arch = sizes
     for name in ("timesteps", "episodes", "num_envs", "n_steps", "max_steps", "n_epochs", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
@@ -129,8 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = PPO(policy, venv, n_steps=args.n_steps, batch_size=min(args.batch_size, args.n_steps * args.num_envs),
                 learning_rate=args.lr, gamma=args.gamma, ent_coef=args.ent_coef, n_epochs=args.n_epochs,
                 seed=args.seed, device=args.device, verbose=0,
-                policy_kwargs=dict(net_arch=list(args.net_arch),
-                                   activation_fn=getattr(nn, ACTIVATIONS[args.activation])))
+                policy_kwargs=dict(activation_fn=getattr(nn, ACTIVATIONS[args.activation]),
+                                   **({} if args.net_arch is None else dict(net_arch=list(args.net_arch)))))
     model.learn(total_timesteps=args.timesteps)
     venv.close()
 
@@ -152,8 +153,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     real.close()
     res = {"imagined_mean": float(np.mean(imag)), "imagined_std": float(np.std(imag)),
            "real_mean": float(np.mean(real_returns)), "real_std": float(np.std(real_returns))}
-    print(f"PPO ({policy} {args.net_arch} {args.activation}, {args.obs_type}) after {model.num_timesteps} imagined "
-          f"steps, {args.episodes} deterministic episodes each:")
+    net = args.net_arch or "default"
+    print(f"PPO ({policy} {net} {args.activation}, {args.obs_type}) after {model.num_timesteps} imagined steps, "
+          f"{args.episodes} deterministic episodes each:")
     print(f"  imagination return: {res['imagined_mean']:8.2f} ± {res['imagined_std']:.2f}")
     print(f"  real {bundle.config['game']} return: {res['real_mean']:8.2f} ± {res['real_std']:.2f}")
     return res

@@ -403,7 +403,7 @@ def test_sb3_example_runs(bundle, obs_type, extra, capsys):
     assert set(res) == {"imagined_mean", "imagined_std", "real_mean", "real_std"}
     out = capsys.readouterr().out
     assert "imagination return" in out and "real Pong return" in out
-    assert ("[32, 16] silu" if "--net-arch" in extra else "[64, 64] tanh") in out
+    assert ("[32, 16] silu" if "--net-arch" in extra else "default tanh") in out
     for bad in ("0,64", "a,b", ""):  # a bad --net-arch exits 2 naming the flag
         with pytest.raises(SystemExit) as e:
             mod.parse(["--net-arch", bad])

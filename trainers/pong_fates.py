@@ -141,7 +141,7 @@ def keep_ball(envs, max_resamples: int, lost_ball_reward: float | None = None,
     reject returns without the paddle (:class:`LostBallRule`), so a phantom return rejected in every draw gets
     ``lost_ball_reward`` too; ``truncate_lost``: such a step is undone and ends the imagined episode as a
     truncation (``ImaginationCore.set_resample_rule``'s ``truncate_rejected``); ``rejection_penalty`` is subtracted
-    from the reward of every step whose first draw loses the ball (``set_resample_rule``'s, MOPO-style).
+    from the reward of every step whose first draw the rule rejects, on top of ``lost_ball_reward`` (MOPO-style).
 
     Raises:
         ValueError: not an imagination env (with any option set), not a Pong model (with ``max_resamples`` >= 1),

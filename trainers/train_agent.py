@@ -97,7 +97,7 @@ class Args:
     lost_ball_truncate: bool = arg(False, "with --keep-ball: undo a step lost in every draw; its episode ends there")
     keep_ball_returns: bool = arg(False, "with --keep-ball: also draw again a return without the paddle")
     rejection_penalty: float = arg(0.0, "with --keep-ball: subtracted from the reward of every step whose first draw "
-                                        "loses the ball (MOPO-style; 0: off)")
+                                        "the rule rejects, on top of --lost-ball-reward (MOPO-style; 0: off)")
     lr: float = arg(3e-5, "Adam learning rate of actor and critic (DreamerV3: 3e-5)")
     gamma: float = arg(0.997, "discount of the λ-returns (DreamerV3: 0.997, a 333-step horizon)")
     entropy_coef: float = arg(3e-4, "entropy bonus η of the actor loss (DreamerV3: 3e-4, on advantages divided "

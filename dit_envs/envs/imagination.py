@@ -89,8 +89,9 @@ class ImaginationCore:
                 truncation at unreliable model states, e.g. MBPO, Janner et al. 2019); none of the broken
                 successor reaches the policy.
             rejection_penalty: subtracted from the reward of every step whose first draw the rule rejects, kept
-                or not: a penalty on states where the model breaks the invariant, which steers a policy away from
-                the model's errors (reward minus a model-error estimate: MOPO, Yu et al. 2020).
+                or not (after ``rejected_reward`` or an undone step's 0 are set): a penalty on states where the
+                model breaks the invariant, which steers a policy away from the model's errors (reward minus a
+                model-error estimate: MOPO, Yu et al. 2020).
         Raises:
             ValueError: ``max_resamples`` not an integer >= 1 with a rule, ``rule`` not callable, a non-finite
                 ``rejected_reward``, a ``truncate_rejected`` that is not a bool, or a ``rejection_penalty`` that is
