@@ -53,6 +53,17 @@ def score(envs: gym.vector.VectorEnv, predict: Callable[[np.ndarray], np.ndarray
     return returns.tolist()
 
 
+def _sizes(text: str) -> list[int]:
+    """``--net-arch``: ``"512,512"`` → ``[512, 512]``; argparse reports the ArgumentTypeError under the flag."""
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        sizes = [0]
+    if not all(v >= 1 for v in sizes):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1 (e.g. 512,512), got {text!r}")
+    return sizes
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--env-id", default="DiTWM/Pong-v0", help="registered DiT-WM env id")
@@ -80,21 +91,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ent-coef", type=float, default=0.0, help="PPO entropy coefficient (SB3's default 0)")
     p.add_argument("--n-epochs", type=int, default=10, help="PPO epochs per rollout (SB3's default 10)")
     p.add_argument("--batch-size", type=int, default=256, help="PPO minibatch size (at most n_steps × num_envs)")
-    p.add_argument("--net-arch", default=None,
+    p.add_argument("--net-arch", type=_sizes, default=None,
                    help="hidden sizes of the policy and value MLPs, comma-separated (default: SB3's, 64,64 for "
                         "MlpPolicy, none after CnnPolicy's CNN; train-agent's actor and critic from scratch: 256,256)")
     p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="tanh",
                    help="hidden activation of those MLPs (SB3's default tanh)")
     p.add_argument("--device", default="cpu", help="torch device of the world model and PPO")
     args = p.parse_args(argv)
-    if args.net_arch is not None:
-        try:
-            sizes = [int(v) for v in args.net_arch.split(",")]
-        except ValueError:
-            sizes = [0]
-        if not all(v >= 1 for v in sizes):
-            p.error(f"--net-arch: expected comma-separated integers >= 1 (e.g. 512,512), got {args.net_arch!r}")
-        args.net_arch = sizes
     for name in ("timesteps", "episodes", "num_envs", "n_steps", "max_steps", "n_epochs", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 learning_rate=args.lr, gamma=args.gamma, ent_coef=args.ent_coef, n_epochs=args.n_epochs,
                 seed=args.seed, device=args.device, verbose=0,
                 policy_kwargs=dict(activation_fn=getattr(nn, ACTIVATIONS[args.activation]),
-                                   **({} if args.net_arch is None else dict(net_arch=list(args.net_arch)))))
+                                   **({} if args.net_arch is None else dict(net_arch=args.net_arch))))
     model.learn(total_timesteps=args.timesteps)
     venv.close()
 

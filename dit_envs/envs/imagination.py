@@ -238,7 +238,8 @@ class ImaginationCore:
                 cut[gone.cpu().numpy()] = True
             if self.rejected_reward is not None:
                 reward[idx[lost]] = self.rejected_reward
-            reward[idx] -= self.rejection_penalty
+            if self.rejection_penalty:
+                reward[idx] -= self.rejection_penalty
             c["resampled"] += len(rep)
             c["still_rejected"] += int(lost.sum())
         return z, reward, term, cut
