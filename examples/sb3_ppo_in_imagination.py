@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 import dit_envs  # noqa: E402  (registers the DiTWM ids)
 from dit_envs.sb3 import to_sb3  # noqa: E402
 from dit_envs.envs.real_latent import RealLatentVectorEnv  # noqa: E402
-from trainers.agent_envs import attach_keep_ball  # noqa: E402
+from trainers.agent_envs import attach_keep_ball, attach_uncertainty  # noqa: E402
 from trainers.common import ArgError  # noqa: E402
 
 
@@ -86,6 +86,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lost-ball-truncate", action="store_true",
                    help="with --keep-ball: in training, a step lost in every draw is undone and truncates its "
                         "episode (bootstrapped from the state before it; train-agent --lost-ball-truncate)")
+    p.add_argument("--uncertainty-penalty", type=float, default=0.0,
+                   help="in training, subtract this from the reward of every imagined step whose spread of "
+                        "--uncertainty-draws draws passes its --uncertainty-quantile on real start contexts "
+                        "(as ditwm train-agent --uncertainty-penalty; 0: off)")
+    p.add_argument("--uncertainty-truncate", action="store_true",
+                   help="in training, end an imagined episode at a step whose spread passes the threshold "
+                        "(as ditwm train-agent --uncertainty-truncate)")
+    p.add_argument("--uncertainty-draws", type=int, default=4, help="with --uncertainty-*: draws per step")
+    p.add_argument("--uncertainty-quantile", type=float, default=0.9,
+                   help="with --uncertainty-*: the spread's threshold as a quantile")
     p.add_argument("--lr", type=float, default=3e-4, help="PPO learning rate (SB3's default 3e-4)")
     p.add_argument("--gamma", type=float, default=0.99, help="PPO discount")
     p.add_argument("--ent-coef", type=float, default=0.0, help="PPO entropy coefficient (SB3's default 0)")
@@ -97,6 +107,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="tanh",
                    help="hidden activation of those MLPs (SB3's default tanh)")
     p.add_argument("--device", default="cpu", help="torch device of the world model and PPO")
+    p.add_argument("--save", default=None, help="write the trained PPO model here (SB3's zip; PPO.load reads it)")
     args = p.parse_args(argv)
     for name in ("timesteps", "episodes", "num_envs", "n_steps", "max_steps", "n_epochs", "batch_size"):
         if getattr(args, name) < 1:
@@ -125,6 +136,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_envs = gym.make_vec(args.env_id, num_envs=args.num_envs, **kw)
     try:
         attach_keep_ball(train_envs, args.keep_ball, None, truncate_lost=args.lost_ball_truncate)
+        attach_uncertainty(train_envs, args.uncertainty_penalty, args.uncertainty_draws, args.uncertainty_quantile,
+                           args.uncertainty_truncate)
     except ArgError as e:
         raise SystemExit(f"sb3_ppo_in_imagination.py: error: {e}") from None
     venv = to_sb3(train_envs)
@@ -137,6 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                    **({} if args.net_arch is None else dict(net_arch=args.net_arch))))
     model.learn(total_timesteps=args.timesteps)
     venv.close()
+    if args.save:
+        model.save(args.save)
 
     def predict(obs: np.ndarray) -> np.ndarray:
         return np.asarray(model.predict(obs, deterministic=True)[0], dtype=np.int64)

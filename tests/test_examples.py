@@ -260,3 +260,21 @@ def test_model_agreement_of_a_model_with_itself_and_on_known_errors(tiny_bundle,
         mod.main(["--data", str(store), "--world-models", str(tiny_bundle), str(other), "--contexts", "2",
                   "--horizons", "1", "--history", "4"])
     assert f"--world-models {other}: expected the frozen encoder of {tiny_bundle}" in capsys.readouterr().err
+
+
+def test_draw_spread_ranks_the_errors_of_a_tiny_model(tiny_bundle, tmp_path, capsys):
+    from tests.test_fidelity import make_pong_store  # a store with held-out episodes
+
+    mod = _load("draw_spread")
+    store = make_pong_store(tmp_path / "store")
+    res = mod.main(["--data", str(store), "--world-model", str(tiny_bundle), "--contexts", "16", "--draws", "3",
+                    "--temperature", "1"])
+    assert res["spread_mean"] > 0 and res["spread_fresh_mean"] > 0
+    for key in ("spearman_one", "spearman_mean"):
+        assert -1.0 <= res[key] <= 1.0
+    assert "Spearman with the spread" in capsys.readouterr().out
+    assert mod.spearman(np.array([1.0, 2.0, 3.0]), np.array([10.0, 30.0, 20.0])) == pytest.approx(0.5)
+    for bad, flag in ((["--draws", "1"], "--draws"), (["--contexts", "5"], "--contexts")):
+        with pytest.raises(SystemExit) as e:
+            mod.main(["--data", str(store), "--world-model", str(tiny_bundle), *bad])
+        assert e.value.code == 2 and flag in capsys.readouterr().err

@@ -393,14 +393,18 @@ def test_collect_with_a_trained_policy_replays_its_sampled_actions(bundle, tmp_p
 # ---- the SB3 example ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("obs_type, extra", [("latent", ["--keep-ball", "2", "--lost-ball-truncate", "--n-epochs", "2",
                                                         "--lr", "1e-4", "--net-arch", "32,16", "--activation", "silu"]),
-                                             ("pixels", [])])
-def test_sb3_example_runs(bundle, obs_type, extra, capsys):
+                                             ("pixels", ["--uncertainty-penalty", "0.05", "--uncertainty-draws", "2",
+                                                         "--uncertainty-truncate", "--temperature", "1"])])
+def test_sb3_example_runs(bundle, obs_type, extra, capsys, tmp_path):
     spec = importlib.util.spec_from_file_location("sb3_example", ROOT / "examples" / "sb3_ppo_in_imagination.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     res = mod.main(["--checkpoint", bundle, "--timesteps", "32", "--num-envs", "2", "--n-steps", "16",
-                    "--episodes", "2", "--episode-steps", "8", "--max-steps", "10", "--obs-type", obs_type, *extra])
+                    "--episodes", "2", "--episode-steps", "8", "--max-steps", "10", "--obs-type", obs_type, *extra,
+                    "--save", str(tmp_path / "ppo.zip")])
     assert set(res) == {"imagined_mean", "imagined_std", "real_mean", "real_std"}
+    from stable_baselines3 import PPO
+    assert PPO.load(tmp_path / "ppo.zip").num_timesteps == 32
     out = capsys.readouterr().out
     assert "imagination return" in out and "real Pong return" in out
     assert ("[32, 16] silu" if "--net-arch" in extra else "default tanh") in out
@@ -408,3 +412,5 @@ def test_sb3_example_runs(bundle, obs_type, extra, capsys):
         with pytest.raises(SystemExit) as e:
             mod.parse(["--net-arch", bad])
         assert e.value.code == 2 and "--net-arch" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--uncertainty-draws: expected --uncertainty-penalty or"):
+        mod.main(["--checkpoint", bundle, "--timesteps", "32", "--uncertainty-draws", "3"])

@@ -22,6 +22,7 @@ from dit_envs.io import load_tensors
 from dit_envs.models.autoencoder import FrameAutoencoder
 from trainers.agent_io import AGENT_JSON, REAL_PREFIX, load_encoder, make_imagination_env, stage1_dir
 from trainers.common import ArgError
+from trainers.train_agent_args import Args
 
 
 @dataclass
@@ -45,10 +46,10 @@ class TrainingEnv:
 def check_real_args(args: Any) -> None:
     """Refuse ``ditwm train-agent``'s world-model options (``args``: its ``Args``) on ``real:``: the real game has
     no sampler, start contexts or imagined episode length. Raises :class:`~trainers.common.ArgError` naming one."""
-    for name, default in (("sampling_steps", 0), ("temperature", None), ("sampling_shift", None),
-                          ("episode_steps", 0), ("start_data", ""), ("dtype", "float32"), ("keep_ball", 0),
-                          ("lost_ball_reward", None), ("keep_ball_returns", False), ("lost_ball_truncate", False),
-                          ("rejection_penalty", 0.0)):
+    for name in ("sampling_steps", "temperature", "sampling_shift", "episode_steps", "start_data", "dtype",
+                 "keep_ball", "lost_ball_reward", "keep_ball_returns", "lost_ball_truncate", "rejection_penalty",
+                 "uncertainty_penalty", "uncertainty_truncate", "uncertainty_draws", "uncertainty_quantile"):
+        default = getattr(Args, name)
         if getattr(args, name) != default:
             raise ArgError(name, f"expected the default {default!r} with --world-model {REAL_PREFIX}DIR (the real "
                                  f"game has no world-model setting), got {getattr(args, name)!r}")
@@ -158,15 +159,45 @@ def _keep_ball_flag(e: ValueError) -> tuple[str, str]:
     return field, msg.replace("max_resamples", "--keep-ball") if param in KEEP_BALL_FLAGS else str(e)
 
 
+def attach_uncertainty(envs: gym.vector.VectorEnv, penalty: float, draws: int, quantile: float,
+                       truncate: bool = False) -> float | None:
+    """``--uncertainty-penalty P [--uncertainty-truncate] [--uncertainty-draws M] [--uncertainty-quantile q]``: the
+    draw-spread penalty and/or truncation (:meth:`~dit_envs.envs.imagination.ImaginationCore.set_uncertainty_penalty`)
+    on a training env; returns the calibrated threshold (None when off: ``P`` 0 without truncation). Raises
+    :class:`~trainers.common.ArgError` naming the option for a bad value, for ``M`` or ``q`` changed while off, or
+    for an env that is not imagination (``real:``)."""
+    on = bool(penalty) or truncate
+    if not on:
+        for name, v in (("uncertainty_draws", draws), ("uncertainty_quantile", quantile)):
+            if v != getattr(Args, name):
+                raise ArgError(name, f"expected --uncertainty-penalty or --uncertainty-truncate with it, got "
+                                     f"--{name.replace('_', '-')} {v} alone")
+    core = getattr(envs.unwrapped, "core", None)
+    if core is None or not hasattr(core, "set_uncertainty_penalty"):
+        if on:
+            raise ArgError("uncertainty_truncate" if truncate and not penalty else "uncertainty_penalty",
+                           f"expected an imagination env, got {type(envs.unwrapped).__name__}")
+        return None
+    try:
+        return core.set_uncertainty_penalty(penalty, draws, quantile, truncate=truncate)
+    except ValueError as e:
+        param, _, msg = str(e).partition(": ")
+        field = {"draws": "uncertainty_draws", "quantile": "uncertainty_quantile"}.get(param, "uncertainty_penalty")
+        raise ArgError(field, msg) from None
+
+
 def resample_rates(envs: gym.vector.VectorEnv) -> dict[str, float]:
     """Since the last call, of the imagined env steps with a resample rule: the fraction rejected at the first
-    draw (``rejected_rate``) and after the last allowed one (``still_rejected_rate``); ``{}`` without a rule or
-    steps. Resets the env's counters."""
+    draw (``rejected_rate``) and after the last allowed one (``still_rejected_rate``); with an uncertainty penalty
+    the fraction of uncertain steps (``uncertain_rate``) and the mean draw spread (``spread_mean``); ``{}`` without
+    either or without steps. Resets the env's counters."""
     core = getattr(envs.unwrapped, "core", None)
+    unc = getattr(core, "uncertainty", None)
+    out = unc.rates() if unc is not None else {}
     c = getattr(core, "resample_counts", None)
     if not c or not c["steps"]:
-        return {}
-    out = {"rejected_rate": c["rejected"] / c["steps"], "still_rejected_rate": c["still_rejected"] / c["steps"]}
+        return out
+    out.update(rejected_rate=c["rejected"] / c["steps"], still_rejected_rate=c["still_rejected"] / c["steps"])
     for k in c:
         c[k] = 0
     return out

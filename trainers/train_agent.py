@@ -18,6 +18,9 @@ Step sizes. ``--lr``, ``--gamma``, ``--entropy-coef`` default to DreamerV3's (3e
 on Pong in a CPU budget lr 1e-4, γ 0.99 and η 3e-3 learned where they did not (README, results).
 Rejection. ``--keep-ball R`` (Pong) draws a step again where the ball is lost without a point; its options
 (returns, reward, truncation, penalty): :func:`trainers.agent_envs.attach_keep_ball`.
+Uncertainty. ``--uncertainty-penalty P`` (any game) charges ``P`` on every imagined step whose
+``--uncertainty-draws`` draws from the same state and action spread more than their ``--uncertainty-quantile`` over
+one step from the start contexts (:mod:`dit_envs.envs.uncertainty`; MOReL-style pessimism).
 ``--init policy:DIR`` continues a run's policy in another world model: with ``ditwm collect --agent policy`` and
 ``ditwm pretrain --init`` this is a DIAMOND-style alternation (Alonso et al. 2024) of data collection, world-model
 fine-tuning and training in imagination. ``--episode-steps 15`` with ``--start-data STORE`` imagines as DreamerV3 and
@@ -52,66 +55,21 @@ import torch
 from tqdm import tqdm
 
 from trainers.agent import ActorCritic, AgentConfig
-from trainers.agent_envs import (REAL_PREFIX, attach_keep_ball, check_real_args, make_training_env, resample_rates,
+from trainers.agent_envs import (REAL_PREFIX, attach_keep_ball, attach_uncertainty, check_real_args, make_training_env,
+                                 resample_rates,
                                  warn_if_other_encoder)
 from trainers.agent_io import load_agent, save_agent, stage1_dir
 from trainers.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
-from trainers.common import (DTYPE_NAMES, ArgError, JsonlLogger, arg, catch_stop_signals, check_choice, check_out_dir,
-                             check_sampling_shift, check_temperature, dtype_arg, pick_device, run_cli, seed_everything,
+from trainers.common import (DTYPE_NAMES, ArgError, JsonlLogger, catch_stop_signals, check_choice, check_out_dir,
+                             check_sampling_shift, check_temperature, pick_device, run_cli, seed_everything,
                              setting_arg_error, signal_exit_code)
 from trainers.data import EpisodeStore
 from trainers.policy import evaluate_policy
 from trainers.rollout import clipped_loss, collect_rollout, rollout_loss, rollout_targets
+from trainers.train_agent_args import RESUME_CHECKED, Args
 from trainers.train_agent_report import plot_curves
 
 LOG_EVERY = 10
-
-
-@dataclass(kw_only=True)
-class Args:
-    world_model: str = arg(help="DiTWM/<Game>-v<k>, a bundle directory or hf:// source, rssm:STAGE1_DIR, or "
-                                "real:STAGE1_DIR (the real game through the stage-1 encoder: a perfect model)")
-    steps: int = arg(help="actor-critic updates in total (each: --horizon batched steps of --num-envs envs)")
-    out: str = arg(help="run directory (new or empty unless --resume)")
-    init: str = arg("auto", "stage1:DIR (start from the frozen stage-1 actor-critic), policy:DIR (from a policy "
-                            "directory, e.g. an earlier train-agent --out: continue it in another world model), "
-                            "scratch, or auto (the stage-1 dir of an rssm: or real: world model or of a bundle "
-                            "inside one)")
-    num_envs: int = arg(256, "parallel imagined envs")
-    horizon: int = arg(15, "imagined steps per update (DreamerV3: 15)")
-    eval_every: int = arg(100, "updates between real-game evaluations and checkpoints (0: only at the end)")
-    eval_episodes: int = arg(10, "real-game episodes per evaluation (DESIGN.md §4: >= 10)")
-    eval_max_steps: int = arg(27_000, "per-episode step cap of the real game (protocol: 27000)")
-    episode_steps: int = arg(0, "imagined episode length before truncation (0: the env's default)")
-    start_data: str = arg("", "episode store to draw imagination start contexts from instead of the bundle's "
-                              "(DIAMOND: the replay buffer), encoded with the world model's encoder")
-    start_contexts: int = arg(4096, "with --start-data: how many start contexts to draw (seeded by --seed)")
-    sampling_steps: int = arg(0, "denoising steps per imagined step (0: the bundle's default)")
-    temperature: float | None = arg(None, "sampling temperature: std of the initial noise (default: the "
-                                          "bundle's; DiT models only)")
-    sampling_shift: float | None = arg(None, "time shift of the sampler's steps (default: the bundle's; DiT "
-                                             "teachers only): > 1 spends more steps at high noise, where the "
-                                             "sample decides whether a small object is there")
-    keep_ball: int = arg(0, "Pong: draw an imagined step again up to this many times when it loses the ball (0: off)")
-    lost_ball_reward: float | None = arg(None, "with --keep-ball: reward of a step lost in every draw (e.g. -1)")
-    lost_ball_truncate: bool = arg(False, "with --keep-ball: undo a step lost in every draw; its episode ends there")
-    keep_ball_returns: bool = arg(False, "with --keep-ball: also draw again a return without the paddle")
-    rejection_penalty: float = arg(0.0, "with --keep-ball: subtracted from the reward of every step whose first draw "
-                                        "the rule rejects, on top of --lost-ball-reward (MOPO-style; 0: off)")
-    lr: float = arg(3e-5, "Adam learning rate of actor and critic (DreamerV3: 3e-5)")
-    gamma: float = arg(0.997, "discount of the λ-returns (DreamerV3: 0.997, a 333-step horizon)")
-    entropy_coef: float = arg(3e-4, "entropy bonus η of the actor loss (DreamerV3: 3e-4, on advantages divided "
-                                    "by max(1, return range))")
-    epochs: int = arg(1, "passes over each rollout (1: DreamerV3's one gradient step; more: PPO's clipped "
-                         "surrogate, Schulman et al. 2017, so each imagined step is learned from several times)")
-    minibatches: int = arg(1, "gradient steps per pass, each on a 1/M share of the envs (with --epochs)")
-    clip: float = arg(0.2, "PPO's ratio clip ε (with --epochs or --minibatches > 1)")
-    hidden: int = arg(256, "scratch only: MLP width of actor and critic (stage 1's default)")
-    device: str = arg("cpu", "torch device of world model and agent (cpu, cuda, auto)")
-    dtype: str = dtype_arg("; so does its encoder for start contexts and real-game evaluation; the agent stays "
-                           "float32")
-    seed: int = arg(0, "seed of envs, policy sampling and (scratch) initialisation")
-    resume: bool = arg(False, "continue the run in --out from its checkpoint")
 
 
 @dataclass
@@ -212,9 +170,7 @@ def prepare(args: Args) -> Setup:
         except FileNotFoundError as e:
             raise ArgError("out", f"expected a readable checkpoint to resume, got {e}") from None
         defaults = {f.name: f.default for f in dataclasses.fields(Args)}  # for keys absent in older runs
-        for name in ("world_model", "init", "hidden", "temperature", "sampling_shift", "gamma", "entropy_coef",
-                     "start_data", "start_contexts", "epochs", "minibatches", "clip", "keep_ball",
-                     "lost_ball_reward", "keep_ball_returns", "lost_ball_truncate", "rejection_penalty"):
+        for name in RESUME_CHECKED:
             prev = meta["args"].get(name, defaults[name])
             if prev != getattr(args, name):
                 raise ArgError(name, f"expected {prev!r} (the run being resumed), got {getattr(args, name)!r}")
@@ -241,6 +197,13 @@ def prepare(args: Args) -> Setup:
     if prev_rows is not None and start_rows != prev_rows:
         raise ArgError("start_data", f"expected the store of the run being resumed ({prev_rows} readable rows), got "
                                      f"{start_rows} rows in {args.start_data!r}: its start contexts would differ")
+    threshold = attach_uncertainty(envs, args.uncertainty_penalty, args.uncertainty_draws, args.uncertainty_quantile,
+                                   args.uncertainty_truncate)
+    if threshold is not None:
+        cut = " and truncation" if args.uncertainty_truncate else ""
+        print(f"train-agent: uncertainty penalty {args.uncertainty_penalty}{cut} on steps whose spread of "
+              f"{args.uncertainty_draws} draws passes {threshold:.3e} (its {args.uncertainty_quantile} quantile from "
+              f"the start contexts)")
     n_act = int(envs.single_action_space.n)
     if init_dir is None:
         with torch.random.fork_rng(devices=[]):

@@ -15,6 +15,7 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
 from dit_envs.envs.loading import load_for_env, set_sampling_shift, set_temperature
+from dit_envs.envs.uncertainty import UncertaintyPenalty, calibrate_threshold
 
 OBS_TYPES = ("pixels", "latent")
 
@@ -66,6 +67,7 @@ class ImaginationCore:
         self.resample_rule: Any = None
         self.max_resamples, self.rejected_reward, self.truncate_rejected, self.rejection_penalty = 0, None, False, 0.0
         self.resample_counts = {"steps": 0, "rejected": 0, "resampled": 0, "still_rejected": 0}
+        self.uncertainty: UncertaintyPenalty | None = None
 
     def set_resample_rule(self, rule: Any, max_resamples: int, rejected_reward: float | None = None,
                           truncate_rejected: bool = False, rejection_penalty: float = 0.0) -> None:
@@ -115,6 +117,33 @@ class ImaginationCore:
         self.rejected_reward = None if rule is None or rejected_reward is None else float(rejected_reward)
         self.truncate_rejected = bool(truncate_rejected) and rule is not None
         self.rejection_penalty = float(rejection_penalty)
+
+    def set_uncertainty_penalty(self, penalty: float, draws: int = 4, quantile: float = 0.9,
+                                threshold: float | None = None, truncate: bool = False) -> float | None:
+        """Charge ``penalty`` on every imagined step whose draw spread passes a threshold, and with ``truncate``
+        end its episode there (:class:`~dit_envs.envs.uncertainty.UncertaintyPenalty`: ``draws`` draws from the
+        same state and action, about ``draws`` times the model steps; MOReL/MOPO-style pessimism). ``threshold``
+        None calibrates it as the ``quantile`` of the spread over one step from this env's start contexts with
+        random actions (seeded, so the same contexts give the same threshold); ``penalty`` 0 without ``truncate``
+        turns it off. Returns the threshold (None: off).
+
+        Raises:
+            ValueError: a penalty that is not a finite number >= 0, ``draws`` < 2, ``quantile`` outside (0, 1), a
+                negative or non-finite ``threshold``, or a ``truncate`` that is not a bool; each message names the
+                parameter.
+        """
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float, np.number)) or not np.isfinite(penalty) \
+                or penalty < 0:
+            raise ValueError(f"penalty: expected a finite number >= 0, got {penalty!r}")
+        if not penalty and truncate is False:
+            self.uncertainty = None
+            return None
+        UncertaintyPenalty(penalty, draws, threshold or 0.0, truncate)  # validates before calibrating
+        if threshold is None:
+            threshold = calibrate_threshold(self.model, self.start_z, self.start_a, quantile, draws,
+                                            self.num_actions)
+        self.uncertainty = UncertaintyPenalty(penalty, draws, threshold, truncate)
+        return self.uncertainty.threshold
 
     def set_start_contexts(self, z: Any, prev_action: Any) -> None:
         """Replace the real start contexts that later resets draw from (e.g. DIAMOND's imagination starts from
@@ -191,12 +220,17 @@ class ImaginationCore:
         self.state, z, reward, term = self.model.step(prev, actions, self.generator)
         if self.resample_rule is not None:
             z, reward, term, cut = self._resample(prev, actions, z, reward, term)
+        uncertain = None
+        if self.uncertainty is not None:
+            reward, uncertain = self.uncertainty.apply(self.model, prev, actions, z, reward, self.generator, cut)
         self._last_z = z
         self.elapsed += 1
         terminated = term.cpu().numpy().astype(bool)
         truncated = (self.elapsed >= self.max_episode_steps) & ~terminated
         if cut is not None:
             truncated |= cut
+        if uncertain is not None and self.uncertainty.truncate:
+            truncated |= uncertain & ~terminated
         return reward.float().cpu().numpy(), terminated, truncated
 
     def _rejected(self, history: torch.Tensor, z: torch.Tensor, reward: torch.Tensor, term: torch.Tensor
