@@ -32,6 +32,7 @@ from dit_envs.sb3 import to_sb3  # noqa: E402
 from dit_envs.envs.real_latent import RealLatentVectorEnv  # noqa: E402
 from trainers.agent_envs import attach_keep_ball, attach_uncertainty  # noqa: E402
 from trainers.common import ArgError  # noqa: E402
+from trainers.train_agent_args import Args as TrainAgentArgs  # noqa: E402
 
 
 ACTIVATIONS = {"tanh": "Tanh", "relu": "ReLU", "silu": "SiLU", "elu": "ELU"}  # name -> torch.nn class
@@ -93,8 +94,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--uncertainty-truncate", action="store_true",
                    help="in training, end an imagined episode at a step whose spread passes the threshold "
                         "(as ditwm train-agent --uncertainty-truncate)")
-    p.add_argument("--uncertainty-draws", type=int, default=4, help="with --uncertainty-*: draws per step")
-    p.add_argument("--uncertainty-quantile", type=float, default=0.9,
+    p.add_argument("--uncertainty-draws", type=int, default=TrainAgentArgs.uncertainty_draws,
+                   help="with --uncertainty-*: draws per step")
+    p.add_argument("--uncertainty-quantile", type=float, default=TrainAgentArgs.uncertainty_quantile,
                    help="with --uncertainty-*: the spread's threshold as a quantile")
     p.add_argument("--lr", type=float, default=3e-4, help="PPO learning rate (SB3's default 3e-4)")
     p.add_argument("--gamma", type=float, default=0.99, help="PPO discount")
@@ -136,10 +138,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_envs = gym.make_vec(args.env_id, num_envs=args.num_envs, **kw)
     try:
         attach_keep_ball(train_envs, args.keep_ball, None, truncate_lost=args.lost_ball_truncate)
-        attach_uncertainty(train_envs, args.uncertainty_penalty, args.uncertainty_draws, args.uncertainty_quantile,
-                           args.uncertainty_truncate)
+        threshold = attach_uncertainty(train_envs, args.uncertainty_penalty, args.uncertainty_draws,
+                                       args.uncertainty_quantile, args.uncertainty_truncate)
     except ArgError as e:
         raise SystemExit(f"sb3_ppo_in_imagination.py: error: {e}") from None
+    if threshold is not None:
+        print(f"uncertain imagined steps (spread of {args.uncertainty_draws} draws above {threshold:.3e}): penalty "
+              f"{args.uncertainty_penalty}{', truncated' if args.uncertainty_truncate else ''}")
     venv = to_sb3(train_envs)
     venv.seed(args.seed)
     policy = "CnnPolicy" if args.obs_type == "pixels" else "MlpPolicy"

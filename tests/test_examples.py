@@ -262,7 +262,7 @@ def test_model_agreement_of_a_model_with_itself_and_on_known_errors(tiny_bundle,
     assert f"--world-models {other}: expected the frozen encoder of {tiny_bundle}" in capsys.readouterr().err
 
 
-def test_draw_spread_ranks_the_errors_of_a_tiny_model(tiny_bundle, tmp_path, capsys):
+def test_draw_spread_reports_on_a_tiny_model(tiny_bundle, tmp_path, capsys):
     from tests.test_fidelity import make_pong_store  # a store with held-out episodes
 
     mod = _load("draw_spread")

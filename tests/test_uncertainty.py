@@ -66,28 +66,65 @@ def test_the_penalty_charges_exactly_the_steps_whose_spread_passes_the_threshold
     assert unc_low.rates() == {}  # reset by the call
 
 
-def test_truncation_ends_exactly_the_uncertain_steps_episodes_and_keeps_their_final_obs(bundle):
+def _truncating_run(bundle, penalty, threshold, steps=20):
     env = _env(bundle, temperature=1.0)
-    core = env.unwrapped.core
+    env.unwrapped.core.set_uncertainty_penalty(penalty, 3, threshold=threshold, truncate=np.True_)
+    obs, _ = env.reset(seed=3)
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(steps):
+        prev = obs
+        obs, reward, term, trunc, info = env.step(rng.integers(0, 6, 16))
+        out.append((prev, reward, term, trunc, info))
+    return out, env.unwrapped.core
+
+
+def test_truncation_ends_exactly_the_uncertain_steps_episodes_at_their_successor(bundle):
     probe = _env(bundle, temperature=1.0).unwrapped.core
     probe.set_uncertainty_penalty(0.1, 3, threshold=0.0)
     probe.reset_envs()
     for _ in range(5):
         probe.step(torch.zeros(16, dtype=torch.int64))
     mid = probe.uncertainty.counts["spread_sum"] / probe.uncertainty.counts["steps"]
-    assert core.set_uncertainty_penalty(0.0, 3, threshold=mid, truncate=True) == mid
-    obs, _ = env.reset(seed=3)
-    rng = np.random.default_rng(0)
-    cut = ended = 0
-    for _ in range(20):
-        obs, reward, term, trunc, info = env.step(rng.integers(0, 6, 16))
-        cut, ended = cut + int(trunc.sum()), ended + int(term.sum())
-        for i in np.flatnonzero(trunc):
-            assert info["final_obs"][i].shape == obs[i].shape and core.elapsed[i] == 0  # a new episode began
-    uncertain = core.uncertainty.counts["uncertain"]  # a terminal step ends its episode anyway, not truncated
-    assert 0 < uncertain - ended <= cut <= uncertain < core.uncertainty.counts["steps"]
+    low, core = _truncating_run(bundle, 0.25, mid)
+    high, _ = _truncating_run(bundle, 0.75, mid)  # the same draws: the size of the penalty changes nothing else
+    cut = 0
+    for (prev, r_low, term, trunc, info), (_, r_high, term_h, trunc_h, _) in zip(low, high):
+        uncertain = np.isclose(r_low - r_high, 0.5, atol=1e-6)  # the charged steps
+        assert np.array_equal(trunc, uncertain & ~term) and np.array_equal(trunc, trunc_h)
+        for i in np.flatnonzero(trunc):  # the episode ends at the uncertain successor, kept as final_obs
+            assert np.array_equal(info["final_obs"][i][:-1], prev[i][1:])
+        cut += int(trunc.sum())
+    assert 0 < cut < core.uncertainty.counts["steps"]
+    off = _env(bundle, temperature=1.0).unwrapped.core
+    assert off.set_uncertainty_penalty(0, truncate=np.False_) is None and off.uncertainty is None
     with pytest.raises(ValueError, match="truncate: expected a bool, got 'yes'"):
         core.set_uncertainty_penalty(0.1, truncate="yes")
+
+
+def test_off_by_default_and_undone_steps_are_neither_charged_nor_counted(bundle):
+    from tests.test_keep_ball import positive_first
+
+    runs = []
+    for penalty in (None, 0.0):
+        env = _env(bundle, temperature=1.0)
+        if penalty is not None:
+            env.unwrapped.core.set_uncertainty_penalty(penalty)
+        env.reset(seed=3)
+        rng = np.random.default_rng(0)
+        runs.append([env.step(rng.integers(0, 6, 16))[:2] for _ in range(10)])
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(*runs))  # same stream
+    env = _env(bundle, temperature=1.0)
+    core = env.unwrapped.core
+    core.set_resample_rule(positive_first, 1, truncate_rejected=True)
+    core.set_uncertainty_penalty(0.1, 2, threshold=0.0)  # every kept step is uncertain
+    env.reset(seed=3)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        reward, trunc = env.step(rng.integers(0, 6, 16))[1:4:2]
+        assert np.all(reward[trunc] == 0.0)  # an undone step is not charged
+    assert core.uncertainty.counts["steps"] == 10 * 16 - core.resample_counts["still_rejected"] > 0
+    assert core.uncertainty.counts["uncertain"] == core.uncertainty.counts["steps"]
 
 
 def test_the_threshold_is_calibrated_reproducibly_without_touching_the_envs_draws(bundle):
@@ -137,7 +174,9 @@ def test_train_agent_uncertainty_penalty_logs_its_rates_and_is_checked_on_resume
                       (["--uncertainty-penalty", "0.1", "--uncertainty-draws", "1"], "--uncertainty-draws"),
                       (["--uncertainty-penalty", "0.1", "--uncertainty-quantile", "2"], "--uncertainty-quantile"),
                       (["--uncertainty-penalty", "0.1", "--world-model", "real:/x"], "--uncertainty-penalty"),
-                      (["--uncertainty-truncate", "--world-model", "real:/x"], "--uncertainty-truncate")):
+                      (["--uncertainty-truncate", "--world-model", "real:/x"], "--uncertainty-truncate"),
+                      (["--uncertainty-penalty", "0.1", "--uncertainty-draws", "1", "--world-model", "/nope"],
+                       "--uncertainty-draws")):  # checked before the model loads
         assert cli.main([*argv[:-1], str(tmp_path / "bad"), *bad]) == 2
         err = capsys.readouterr().err
         assert flag in err and err.count("\n") == 1

@@ -159,31 +159,48 @@ def _keep_ball_flag(e: ValueError) -> tuple[str, str]:
     return field, msg.replace("max_resamples", "--keep-ball") if param in KEEP_BALL_FLAGS else str(e)
 
 
+UNCERTAINTY_FLAGS = {"penalty": "uncertainty_penalty", "truncate": "uncertainty_truncate",
+                     "draws": "uncertainty_draws", "quantile": "uncertainty_quantile"}
+
+
+def check_uncertainty_args(penalty: float, draws: int, quantile: float, truncate: bool = False) -> None:
+    """Check ``--uncertainty-penalty P [--uncertainty-truncate] [--uncertainty-draws M] [--uncertainty-quantile q]``
+    before any model is loaded. Raises :class:`~trainers.common.ArgError` naming the option: ``P`` not a finite
+    number >= 0, ``M`` < 2, ``q`` outside (0, 1), or ``M`` or ``q`` changed while the penalty is off (``P`` 0 without
+    truncation)."""
+    from dit_envs.envs.uncertainty import UncertaintyPenalty, check_quantile
+
+    if not (penalty or truncate):
+        for name, v in (("uncertainty_draws", draws), ("uncertainty_quantile", quantile)):
+            if v != getattr(Args, name):
+                raise ArgError(name, f"expected --uncertainty-penalty or --uncertainty-truncate with it, got "
+                                     f"--{name.replace('_', '-')} {v} alone")
+        if penalty == 0:
+            return
+    try:
+        UncertaintyPenalty(penalty, draws, 0.0, bool(truncate))
+        check_quantile(quantile)
+    except ValueError as e:
+        param, _, msg = str(e).partition(": ")
+        raise ArgError(UNCERTAINTY_FLAGS.get(param, "uncertainty_penalty"), msg) from None
+
+
 def attach_uncertainty(envs: gym.vector.VectorEnv, penalty: float, draws: int, quantile: float,
                        truncate: bool = False) -> float | None:
     """``--uncertainty-penalty P [--uncertainty-truncate] [--uncertainty-draws M] [--uncertainty-quantile q]``: the
     draw-spread penalty and/or truncation (:meth:`~dit_envs.envs.imagination.ImaginationCore.set_uncertainty_penalty`)
     on a training env; returns the calibrated threshold (None when off: ``P`` 0 without truncation). Raises
-    :class:`~trainers.common.ArgError` naming the option for a bad value, for ``M`` or ``q`` changed while off, or
-    for an env that is not imagination (``real:``)."""
+    :class:`~trainers.common.ArgError` naming the option for a bad value (:func:`check_uncertainty_args`) or for an
+    env that is not imagination (``real:``)."""
+    check_uncertainty_args(penalty, draws, quantile, truncate)
     on = bool(penalty) or truncate
-    if not on:
-        for name, v in (("uncertainty_draws", draws), ("uncertainty_quantile", quantile)):
-            if v != getattr(Args, name):
-                raise ArgError(name, f"expected --uncertainty-penalty or --uncertainty-truncate with it, got "
-                                     f"--{name.replace('_', '-')} {v} alone")
     core = getattr(envs.unwrapped, "core", None)
     if core is None or not hasattr(core, "set_uncertainty_penalty"):
         if on:
             raise ArgError("uncertainty_truncate" if truncate and not penalty else "uncertainty_penalty",
                            f"expected an imagination env, got {type(envs.unwrapped).__name__}")
         return None
-    try:
-        return core.set_uncertainty_penalty(penalty, draws, quantile, truncate=truncate)
-    except ValueError as e:
-        param, _, msg = str(e).partition(": ")
-        field = {"draws": "uncertainty_draws", "quantile": "uncertainty_quantile"}.get(param, "uncertainty_penalty")
-        raise ArgError(field, msg) from None
+    return core.set_uncertainty_penalty(penalty, draws, quantile, truncate=truncate)
 
 
 def resample_rates(envs: gym.vector.VectorEnv) -> dict[str, float]:

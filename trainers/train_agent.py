@@ -20,7 +20,8 @@ Rejection. ``--keep-ball R`` (Pong) draws a step again where the ball is lost wi
 (returns, reward, truncation, penalty): :func:`trainers.agent_envs.attach_keep_ball`.
 Uncertainty. ``--uncertainty-penalty P`` (any game) charges ``P`` on every imagined step whose
 ``--uncertainty-draws`` draws from the same state and action spread more than their ``--uncertainty-quantile`` over
-one step from the start contexts (:mod:`dit_envs.envs.uncertainty`; MOReL-style pessimism).
+one step from the start contexts (:mod:`dit_envs.envs.uncertainty`; MOReL-style pessimism);
+``--uncertainty-truncate`` ends the imagined episode at such a step (MBPO-style).
 ``--init policy:DIR`` continues a run's policy in another world model: with ``ditwm collect --agent policy`` and
 ``ditwm pretrain --init`` this is a DIAMOND-style alternation (Alonso et al. 2024) of data collection, world-model
 fine-tuning and training in imagination. ``--episode-steps 15`` with ``--start-data STORE`` imagines as DreamerV3 and
@@ -55,9 +56,8 @@ import torch
 from tqdm import tqdm
 
 from trainers.agent import ActorCritic, AgentConfig
-from trainers.agent_envs import (REAL_PREFIX, attach_keep_ball, attach_uncertainty, check_real_args, make_training_env,
-                                 resample_rates,
-                                 warn_if_other_encoder)
+from trainers.agent_envs import (REAL_PREFIX, attach_keep_ball, attach_uncertainty, check_real_args,
+                                 check_uncertainty_args, make_training_env, resample_rates, warn_if_other_encoder)
 from trainers.agent_io import load_agent, save_agent, stage1_dir
 from trainers.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
 from trainers.common import (DTYPE_NAMES, ArgError, JsonlLogger, catch_stop_signals, check_choice, check_out_dir,
@@ -159,6 +159,8 @@ def prepare(args: Args) -> Setup:
                                          f"{args.start_contexts} alone")
     check_temperature(args.temperature)
     check_sampling_shift(args.sampling_shift)
+    check_uncertainty_args(args.uncertainty_penalty, args.uncertainty_draws, args.uncertainty_quantile,
+                           args.uncertainty_truncate)
     check_choice("dtype", args.dtype, DTYPE_NAMES)
     dev = pick_device(args.device)
     out = check_out_dir(args.out, args.resume)
@@ -200,8 +202,9 @@ def prepare(args: Args) -> Setup:
     threshold = attach_uncertainty(envs, args.uncertainty_penalty, args.uncertainty_draws, args.uncertainty_quantile,
                                    args.uncertainty_truncate)
     if threshold is not None:
-        cut = " and truncation" if args.uncertainty_truncate else ""
-        print(f"train-agent: uncertainty penalty {args.uncertainty_penalty}{cut} on steps whose spread of "
+        what = " and ".join([f"penalty {args.uncertainty_penalty}"] * bool(args.uncertainty_penalty)
+                            + ["truncation"] * args.uncertainty_truncate)
+        print(f"train-agent: uncertainty {what} on steps whose spread of "
               f"{args.uncertainty_draws} draws passes {threshold:.3e} (its {args.uncertainty_quantile} quantile from "
               f"the start contexts)")
     n_act = int(envs.single_action_space.n)

@@ -15,7 +15,7 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
 from dit_envs.envs.loading import load_for_env, set_sampling_shift, set_temperature
-from dit_envs.envs.uncertainty import UncertaintyPenalty, calibrate_threshold
+from dit_envs.envs.uncertainty import UncertaintyPenalty, build_penalty
 
 OBS_TYPES = ("pixels", "latent")
 
@@ -132,18 +132,9 @@ class ImaginationCore:
                 negative or non-finite ``threshold``, or a ``truncate`` that is not a bool; each message names the
                 parameter.
         """
-        if isinstance(penalty, bool) or not isinstance(penalty, (int, float, np.number)) or not np.isfinite(penalty) \
-                or penalty < 0:
-            raise ValueError(f"penalty: expected a finite number >= 0, got {penalty!r}")
-        if not penalty and truncate is False:
-            self.uncertainty = None
-            return None
-        UncertaintyPenalty(penalty, draws, threshold or 0.0, truncate)  # validates before calibrating
-        if threshold is None:
-            threshold = calibrate_threshold(self.model, self.start_z, self.start_a, quantile, draws,
-                                            self.num_actions)
-        self.uncertainty = UncertaintyPenalty(penalty, draws, threshold, truncate)
-        return self.uncertainty.threshold
+        self.uncertainty = build_penalty(self.model, self.start_z, self.start_a, self.num_actions, penalty, draws,
+                                         quantile, threshold, truncate)
+        return None if self.uncertainty is None else self.uncertainty.threshold
 
     def set_start_contexts(self, z: Any, prev_action: Any) -> None:
         """Replace the real start contexts that later resets draw from (e.g. DIAMOND's imagination starts from

@@ -3,8 +3,8 @@
 A diffusion (or any sampled) world model gives a distribution over the next latent, not one latent. Drawn ``M``
 times from the same state and action, its draws agree where the model knows what comes next and spread where it
 does not. Atari under the Atari-100k protocol (no sticky actions) is deterministic, so the spread is the model's
-own uncertainty, not the game's noise. On held-out real Pong contexts, the one-step spread of the shipped model
-ranks the error of its mean prediction with a Spearman correlation of 0.88 (README, results).
+own uncertainty, not the game's noise. On held-out real Pong contexts, the one-step spread of 8 draws of the shipped
+model ranks the error of their mean with a Spearman correlation of 0.88 (README, results).
 
 :class:`UncertaintyPenalty` turns the spread into a pessimistic reward, as model-based offline RL does with the
 disagreement of an ensemble. MOReL (Kidambi et al. 2020) penalises the state-actions whose disagreement passes a
@@ -54,6 +54,12 @@ def draw_spread(model: Any, state: State, actions: torch.Tensor, draws: int, gen
     return z.var(dim=1).mean(dim=1)
 
 
+def check_quantile(quantile: float) -> None:
+    """Raise ValueError naming ``quantile`` unless it is a number in ``(0, 1)``."""
+    if isinstance(quantile, bool) or not isinstance(quantile, (int, float, np.number)) or not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile: expected a number in (0, 1), got {quantile!r}")
+
+
 @torch.no_grad()
 def calibrate_threshold(model: Any, start_z: torch.Tensor, start_a: torch.Tensor, quantile: float, draws: int,
                         num_actions: int, seed: int = 0, contexts: int = 1024, chunk: int = 256) -> float:
@@ -69,10 +75,12 @@ def calibrate_threshold(model: Any, start_z: torch.Tensor, start_a: torch.Tensor
     Returns:
         The threshold, in squared latent units (:func:`draw_spread`).
     Raises:
-        ValueError: ``quantile`` outside ``(0, 1)``; ``draws`` < 2.
+        ValueError: ``quantile`` outside ``(0, 1)``; ``draws`` < 2; no start context, or ``contexts`` / ``chunk`` < 1.
     """
-    if isinstance(quantile, bool) or not isinstance(quantile, (int, float, np.number)) or not 0.0 < quantile < 1.0:
-        raise ValueError(f"quantile: expected a number in (0, 1), got {quantile!r}")
+    check_quantile(quantile)
+    if len(start_z) < 1 or contexts < 1 or chunk < 1:
+        raise ValueError(f"start_z: expected >= 1 context (and contexts, chunk >= 1), got {len(start_z)} contexts, "
+                         f"contexts={contexts}, chunk={chunk}")
     rng = np.random.default_rng(seed)
     pick = torch.as_tensor(rng.permutation(len(start_z))[:contexts], device=start_z.device)
     actions = torch.as_tensor(rng.integers(0, num_actions, len(pick)), device=start_z.device)
@@ -97,7 +105,9 @@ class UncertaintyPenalty:
         threshold: spread (squared latent units, :func:`draw_spread`) above which a step is uncertain, >= 0.
         truncate: an uncertain step (not a terminal one) also truncates its episode, so a learner bootstraps from
             its critic there instead of learning from what the model imagines after it (model-based RL's
-            truncation at unreliable model states, e.g. MBPO, Janner et al. 2019; MOReL's halting).
+            truncation at unreliable model states, e.g. MBPO, Janner et al. 2019; MOReL's halting). The step is
+            kept: ``final_obs`` is the uncertain successor, the learner bootstraps from it (unlike Pong's
+            ``truncate_rejected``, which undoes a broken step).
     Raises:
         ValueError: a value out of range, naming the parameter.
 
@@ -145,3 +155,31 @@ class UncertaintyPenalty:
         out = {"uncertain_rate": c["uncertain"] / c["steps"], "spread_mean": c["spread_sum"] / c["steps"]}
         self.counts = {"steps": 0, "uncertain": 0, "spread_sum": 0.0}
         return out
+
+
+def build_penalty(model: Any, start_z: torch.Tensor, start_a: torch.Tensor, num_actions: int, penalty: float,
+                  draws: int = 4, quantile: float = 0.9, threshold: float | None = None,
+                  truncate: bool = False) -> UncertaintyPenalty | None:
+    """Validate the settings and build the :class:`UncertaintyPenalty` of an env (None when off: ``penalty`` 0
+    without ``truncate``), its threshold calibrated by :func:`calibrate_threshold` when ``threshold`` is None.
+
+    Args:
+        model, start_z, start_a, num_actions: as :func:`calibrate_threshold` takes them (the env's model and its
+            start contexts); penalty, draws, threshold, truncate: as :class:`UncertaintyPenalty` takes them;
+            quantile: in ``(0, 1)``, checked whenever the penalty is on.
+    Raises:
+        ValueError: a value out of range, naming the parameter (``penalty``, ``truncate``, ``draws``, ``quantile``,
+            ``threshold``), before any model call.
+    """
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float, np.number)) or not np.isfinite(penalty) \
+            or penalty < 0:
+        raise ValueError(f"penalty: expected a finite number >= 0, got {penalty!r}")
+    if not isinstance(truncate, (bool, np.bool_)):
+        raise ValueError(f"truncate: expected a bool, got {truncate!r}")
+    if not penalty and not truncate:
+        return None
+    UncertaintyPenalty(penalty, draws, threshold or 0.0, bool(truncate))  # validates before calibrating
+    check_quantile(quantile)
+    if threshold is None:
+        threshold = calibrate_threshold(model, start_z, start_a, quantile, draws, num_actions)
+    return UncertaintyPenalty(penalty, draws, threshold, bool(truncate))
