@@ -139,13 +139,14 @@ class UncertaintyPenalty:
             keep = ~torch.as_tensor(skip, device=spread.device)
             spread = torch.where(keep, spread, torch.zeros_like(spread))
         uncertain = spread > self.threshold
+        mask = uncertain.cpu().numpy()  # one device transfer for the counts and the caller
         c = self.counts
-        c["steps"] += len(spread) - (0 if skip is None else int(np.asarray(skip).sum()))
-        c["uncertain"] += int(uncertain.sum())
+        c["steps"] += len(mask) - (0 if skip is None else int(np.asarray(skip).sum()))
+        c["uncertain"] += int(mask.sum())
         c["spread_sum"] += float(spread.sum())
         if self.penalty:
             reward = reward - self.penalty * uncertain.to(reward.dtype)
-        return reward, uncertain.cpu().numpy()
+        return reward, mask
 
     def rates(self) -> dict[str, float]:
         """``{"uncertain_rate", "spread_mean"}`` since the last call (``{}`` without steps); resets the counts."""
@@ -178,8 +179,8 @@ def build_penalty(model: Any, start_z: torch.Tensor, start_a: torch.Tensor, num_
         raise ValueError(f"truncate: expected a bool, got {truncate!r}")
     if not penalty and not truncate:
         return None
-    UncertaintyPenalty(penalty, draws, threshold or 0.0, bool(truncate))  # validates before calibrating
-    check_quantile(quantile)
+    unc = UncertaintyPenalty(penalty, draws, 0.0 if threshold is None else threshold, bool(truncate))
+    check_quantile(quantile)  # every setting is checked before the calibration's model calls
     if threshold is None:
-        threshold = calibrate_threshold(model, start_z, start_a, quantile, draws, num_actions)
-    return UncertaintyPenalty(penalty, draws, threshold, bool(truncate))
+        unc.threshold = calibrate_threshold(model, start_z, start_a, quantile, draws, num_actions)
+    return unc
