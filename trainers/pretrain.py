@@ -54,8 +54,8 @@ from trainers.pretrain_eval import data_summary, eval_windows, evaluate
 from trainers.pretrain_nets import FLAGS as NET_FLAGS, check_init, net_configs, saved_field
 from trainers.pretrain_objective import ObjectiveConfig, PretrainNet, make_inputs, optimizer_step, total_loss
 from trainers.priority import event_probabilities, flag_probabilities, one_step_errors, priority_probabilities
-from trainers.pretrain_state import (configs_meta, export_bundle, init_weights, model_card, rank_seed, read_state,
-                                     restore_state, save_state)
+from trainers.pretrain_state import (configs_meta, export_bundle, init_weights, model_card, rank_seed, read_init,
+                                     read_state, restore_state, save_state)
 
 
 @dataclass(kw_only=True)
@@ -65,9 +65,9 @@ class Args(LoopArgs):
     out: str = arg(help="output directory: ckpt/, metrics.jsonl, bundle/ (new or empty unless --resume)")
     steps: int = arg(help="optimiser steps in total")
     init: str = arg("", "fine-tune: start from the EMA weights and latent standardisation of an earlier pretrain "
-                        "OUT (its ckpt; same encoder and preset; --context-len >= its K, the time positions grown "
-                        "by trainers.pretrain_state.init_weights), with a fresh optimiser and schedule ('': from "
-                        "scratch)")
+                        "OUT (its ckpt) or of a DiT bundle (directory, hf:// source or env id; read_init); same "
+                        "encoder and network config; --context-len >= its K (positions grown by init_weights); a "
+                        "fresh optimiser and schedule ('': from scratch)")
     preset: str = arg("S", "DiT size preset", choices=tuple(DIT_PRESETS))
     depth: int = arg(0, "DiT blocks (0: the preset's; e.g. --preset S --depth 6 for a deeper S)")
     width: int = arg(0, "DiT token width (0: the preset's; a multiple of the preset's heads)")
@@ -175,12 +175,13 @@ def validate(args: Args) -> Setup:
     except (FileNotFoundError, ValueError) as e:
         raise ArgError("stage1", f"expected stage-1 artifacts (autoencoder.json + autoencoder.safetensors), "
                                  f"got {e}") from None
+    sha = sha256_file(stage1 / "autoencoder.safetensors")
     init_state = None
     if args.init:
         try:
-            init_state = read_state(Path(args.init))
-        except FileNotFoundError as e:
-            raise ArgError("init", f"expected a pretrain output directory with a checkpoint, got {e}") from None
+            init_state = read_init(args.init, ae, sha)
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            raise ArgError("init", f"expected a pretrain output with a checkpoint, or a DiT bundle, got {e}") from None
     k = args.context_len or (int(init_state[1].get("context_len", 0)) if init_state else 0)  # default: --init's K
     agent = stage1 / "agent.json"  # else stage 1's K
     k = k or (int(json.loads(agent.read_text()).get("context_len", 4)) if agent.is_file() else 4)
@@ -201,7 +202,6 @@ def validate(args: Args) -> Setup:
     if longest < window:
         raise ArgError("data", f"expected a non-held-out episode of >= {window} frames (K + max(1, rollout_steps)), "
                                f"got {int(train.sum())} rows whose longest episode segment has {longest}")
-    sha = sha256_file(stage1 / "autoencoder.safetensors")
     dit_now = asdict(net_configs(args, ae, len(meta["action_meanings"]), k)[0])  # refused sizes fail before writes
     if args.resume and ((Path(args.out) / "ckpt").exists() or (Path(args.out) / "ckpt.prev").exists()):
         try:
@@ -221,7 +221,7 @@ def validate(args: Args) -> Setup:
         if ck.get("encoder_sha256") != sha:
             raise ArgError("init", f"expected a run on this stage-1 autoencoder (sha256 {sha}), got one on "
                                    f"{ck.get('encoder_sha256')}")
-        if args.preset != ck["args"]["preset"]:
+        if ck["args"]["preset"] is not None and args.preset != ck["args"]["preset"]:  # a bundle: configs only
             raise ArgError("preset", f"expected {ck['args']['preset']!r} (the --init run's), got {args.preset!r}")
         if k < ck.get("context_len", k):  # a context can grow (init_weights), not shrink
             raise ArgError("context_len", f"expected >= {ck['context_len']} (the --init run's), got {k}")

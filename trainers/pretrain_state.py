@@ -67,6 +67,52 @@ def read_state(out: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_checkpoint(out, "cpu")
 
 
+def read_init(spec: str, autoencoder: torch.nn.Module, encoder_sha256: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The starting point of a ``--init`` fine-tune: ``(tensors, meta)`` as :func:`read_state` returns them.
+
+    ``spec`` is either an earlier ``ditwm pretrain`` output (its newest checkpoint), or a DiT world-model bundle: a
+    directory, an ``hf://`` source or a registered env id such as ``DiTWM/Pong-v0`` (resolved and sha256-checked by
+    :func:`registry.resolve`, loaded by :func:`dit_envs.bundle.load_bundle`). A bundle's weights, float32 whatever
+    their storage dtype, become ``ema.dit.*`` / ``ema.heads.*`` with its ``latent_mean`` / ``latent_std``
+    ``(d_z,)``; its meta has the bundle's ``context_len`` and ``configs``, no preset (the configs are compared by
+    :func:`trainers.pretrain_nets.check_init`), and ``encoder_sha256`` is ``encoder_sha256`` when the bundle's
+    autoencoder equals ``autoencoder`` at the bundle's storage dtype (an fp16 release of the same encoder),
+    else the sha256 of the bundle's own ``autoencoder.safetensors``.
+
+    Raises:
+        FileNotFoundError: no checkpoint and no bundle at ``spec``.
+        ValueError: a bundle that is not a DiT world model (``model_type``), or one :func:`load_bundle` refuses.
+    """
+    import registry
+    from dit_envs.bundle import load_bundle
+    from registry.catalog import ENV_ID_RE
+
+    path = Path(spec).expanduser()
+    if (path / "ckpt").exists() or (path / "ckpt.prev").exists():
+        return read_state(path)
+    if ENV_ID_RE.fullmatch(spec) and not path.exists():
+        path = registry.resolve(registry.get(spec))
+    elif not (path / "config.json").is_file():
+        path = registry.resolve(spec)  # hf:// sources; a missing directory raises FileNotFoundError
+    bundle = load_bundle(path)
+    cfg = bundle.config
+    if cfg.get("model_type") != "dit":
+        raise ValueError(f"model_type: expected a 'dit' bundle to fine-tune, got {cfg.get('model_type')!r} in {path}")
+    model = bundle.model
+    store = getattr(torch, str(cfg.get("dtype", "float32")))
+    own = model.autoencoder.state_dict()
+    ref = autoencoder.state_dict()
+    same = own.keys() == ref.keys() and all(
+        torch.equal(ref[k].to(store).to(own[k].dtype), own[k]) if ref[k].is_floating_point()
+        else torch.equal(ref[k], own[k]) for k in own)
+    tensors = {f"ema.{k}": v.float() for k, v in model.state_dict().items() if k.startswith(("dit.", "heads."))}
+    tensors["latent_mean"], tensors["latent_std"] = model.latent_mean.float(), model.latent_std.float()
+    sha = encoder_sha256 if same else cfg["files"].get("autoencoder.safetensors")
+    meta = {"context_len": int(cfg["context_len"]), "configs": {k: cfg["configs"][k] for k in ("dit", "heads")},
+            "encoder_sha256": sha, "args": {"preset": None}, "source": str(path)}
+    return tensors, meta
+
+
 def init_weights(tensors: dict[str, torch.Tensor], meta: dict, context_len: int) -> dict[str, torch.Tensor]:
     """The EMA weights of an ``--init`` checkpoint for a model with ``context_len`` K' >= its own K.
 
