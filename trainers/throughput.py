@@ -38,6 +38,8 @@ class Args:
     dtype: str = dtype_arg()
     threads: int = arg(0, "torch CPU threads (0: torch's default)")
     json_out: str = arg("", "also write the figures to this JSON file")
+    uncertainty_draws: int = arg(0, "also time the latent env with train-agent's --uncertainty-penalty of this many "
+                                    "draws per step (M - 1 extra draws from one context pass; 0: off)")
 
 
 def _random_bundle(args: Args, out: Path) -> Path:
@@ -89,6 +91,8 @@ def main(args: Args) -> int:
     for name in ("num_envs", "sampling_steps", "steps", "repeats"):
         if getattr(args, name) < 1:
             raise ArgError(name, f"expected an integer >= 1, got {getattr(args, name)}")
+    if args.uncertainty_draws == 1 or args.uncertainty_draws < 0:
+        raise ArgError("uncertainty_draws", f"expected 0 (off) or an integer >= 2, got {args.uncertainty_draws}")
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,8 +105,11 @@ def main(args: Args) -> int:
         else:
             kw["checkpoint"] = args.world_model
         figures: dict[str, float] = {}
-        for obs_type in ("latent", "pixels"):
-            envs = gym.make_vec(env_id, num_envs=args.num_envs, obs_type=obs_type, **kw)
+        for obs_type in ("latent", "pixels", *(("uncertainty",) if args.uncertainty_draws else ())):
+            envs = gym.make_vec(env_id, num_envs=args.num_envs, obs_type=obs_type.replace("uncertainty", "latent"),
+                                **kw)
+            if obs_type == "uncertainty":  # a fixed threshold: the speed does not depend on it
+                envs.unwrapped.core.set_uncertainty_penalty(0.1, args.uncertainty_draws, threshold=1e-3)
             envs.reset(seed=0)
             rng = np.random.default_rng(0)
             n_act = envs.single_action_space.n
@@ -123,6 +130,9 @@ def main(args: Args) -> int:
           f"({figures['ratio_latent_vs_real']:.2f} x real)")
     print(f"  imagined, pixel obs  : {figures['imagined_pixels_steps_per_s']:10.0f} env steps/s  "
           f"({figures['ratio_pixels_vs_real']:.2f} x real)")
+    if args.uncertainty_draws:
+        print(f"  imagined, latent obs, uncertainty penalty of {args.uncertainty_draws} draws: "
+              f"{figures['imagined_uncertainty_steps_per_s']:10.0f} env steps/s")
     print(f"  real ALE {args.game:<11} : {figures['real_ale_steps_per_s']:10.0f} env steps/s")
     print(f"  peak RSS after imagination: {figures['peak_rss_mib']:.0f} MiB")
     if args.json_out:

@@ -246,7 +246,8 @@ class ImaginationCore:
         cut = None
         if len(idx):
             rep = idx.repeat_interleave(n_draws)
-            state, z2, r2, t2 = self.model.step({k: v[rep] for k, v in prev.items()}, actions[rep], self.generator)
+            state, z2, r2, t2 = self.model.step({k: v[idx] for k, v in prev.items()}, actions[idx], self.generator,
+                                                draws=n_draws)  # rows j·n_draws + d: draw d of env idx[j]
             ok = ~self._rejected(history[rep], z2, r2, t2).view(-1, n_draws)
             first = torch.where(ok.any(1), ok.float().argmax(1), torch.full_like(idx, n_draws - 1))
             pick = torch.arange(len(idx), device=self.device) * n_draws + first

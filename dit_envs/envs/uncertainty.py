@@ -46,8 +46,7 @@ def draw_spread(model: Any, state: State, actions: torch.Tensor, draws: int, gen
         raise ValueError(f"draws: expected an integer >= 2, got {draws!r}")
     fresh = draws - (first is not None)
     n = len(actions)
-    rep = torch.arange(n, device=actions.device).repeat_interleave(fresh)
-    _, z, _, _ = model.step({k: v[rep] for k, v in state.items()}, actions[rep], generator)
+    _, z, _, _ = model.step(state, actions, generator, draws=fresh)  # rows i·fresh + j
     z = z.float().view(n, fresh, -1)
     if first is not None:
         z = torch.cat([first.float()[:, None], z], dim=1)

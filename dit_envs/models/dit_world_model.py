@@ -24,7 +24,7 @@ from torch import nn
 from dit_envs.models.autoencoder import AutoencoderConfig, FrameAutoencoder
 from dit_envs.models.dit import DiT, DiTConfig
 from dit_envs.models.heads import HeadsConfig, RewardTermHead
-from dit_envs.models.world_model import SamplingStepsMixin, State
+from dit_envs.models.world_model import SamplingStepsMixin, State, check_draws
 from dit_envs.io import load_weight_files
 
 WEIGHT_FILES = ("autoencoder.safetensors", "dynamics.safetensors", "heads.safetensors")
@@ -261,7 +261,7 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
 
     @torch.no_grad()
     def step(
-        self, state: State, action: torch.Tensor, generator: torch.Generator | None = None
+        self, state: State, action: torch.Tensor, generator: torch.Generator | None = None, draws: int = 1
     ) -> tuple[State, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Imagine one step for every env (see :class:`~dit_envs.models.world_model.WorldModel`).
 
@@ -271,13 +271,17 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
             action: int64 ``(N,)`` in ``[0, num_actions)``.
             generator: ``torch.Generator`` on the model's device for the initial noise (same seed → bit-identical
                 results on CPU); None uses torch's global RNG.
+            draws: ``M`` draws per env from one context pass: the per-layer context keys/values are computed for
+                the ``N`` envs once and shared by their ``M`` rows ``i·M + j``, so the ``M − 1`` extra draws cost
+                only the sampler's single-token passes (the uncertainty spread, keep-ball redraws).
         Returns:
-            ``(next_state, z_next float32 (N, d_z), reward float32 (N,), terminated bool (N,))``; ``next_state``
-            holds new tensors (the input state is not modified).
+            ``(next_state, z_next float32 (N·M, d_z), reward float32 (N·M,), terminated bool (N·M,))``;
+            ``next_state`` holds new tensors (the input state is not modified).
         Raises:
-            ValueError: bad ``action`` (dtype, shape or range), a malformed ``state``, or a ``generator`` on
-                another device.
+            ValueError: bad ``action`` (dtype, shape or range), a malformed ``state``, a ``generator`` on another
+                device, or ``draws`` not an integer >= 1.
         """
+        draws = check_draws(draws)
         z, a = state["z"], state["a"]
         N = z.shape[0]
         if tuple(z.shape[1:]) != (self.context_len, self.latent_dim) or tuple(a.shape) != (N, self.context_len):
@@ -301,6 +305,12 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
         else:
             x = self.normalize(z)  # (N, K, d_z)
             cache, last = self.dit.context_cache(x, a), x[:, -1]
+        if draws > 1:  # one context pass for every draw: env i's keys/values serve its rows i·M .. i·M + M − 1
+            rep = torch.arange(N, device=self.device).repeat_interleave(draws)
+            cache = [(k[rep], v[rep]) for k, v in cache]
+            z, a, action, last = z[rep], a[rep], action[rep], None if last is None else last[rep]
+            kv = kv[rep] if streaming else None
+            N *= draws
         noise = torch.randn(N, self.latent_dim, generator=generator, device=self.device, dtype=torch.float32)
         if self.temperature != 1.0:
             noise = noise * self.temperature

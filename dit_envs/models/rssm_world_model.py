@@ -21,7 +21,7 @@ from torch import nn
 
 from .autoencoder import AutoencoderConfig, FrameAutoencoder
 from .rssm import RSSM, RSSMConfig, State
-from .world_model import SamplingStepsMixin
+from .world_model import SamplingStepsMixin, repeat_draws
 from dit_envs.io import load_weight_files
 
 WEIGHT_FILES = ("autoencoder.safetensors", "dynamics.safetensors")
@@ -159,7 +159,7 @@ class RSSMWorldModel(SamplingStepsMixin, nn.Module):
                 "history": z.clone()}
 
     @torch.no_grad()
-    def step(self, state: State, action: torch.Tensor, generator: torch.Generator | None = None
+    def step(self, state: State, action: torch.Tensor, generator: torch.Generator | None = None, draws: int = 1
              ) -> tuple[State, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Imagine one step: sample the prior with ``generator``, read the heads (no gradients).
 
@@ -167,15 +167,18 @@ class RSSMWorldModel(SamplingStepsMixin, nn.Module):
             state: from :meth:`initial_state` / :meth:`step` / :meth:`start_states`.
             action: int64 ``(N,)`` in ``[0, num_actions)`` taken at the newest latent of ``state``.
             generator: ``torch.Generator`` on the model's device (seeded → reproducible).
+            draws: ``M`` draws per env, rows ``i·M + j`` (the state repeated: :func:`repeat_draws`).
         Returns:
-            ``(next_state, z_next (N, d_z) float32 (decoder mean), reward (N,) float32 (two-hot mean),
-            terminated (N,) bool (continue probability < 0.5))``.
+            ``(next_state, z_next (N·M, d_z) float32 (decoder mean), reward (N·M,) float32 (two-hot mean),
+            terminated (N·M,) bool (continue probability < 0.5))``.
         Raises:
-            ValueError: ``action`` of the wrong shape/dtype or out of range; a malformed state.
+            ValueError: ``action`` of the wrong shape/dtype or out of range; a malformed state; bad ``draws``.
         """
         n = state["history"].shape[0]
         if action.shape != (n,):
             raise ValueError(f"action: expected shape ({n},), got {tuple(action.shape)}")
+        state, action = repeat_draws(state, action, draws)
+        n = len(action)
         self.rssm._check_actions("action", action, allow_null=False)
         for key, shape in (("deter", (n, self.rssm.deter)), ("stoch", (n, self.rssm.stoch, self.rssm.classes))):
             if key not in state or tuple(state[key].shape) != shape:

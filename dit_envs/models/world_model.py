@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 State = dict[str, torch.Tensor]
@@ -52,7 +53,7 @@ class WorldModel(Protocol):
         ...
 
     def step(
-        self, state: State, action: torch.Tensor, generator: torch.Generator | None = None
+        self, state: State, action: torch.Tensor, generator: torch.Generator | None = None, draws: int = 1
     ) -> tuple[State, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Imagine one env step for every env.
 
@@ -60,8 +61,14 @@ class WorldModel(Protocol):
             state: from ``initial_state`` or a previous ``step``.
             action: int64 ``(N,)`` in ``[0, num_actions)``.
             generator: ``torch.Generator`` on the model's device driving all sampling (seeded → reproducible).
+            draws: ``M`` independent next steps per env from the same state and action, as one batch of ``N·M``
+                rows (row ``i·M + j`` is draw ``j`` of env ``i``; the same rows, and random stream, as stepping
+                the state repeated by :func:`repeat_draws`); a model may share work between them (the DiT makes
+                one context pass per env).
         Returns:
-            ``(next_state, z_next (N, d_z) float32, reward (N,) float32, terminated (N,) bool)``.
+            ``(next_state, z_next (N·M, d_z) float32, reward (N·M,) float32, terminated (N·M,) bool)``.
+        Raises:
+            ValueError: ``draws`` not an integer >= 1 (:func:`check_draws`).
         """
         ...
 
@@ -95,3 +102,20 @@ class SamplingStepsMixin:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"sampling_steps: expected an int >= 1, got {value!r}")
         self._sampling_steps = value
+
+
+def check_draws(draws: int) -> int:
+    """``draws`` as an int; raises ValueError naming ``draws`` unless it is an integer >= 1."""
+    if isinstance(draws, bool) or not isinstance(draws, (int, np.integer)) or draws < 1:
+        raise ValueError(f"draws: expected an integer >= 1, got {draws!r}")
+    return int(draws)
+
+
+def repeat_draws(state: State, action: torch.Tensor, draws: int) -> tuple[State, torch.Tensor]:
+    """Every env's state and action repeated ``draws`` times in place order (rows ``i·draws + j``): the batch that
+    :meth:`WorldModel.step` with ``draws`` steps. Raises ValueError for a bad ``draws``."""
+    draws = check_draws(draws)
+    if draws == 1:
+        return state, action
+    rep = torch.arange(len(action), device=action.device).repeat_interleave(draws)
+    return {k: v[rep.to(v.device)] for k, v in state.items()}, action[rep]
