@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 
+from dit_envs.bundle import load_bundle, save_bundle
 from trainers.checkpoint import load_checkpoint
 from trainers.pipeline import release_bundle
 from trainers.pretrain import Args, main
@@ -20,7 +21,14 @@ def pretrain(argv: list[str]) -> int:
 
 def test_init_from_an_fp16_release_starts_from_its_weights(tiny_stage1_store, teacher_bundle, tmp_path, capsys):
     base, _ = load_checkpoint(teacher_bundle.parent)
-    rel = release_bundle(teacher_bundle, tmp_path / "release")  # float16 weights, the store's own encoder
+    # A float16 release (the store's own encoder) whose latent standardisation differs from the store's: the
+    # fine-tune must take the bundle's, not recompute it from the data.
+    b = load_bundle(teacher_bundle)
+    mean, std = b.model.latent_mean + 0.25, b.model.latent_std * 2
+    b.model.set_latent_stats(mean, std)
+    rel = save_bundle(b.model, tmp_path / "release", game=b.config["game"],
+                      action_meanings=list(b.config["action_meanings"]), start_z=b.start_z, start_a=b.start_a,
+                      dtype=torch.float16)
     assert json.loads((rel / "config.json").read_text())["dtype"] == "float16"
     # A vanishing learning rate: the fine-tune keeps the release's weights (the base EMA rounded to float16).
     assert main(Args(data=str(tiny_stage1_store), out=str(tmp_path / "ft"), steps=3, init=str(rel), lr=1e-12,
@@ -34,8 +42,8 @@ def test_init_from_an_fp16_release_starts_from_its_weights(tiny_stage1_store, te
         want = base[k].half().float()
         assert torch.allclose(ft[k], want, atol=1e-6), k
         assert torch.allclose(ft["net." + k[4:]], want, atol=1e-6), k
-    for k in ("latent_mean", "latent_std"):
-        assert torch.allclose(ft[k], base[k], rtol=1e-3), k
+    assert torch.allclose(ft["latent_mean"], mean) and torch.allclose(ft["latent_std"], std)
+    assert not torch.allclose(ft["latent_mean"], base["latent_mean"])
     # The fine-tune resumes, and its own output is an --init source as before.
     assert main(Args(data=str(tiny_stage1_store), out=str(tmp_path / "ft"), steps=5, init=str(rel), resume=True,
                      **TINY)) == 0
@@ -53,6 +61,8 @@ def test_init_bundle_refusals_name_the_field_and_write_nothing(tiny_stage1_store
         # the tiny teacher is not an S network
         (["--init", str(teacher_bundle), "--preset", "S"], "--", "the --init run's"),
         (["--init", str(tmp_path / "none")], "--init", "none"),
+        (["--init", str(teacher_bundle / "config.json")], "--init", "config.json"),  # a file, not a directory
+        (["--init", "DiTWM/NoSuchGame-v0"], "--init", "DiTWM/NoSuchGame-v0"),  # an env id nobody registered
     )
     for i, (extra, field, words) in enumerate(cases):
         out = tmp_path / f"x{i}"

@@ -180,8 +180,9 @@ def validate(args: Args) -> Setup:
     if args.init:
         try:
             init_state = read_init(args.init, ae, sha)
-        except (FileNotFoundError, KeyError, ValueError) as e:
-            raise ArgError("init", f"expected a pretrain output with a checkpoint, or a DiT bundle, got {e}") from None
+        except (OSError, KeyError, ValueError) as e:  # OSError: a file, Hub errors; KeyError: an unknown env id
+            why = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise ArgError("init", f"expected a pretrain output with a checkpoint or a DiT bundle, got {why}") from None
     k = args.context_len or (int(init_state[1].get("context_len", 0)) if init_state else 0)  # default: --init's K
     agent = stage1 / "agent.json"  # else stage 1's K
     k = k or (int(json.loads(agent.read_text()).get("context_len", 4)) if agent.is_file() else 4)
@@ -211,8 +212,7 @@ def validate(args: Args) -> Setup:
         if ck.get("encoder_sha256") != sha:
             raise ArgError("stage1", f"expected the autoencoder of the checkpoint (sha256 {ck.get('encoder_sha256')}"
                                      f"), got {sha}")
-        for name, have in (("preset", args.preset), ("context_len", k),
-                           *((f, dit_now[f]) for f in NET_FLAGS)):
+        for name, have in (("preset", args.preset), ("context_len", k), *((f, dit_now[f]) for f in NET_FLAGS)):
             want = ck["args"]["preset"] if name == "preset" else saved_field(ck["configs"]["dit"], name)
             if want != have:
                 raise ArgError(name, f"expected {want!r} (the checkpoint's), got {have!r}")

@@ -100,11 +100,11 @@ def read_init(spec: str, autoencoder: torch.nn.Module, encoder_sha256: str) -> t
         raise ValueError(f"model_type: expected a 'dit' bundle to fine-tune, got {cfg.get('model_type')!r} in {path}")
     model = bundle.model
     store = getattr(torch, str(cfg.get("dtype", "float32")))
-    own = model.autoencoder.state_dict()
-    ref = autoencoder.state_dict()
+    own, ref = model.autoencoder.state_dict(), autoencoder.state_dict()
+    params = {k for k, _ in autoencoder.named_parameters()}  # a release rounds parameters, keeps buffers
     same = own.keys() == ref.keys() and all(
-        torch.equal(ref[k].to(store).to(own[k].dtype), own[k]) if ref[k].is_floating_point()
-        else torch.equal(ref[k], own[k]) for k in own)
+        torch.equal(ref[k].to(store).to(own[k].dtype), own[k]) if k in params else torch.equal(ref[k], own[k])
+        for k in own)
     tensors = {f"ema.{k}": v.float() for k, v in model.state_dict().items() if k.startswith(("dit.", "heads."))}
     tensors["latent_mean"], tensors["latent_std"] = model.latent_mean.float(), model.latent_std.float()
     sha = encoder_sha256 if same else cfg["files"].get("autoencoder.safetensors")

@@ -29,7 +29,8 @@ def draw_spread(model: Any, state: State, actions: torch.Tensor, draws: int, gen
     """Spread of ``draws`` next latents drawn from the same states and actions.
 
     Args:
-        model: a world model with ``step(state, actions, generator) -> (state, z, reward, terminated)``.
+        model: a world model with ``step(state, actions, generator, draws=M) -> (state, z, reward, terminated)``
+            (:class:`~dit_envs.models.world_model.WorldModel`: ``M`` draws per env, rows ``i·M + j``).
         state: the model's state of ``N`` envs (tensors with leading ``N``); not modified.
         actions: int64 ``(N,)``.
         draws: ``M >= 2`` draws in all; with ``first`` (one draw already made, e.g. the env's kept step), ``M - 1``

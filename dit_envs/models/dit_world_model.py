@@ -307,9 +307,12 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
             cache, last = self.dit.context_cache(x, a), x[:, -1]
         if draws > 1:  # one context pass for every draw: env i's keys/values serve its rows i·M .. i·M + M − 1
             rep = torch.arange(N, device=self.device).repeat_interleave(draws)
-            cache = [(k[rep], v[rep]) for k, v in cache]
+            if streaming:
+                kv = kv[rep]
+                cache = unpack_cache(kv)
+            else:
+                cache = [(k[rep], v[rep]) for k, v in cache]
             z, a, action, last = z[rep], a[rep], action[rep], None if last is None else last[rep]
-            kv = kv[rep] if streaming else None
             N *= draws
         noise = torch.randn(N, self.latent_dim, generator=generator, device=self.device, dtype=torch.float32)
         if self.temperature != 1.0:

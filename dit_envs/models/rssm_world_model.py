@@ -177,13 +177,12 @@ class RSSMWorldModel(SamplingStepsMixin, nn.Module):
         n = state["history"].shape[0]
         if action.shape != (n,):
             raise ValueError(f"action: expected shape ({n},), got {tuple(action.shape)}")
-        state, action = repeat_draws(state, action, draws)
-        n = len(action)
         self.rssm._check_actions("action", action, allow_null=False)
         for key, shape in (("deter", (n, self.rssm.deter)), ("stoch", (n, self.rssm.stoch, self.rssm.classes))):
             if key not in state or tuple(state[key].shape) != shape:
                 got = tuple(state[key].shape) if key in state else "missing"
                 raise ValueError(f"state[{key!r}]: expected shape {shape}, got {got}")
+        state, action = repeat_draws(state, action, draws)  # after the checks: rows i·M + j
         prior = self.rssm._img_step({"deter": state["deter"], "stoch": state["stoch"]}, action, generator)
         z_next, reward_logits, cont_logit = self.rssm.heads(prior)
         z_next = z_next.float()
