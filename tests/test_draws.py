@@ -57,3 +57,28 @@ def test_rssm_draws_are_the_repeated_state():
     _same_as_repeated(wm, state, torch.tensor([0, 1, 2, 1]), 3, exact=True)
     with pytest.raises(ValueError, match="draws"):
         wm.step(state, torch.tensor([0, 1, 2, 1]), _gen(0), draws=0)
+
+
+def test_the_uncertainty_penalty_makes_one_model_call_per_step(tiny_bundle):
+    import gymnasium as gym
+    import numpy as np
+
+    env = gym.make_vec("DiTWM/Pong-v0", num_envs=6, checkpoint=str(tiny_bundle), obs_type="latent",
+                       temperature=1.0)
+    core = env.unwrapped.core
+    core.set_uncertainty_penalty(0.5, 3, threshold=0.0)  # every step with any spread is charged
+    calls, spreads = [], []
+    step = core.model.step
+    core.model.step = lambda *a, **k: (calls.append(k.get("draws", 1)), step(*a, **k))[1]
+    apply = core.uncertainty.apply
+    core.uncertainty.apply = lambda *a, **k: (spreads.append(k["drawn"].float().var(1).mean(1)), apply(*a, **k))[1]
+    env.reset(seed=0)
+    obs, reward, *_ = env.step(np.zeros(6, dtype=np.int64))
+    assert calls == [3]  # the step and its spread from one call of 3 draws
+    assert obs.shape == (6, core.model.context_len, core.model.latent_dim)
+    assert np.allclose(reward[spreads[0].numpy() > 0] + 0.5, core.model.heads.predict(
+        core.state["z"][:, -2], torch.zeros(6, dtype=torch.int64), core.state["z"][:, -1])[0].numpy()[
+        spreads[0].numpy() > 0], atol=1e-5)
+    with pytest.raises(ValueError, match="drawn: expected shape"):
+        apply(core.model, core.state, torch.zeros(6, dtype=torch.int64), core.state["z"][:, -1], torch.zeros(6),
+              core.generator, drawn=torch.zeros(6, 2, core.model.latent_dim))

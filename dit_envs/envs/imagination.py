@@ -207,13 +207,19 @@ class ImaginationCore:
         """Advance every env one imagined step → ``(reward float32 (N,), terminated bool (N,), truncated bool (N,))``."""
         if self.state is None:
             raise ResetNeeded("step: expected reset() to be called before step()")
-        prev, cut = self.state, None
-        self.state, z, reward, term = self.model.step(prev, actions, self.generator)
+        prev, cut, unc, drawn = self.state, None, self.uncertainty, None
+        if unc is None:
+            self.state, z, reward, term = self.model.step(prev, actions, self.generator)
+        else:  # all M draws in one call (one context pass): the first of each env is its step, all M its spread
+            state, z, reward, term = self.model.step(prev, actions, self.generator, draws=unc.draws)
+            drawn, first = z.view(len(actions), unc.draws, -1), slice(None, None, unc.draws)
+            self.state = {k: v[first].contiguous() for k, v in state.items()}
+            z, reward, term = z[first].contiguous(), reward[first], term[first]
         if self.resample_rule is not None:
             z, reward, term, cut = self._resample(prev, actions, z, reward, term)
         uncertain = None
-        if self.uncertainty is not None:
-            reward, uncertain = self.uncertainty.apply(self.model, prev, actions, z, reward, self.generator, cut)
+        if unc is not None:
+            reward, uncertain = unc.apply(self.model, prev, actions, z, reward, self.generator, cut, drawn=drawn)
         self._last_z = z
         self.elapsed += 1
         terminated = term.cpu().numpy().astype(bool)

@@ -130,11 +130,23 @@ class UncertaintyPenalty:
         self.counts = {"steps": 0, "uncertain": 0, "spread_sum": 0.0}
 
     def apply(self, model: Any, prev: State, actions: torch.Tensor, z: torch.Tensor, reward: torch.Tensor,
-              generator: torch.Generator, skip: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:
-        """Where the spread of ``z`` (the kept draw, ``(N, d_z)``) and ``draws - 1`` fresh draws from ``prev`` passes
-        the threshold → ``(reward with the penalty taken off there, uncertain bool (N,) numpy)``; ``reward`` float
-        ``(N,)`` is not modified. ``skip`` (bool ``(N,)``): steps neither charged nor counted (e.g. undone ones)."""
-        spread = draw_spread(model, prev, actions, self.draws, generator, first=z)
+              generator: torch.Generator, skip: np.ndarray | None = None, drawn: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, np.ndarray]:
+        """Where the spread of the step's draws passes the threshold → ``(reward with the penalty taken off there,
+        uncertain bool (N,) numpy)``; ``reward`` float ``(N,)`` is not modified. The draws are ``drawn`` (float
+        ``(N, draws, d_z)``, all made already, as :meth:`ImaginationCore.step` does in one model call), else ``z``
+        (the kept draw, ``(N, d_z)``) and ``draws - 1`` fresh ones from ``prev``. ``skip`` (bool ``(N,)``): steps
+        neither charged nor counted (e.g. undone ones).
+
+        Raises:
+            ValueError: ``drawn`` not of shape ``(N, draws, d_z)``.
+        """
+        if drawn is None:
+            spread = draw_spread(model, prev, actions, self.draws, generator, first=z)
+        elif tuple(drawn.shape) != (len(z), self.draws, z.shape[-1]):
+            raise ValueError(f"drawn: expected shape {(len(z), self.draws, z.shape[-1])}, got {tuple(drawn.shape)}")
+        else:
+            spread = drawn.float().var(dim=1).mean(dim=1)
         if skip is not None:
             keep = ~torch.as_tensor(skip, device=spread.device)
             spread = torch.where(keep, spread, torch.zeros_like(spread))
