@@ -80,5 +80,4 @@ def test_the_uncertainty_penalty_makes_one_model_call_per_step(tiny_bundle):
         core.state["z"][:, -2], torch.zeros(6, dtype=torch.int64), core.state["z"][:, -1])[0].numpy()[
         spreads[0].numpy() > 0], atol=1e-5)
     with pytest.raises(ValueError, match="drawn: expected shape"):
-        apply(core.model, core.state, torch.zeros(6, dtype=torch.int64), core.state["z"][:, -1], torch.zeros(6),
-              core.generator, drawn=torch.zeros(6, 2, core.model.latent_dim))
+        apply(torch.zeros(6), drawn=torch.zeros(6, 2, core.model.latent_dim))

@@ -105,15 +105,16 @@ def main(args: Args) -> int:
         else:
             kw["checkpoint"] = args.world_model
         figures: dict[str, float] = {}
-        for obs_type in ("latent", "pixels", *(("uncertainty",) if args.uncertainty_draws else ())):
-            envs = gym.make_vec(env_id, num_envs=args.num_envs, obs_type=obs_type.replace("uncertainty", "latent"),
-                                **kw)
-            if obs_type == "uncertainty":  # a fixed threshold: the speed does not depend on it
+        modes = [("latent", "latent"), ("pixels", "pixels")]
+        modes += [("uncertainty", "latent")] if args.uncertainty_draws else []
+        for name, obs_type in modes:
+            envs = gym.make_vec(env_id, num_envs=args.num_envs, obs_type=obs_type, **kw)
+            if name == "uncertainty":  # a fixed threshold: the speed does not depend on it
                 envs.unwrapped.core.set_uncertainty_penalty(0.1, args.uncertainty_draws, threshold=1e-3)
             envs.reset(seed=0)
             rng = np.random.default_rng(0)
             n_act = envs.single_action_space.n
-            figures[f"imagined_{obs_type}_steps_per_s"] = _median_rate(
+            figures[f"imagined_{name}_steps_per_s"] = _median_rate(
                 lambda: envs.step(rng.integers(0, n_act, args.num_envs)), args)
             envs.close()
         figures["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -122,7 +122,7 @@ class ImaginationCore:
                                 threshold: float | None = None, truncate: bool = False) -> float | None:
         """Charge ``penalty`` on every imagined step whose draw spread passes a threshold, and with ``truncate``
         end its episode there (:class:`~dit_envs.envs.uncertainty.UncertaintyPenalty`: ``draws`` draws from the
-        same state and action, about ``draws`` times the model steps; MOReL/MOPO-style pessimism). ``threshold``
+        same state and action in one model call; MOReL/MOPO-style pessimism). ``threshold``
         None calibrates it as the ``quantile`` of the spread over one step from this env's start contexts with
         random actions (seeded, so the same contexts give the same threshold); ``penalty`` 0 without ``truncate``
         turns it off. Returns the threshold (None: off).
@@ -219,14 +219,14 @@ class ImaginationCore:
             z, reward, term, cut = self._resample(prev, actions, z, reward, term)
         uncertain = None
         if unc is not None:
-            reward, uncertain = unc.apply(self.model, prev, actions, z, reward, self.generator, cut, drawn=drawn)
+            reward, uncertain = unc.apply(reward, drawn=drawn, skip=cut)
         self._last_z = z
         self.elapsed += 1
         terminated = term.cpu().numpy().astype(bool)
         truncated = (self.elapsed >= self.max_episode_steps) & ~terminated
         if cut is not None:
             truncated |= cut
-        if uncertain is not None and self.uncertainty.truncate:
+        if uncertain is not None and unc.truncate:
             truncated |= uncertain & ~terminated
         return reward.float().cpu().numpy(), terminated, truncated
 

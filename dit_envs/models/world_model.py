@@ -104,10 +104,10 @@ class SamplingStepsMixin:
         self._sampling_steps = value
 
 
-def check_draws(draws: int) -> int:
-    """``draws`` as an int; raises ValueError naming ``draws`` unless it is an integer >= 1."""
-    if isinstance(draws, bool) or not isinstance(draws, (int, np.integer)) or draws < 1:
-        raise ValueError(f"draws: expected an integer >= 1, got {draws!r}")
+def check_draws(draws: int, minimum: int = 1) -> int:
+    """``draws`` as an int; raises ValueError naming ``draws`` unless it is an integer >= ``minimum``."""
+    if isinstance(draws, bool) or not isinstance(draws, (int, np.integer)) or draws < minimum:
+        raise ValueError(f"draws: expected an integer >= {minimum}, got {draws!r}")
     return int(draws)
 
 
