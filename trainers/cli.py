@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-autoencoder": ("trainers.autoencoder", "stage 1: train the frame autoencoder, report ball/paddle survival"),
     "pretrain": ("trainers.pretrain", "stage 2: train the DiT world model on frozen stage-1 latents"),
     "distill": ("trainers.distill", "stage 2b: distil the DiT into a 1-, 2- or 4-step sampler"),
+    "iterate": ("trainers.iterate", "DIAMOND-style rounds: collect with the policy, fine-tune the DiT, continue it"),
     "pipeline": ("trainers.pipeline", "the whole recipe: stage 1, pretrain, distill, stage 3, evaluation, release"),
     "evaluate": ("trainers.evaluate", "measure a world model or agent (throughput, ...)"),
     "train-agent": ("trainers.train_agent", "stage 3: train a policy in imagination, score it on the real game"),

@@ -47,13 +47,13 @@ from trainers import distributed as dist_
 from trainers.autoencoder import load_autoencoder, lr_at
 from trainers.common import (PRECISIONS, ArgError, JsonlLogger, LoopArgs, adamw, arg, autocast_for, catch_stop_signals,
                              check_choice, check_out_dir, pick_device, run_cli, seed_everything, signal_exit_code)
-from trainers.data import EpisodeStore, heldout_mask, segments
-from trainers.latents import LatentWindows, load_latents_on_ranks, store_index
-from trainers.pong_objects import agent_return_rows, store_ball_columns
+from trainers.data import heldout_mask, segments
+from trainers.latents import LatentWindows
+from trainers.pretrain_data import biased_draw, check_stores, load_stores, return_rows, stores_index
 from trainers.pretrain_eval import data_summary, eval_windows, evaluate
 from trainers.pretrain_nets import FLAGS as NET_FLAGS, check_init, net_configs, saved_field
 from trainers.pretrain_objective import ObjectiveConfig, PretrainNet, make_inputs, optimizer_step, total_loss
-from trainers.priority import event_probabilities, flag_probabilities, one_step_errors, priority_probabilities
+from trainers.priority import one_step_errors, priority_probabilities
 from trainers.pretrain_state import (configs_meta, export_bundle, init_weights, model_card, rank_seed, read_init,
                                      read_state, restore_state, save_state)
 
@@ -61,6 +61,8 @@ from trainers.pretrain_state import (configs_meta, export_bundle, init_weights, 
 @dataclass(kw_only=True)
 class Args(LoopArgs):
     data: str = arg(help="episode store directory (trains on its non-held-out episodes)")
+    extra_data: list[str] = arg([], "more episode stores trained on with --data as one (each its own latent cache; "
+                                    "episode ids shifted as merge-stores does; trainers.pretrain_data)")
     stage1: str = arg("", "stage-1 artifacts (autoencoder.json + autoencoder.safetensors); '' = DATA/stage1")
     out: str = arg(help="output directory: ckpt/, metrics.jsonl, bundle/ (new or empty unless --resume)")
     steps: int = arg(help="optimiser steps in total")
@@ -109,6 +111,8 @@ class Args(LoopArgs):
     return_fraction: float = arg(0.0, "Pong: fraction of each batch drawn from windows that predict a return of the "
                                       "ball by the agent's paddle or lead to one within --event-horizon rows (found "
                                       "in the store's frames; trainers.pong_objects.agent_return_rows); 0: off")
+    recent_fraction: float = arg(0.0, "fraction of each batch drawn uniformly from the windows of the last "
+                                      "--extra-data store (e.g. the current policy's play in ditwm iterate); 0: off")
     checkpoint_every: int = arg(1000, "steps between resumable checkpoints")
 
 
@@ -123,6 +127,7 @@ class Setup:
     window: int
     init_state: tuple[dict, dict] | None = None
     returns: np.ndarray | None = None  # bool (R,): rows where the agent's paddle returns the ball (--return-fraction)
+    stores: tuple[str, ...] = ()  # --data, then --extra-data
 
 
 def _positive(args: Args, names: tuple[str, ...], strict: bool = True) -> None:
@@ -149,26 +154,27 @@ def validate(args: Args) -> Setup:
     for name, lo, hi in (("t_mean", -5.0, 5.0), ("t_std", 0.05, 5.0)):
         if not lo <= getattr(args, name) <= hi:  # also refuses NaN
             raise ArgError(name, f"expected a number in [{lo:g}, {hi:g}], got {getattr(args, name)}")
-    for name in ("clean_context", "priority_fraction", "event_fraction", "return_fraction"):
+    for name in ("clean_context", "priority_fraction", "event_fraction", "return_fraction", "recent_fraction"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ArgError(name, f"expected a number in [0, 1], got {getattr(args, name)}")
-    for name in ("event_fraction", "return_fraction"):
+    for name in ("event_fraction", "return_fraction", "recent_fraction"):
         if args.priority_fraction and getattr(args, name):
             raise ArgError(name, f"expected 0 with --priority-fraction {args.priority_fraction} (error-prioritised "
                                  f"and event draws do not mix), got {getattr(args, name)}")
-    if args.event_fraction + args.return_fraction > 1.0:
-        raise ArgError("return_fraction", f"expected at most 1 - --event-fraction = {1.0 - args.event_fraction:g}, "
-                                          f"got {args.return_fraction}")
+    for name, before in (("return_fraction", ("event_fraction",)), ("recent_fraction", ("event_fraction",
+                                                                                          "return_fraction"))):
+        rest = 1.0 - sum(getattr(args, b) for b in before)
+        if getattr(args, name) > rest + 1e-12:
+            raise ArgError(name, f"expected at most 1 - --{' - --'.join(b.replace('_', '-') for b in before)} = "
+                                 f"{rest:g}, got {getattr(args, name)}")
+    if args.recent_fraction and not args.extra_data:
+        raise ArgError("recent_fraction", f"expected 0 without --extra-data (it draws from the last extra store), "
+                                          f"got {args.recent_fraction}")
     if args.rollout_steps == 1 or args.rollout_steps < 0:
         raise ArgError("rollout_steps", f"expected 0 (off) or an integer >= 2, got {args.rollout_steps}")
     pick_device(args.device)
     check_out_dir(args.out, args.resume)
-    try:
-        meta = EpisodeStore(args.data).read_meta()
-    except (FileNotFoundError, ValueError) as e:
-        raise ArgError("data", f"expected an episode store, got {e}") from None
-    if "action_meanings" not in meta or "game" not in meta:
-        raise ArgError("data", f"expected game and action_meanings in {args.data}/meta.json, got {sorted(meta)}")
+    meta = check_stores(args.data, args.extra_data)
     stage1 = Path(args.stage1 or Path(args.data) / "stage1")
     try:
         ae = load_autoencoder(stage1)
@@ -190,14 +196,15 @@ def validate(args: Args) -> Setup:
     if not 2 <= seq_len <= k + 1:
         raise ArgError("seq_len", f"expected 2..{k + 1} (K + 1 with K = {k}), got {seq_len}")
     window = max(seq_len, k + args.rollout_steps, k + 1)
-    episode, step, reward = store_index(args.data)
+    stores = (args.data, *args.extra_data)
+    episode, step, reward, _ = stores_index(list(stores))
     train = ~heldout_mask(episode)
     if args.return_fraction and meta["game"] != "Pong":
         raise ArgError("return_fraction", f"expected a Pong store (returns are located in Pong frames), got "
                                           f"game {meta['game']!r}")
     if args.event_fraction and not (reward[train] != 0).any():
         raise ArgError("event_fraction", f"expected a store with reward events in its training episodes, got none "
-                                         f"in {int(train.sum())} rows of {args.data}")
+                                         f"in {int(train.sum())} rows of {', '.join(stores)}")
     _, lengths = segments(episode[train], step[train])
     longest = int(lengths.max()) if len(lengths) else 0
     if longest < window:
@@ -227,54 +234,9 @@ def validate(args: Args) -> Setup:
             raise ArgError("context_len", f"expected >= {ck['context_len']} (the --init run's), got {k}")
         check_init(ck.get("configs"), *net_configs(args, ae, len(meta["action_meanings"]),
                                                    ck.get("context_len", k)))
-    returns = _return_rows(args.data, episode, train) if args.return_fraction else None  # reads the frames: last
+    returns = return_rows(list(stores), episode, train) if args.return_fraction else None  # reads frames: last
     return Setup(meta=meta, autoencoder=ae, encoder_sha256=sha, context_len=k, seq_len=seq_len, window=window,
-                 init_state=init_state, returns=returns)
-
-
-def _return_rows(data: str, episode: np.ndarray, train: np.ndarray) -> np.ndarray:
-    """bool ``(R,)``: the rows of store ``data`` where the agent's paddle returns the ball, located in its frames.
-
-    Raises:
-        ArgError: the frames disagree with ``episode`` (the sorted store index), or no return in a training row.
-    """
-    ep, col = store_ball_columns(EpisodeStore(data))  # one chunk's frames in memory at a time
-    if not np.array_equal(ep, episode):
-        raise ArgError("data", f"expected readable frames for all {len(episode)} rows of {data}, got {len(ep)}")
-    returns = agent_return_rows(col, ep)
-    if not returns[train].any():
-        raise ArgError("return_fraction", f"expected returns of the ball by the agent's paddle in the training "
-                                          f"episodes of {data}, found none in {int(train.sum())} rows")
-    return returns
-
-
-def _event_draw(args: Args, train, starts: np.ndarray, *, first_target: int, length: int, train_mask: np.ndarray,
-                returns: np.ndarray | None) -> tuple[np.ndarray, float]:
-    """The event-balanced part of each batch: ``(probs float64 (N,), fraction)`` mixing the reward-event draw
-    (``--event-fraction``) and the return draw (``--return-fraction``) in proportion to their fractions.
-
-    Raises:
-        ArgError: no reward event, or no return of the ball, within reach of a training window.
-    """
-    kw = dict(first_target=first_target, length=length, horizon=args.event_horizon)
-    parts = []
-    if args.event_fraction:
-        try:
-            parts.append((args.event_fraction, event_probabilities(train.reward, train.episode, starts, **kw)))
-        except ValueError as e:  # validate() saw events; here none is within reach of a window
-            raise ArgError("event_fraction", f"expected reward events within reach of a window, got: {e}") from None
-    if args.return_fraction:
-        if len(returns) != len(train_mask):
-            raise ArgError("data", f"expected the store's rows to match its latents ({len(train_mask)} rows), got "
-                                   f"{len(returns)}: was the store changed meanwhile?")
-        try:
-            parts.append((args.return_fraction, flag_probabilities(returns[train_mask], train.episode, starts,
-                                                                   name="returns", **kw)))
-        except ValueError as e:  # _return_rows() saw returns; here none is within reach of a window
-            raise ArgError("return_fraction", f"expected returns of the ball within reach of a window, got: {e}"
-                           ) from None
-    fraction = sum(f for f, _ in parts)
-    return sum(f * p for f, p in parts) / fraction, fraction
+                 init_state=init_state, returns=returns, stores=stores)
 
 
 def _start(step: int, init: str) -> str:
@@ -293,7 +255,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     out, dev, K = Path(args.out), d.device, s.context_len
     names = list(s.meta["action_meanings"])
     A, ae = len(names), s.autoencoder.to(dev)
-    ds = load_latents_on_ranks(d, args.data, ae, s.encoder_sha256, out, "pretrain")
+    ds, source = load_stores(d, list(s.stores), ae, s.encoder_sha256, out, "pretrain")
     held = heldout_mask(ds.episode)
     train, test = ds.select(~held), ds.select(held)
     summary = data_summary(ds, ~held)
@@ -325,13 +287,14 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
         step = restore_state(*state, d, net=net, ema=ema, opt=opt, gen=gen, windows=windows, seed=args.seed)
         if args.priority_fraction and "windows.priority" in state[0]:
             windows.set_priorities(state[0]["windows.priority"].numpy(), args.priority_fraction)
-    if args.event_fraction or args.return_fraction:  # functions of the data alone: the same on every rank
-        probs, fraction = _event_draw(args, train, windows.sampler.all_window_starts(), first_target=K,
-                                     length=s.window, train_mask=~held, returns=s.returns)
+    if args.event_fraction or args.return_fraction or args.recent_fraction:  # the data's: the same on every rank
+        recent = source == len(s.stores) - 1 if args.recent_fraction else None
+        probs, fraction = biased_draw(args, train, windows.sampler.all_window_starts(), first_target=K,
+                                      length=s.window, train_mask=~held, returns=s.returns, recent=recent)
         windows.set_priorities(probs, fraction)
         if d.is_main:
             print(f"pretrain: {fraction:.0%} of each batch from the {int((probs > 0).sum())} of {len(probs)} windows "
-                  f"within {args.event_horizon} rows of a reward event / return")
+                  f"within {args.event_horizon} rows of a reward event / return, or in the last store")
     mean_d, std_d = windows.mean, windows.std
 
     def clamp(x: torch.Tensor) -> torch.Tensor:  # a sample → the encoder's tanh range, as inference does
@@ -428,7 +391,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
             log.log(step, **final)
         log.close()
         split = "held-out episodes" if len(test) else "training episodes (the store has no held-out one)"
-        info = {"store": Path(args.data).name, **summary, "eval split": split,
+        info = {"store": " + ".join(Path(p).name for p in s.stores), **summary, "eval split": split,
                 "encoder sha256": s.encoder_sha256[:12], "preset": size, "training steps": step,
                 "batch": f"{args.batch} x {d.world_size}", "lr": args.lr, "objective": json.dumps(asdict(cfg)),
                 "final flow loss": f"{terms['flow'].item():.4f}" if terms else "-",

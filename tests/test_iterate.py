@@ -1,0 +1,167 @@
+"""`ditwm iterate` and `pretrain --extra-data / --recent-fraction`: tiny rounds on a tiny real-Pong store."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainers import cli
+from trainers.latents import load_or_encode
+from trainers.merge import merge_stores
+from trainers.pretrain import Args as PretrainArgs, main as pretrain
+from trainers.pretrain_data import load_stores, stores_index
+from trainers.train_agent import Args as AgentArgs, main as train_agent
+
+TINY_PRE = dict(preset="tiny", batch=8, warmup=1, eval_every=0, start_contexts=8, eval_windows=8, eval_horizon=6,
+                threads=1)
+AGENT_ARGS = "--num-envs 4 --horizon 3 --eval-episodes 2 --eval-max-steps 10 --episode-steps 20"
+PRE_ARGS = "--preset tiny --eval-every 0 --start-contexts 8 --eval-windows 8 --eval-horizon 6"
+
+
+class _Main:  # a stand-in for the `d` of trainers.distributed (one process)
+    is_main, enabled = True, False
+
+
+@pytest.fixture(scope="module")
+def store(tiny_stage1_store) -> Path:
+    return tiny_stage1_store
+
+
+@pytest.fixture(scope="module")
+def start(store, tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny DiT pretrain OUT on the store, and a policy trained one update in its bundle."""
+    root = tmp_path_factory.mktemp("iterate_start")
+    assert pretrain(PretrainArgs(data=str(store), out=str(root / "dit"), steps=4, **TINY_PRE)) == 0
+    assert train_agent(AgentArgs(world_model=str(root / "dit" / "bundle"), init="scratch", steps=1,
+                                 out=str(root / "policy"), eval_every=0, num_envs=4, horizon=3, eval_episodes=1,
+                                 eval_max_steps=10, episode_steps=20)) == 0
+    return root / "dit", root / "policy"
+
+
+def test_extra_data_trains_on_the_rows_merge_stores_would_write(store, tmp_path):
+    """Several stores as one (episode ids shifted as merge-stores shifts them, each store its own latent cache) hold
+    exactly the rows, latents and held-out split of the merged store, and the index agrees with the latents."""
+    from trainers.autoencoder import load_autoencoder
+    from dit_envs.io import sha256_file
+
+    other = tmp_path / "other"
+    shutil.copytree(store, other, ignore=shutil.ignore_patterns("latents", "stage1"))
+    ae = load_autoencoder(store / "stage1")
+    sha = sha256_file(store / "stage1" / "autoencoder.safetensors")
+    ds, source = load_stores(_Main(), [str(store), str(other)], ae, sha, tmp_path / "o", "test")
+    merge_stores([store, other], tmp_path / "merged")
+    merged, _ = load_or_encode(tmp_path / "merged", ae, sha)
+    for k in ("z", "episode", "step", "action", "reward", "terminated"):
+        assert np.array_equal(getattr(ds, k), getattr(merged, k)), k
+    n = len(ds) // 2
+    assert source.tolist() == [0] * n + [1] * n
+    episode, step, reward, src = stores_index([str(store), str(other)])
+    assert np.array_equal(episode, ds.episode) and np.array_equal(step, ds.step) and np.array_equal(src, source)
+
+
+def test_recent_fraction_draws_from_the_last_store_only(store, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(store, other, ignore=shutil.ignore_patterns("latents", "stage1"))
+    out = tmp_path / "o"
+    assert pretrain(PretrainArgs(data=str(store), extra_data=[str(other)], stage1=str(store / "stage1"),
+                                 out=str(out), steps=2, recent_fraction=0.5, **TINY_PRE)) == 0
+    m = re.search(r"50% of each batch from the (\d+) of (\d+) windows", capsys.readouterr().out)
+    assert m and 2 * int(m[1]) == int(m[2])  # the copy holds half the windows
+    card = (out / "bundle" / "README.md").read_text()
+    assert f"{store.name} + other" in card
+
+    from dit_envs.io import sha256_file
+    from trainers.autoencoder import load_autoencoder
+    from trainers.latents import LatentWindows
+    from trainers.pretrain_data import biased_draw
+
+    sha = sha256_file(store / "stage1" / "autoencoder.safetensors")
+    ds, source = load_stores(_Main(), [str(store), str(other)], load_autoencoder(store / "stage1"), sha, out, "t")
+    w = LatentWindows(ds, 6, mean=torch.zeros(32), std=torch.ones(32), num_actions=6, seed=0,
+                      device=torch.device("cpu"))
+    starts = w.sampler.all_window_starts()
+    args = PretrainArgs(data="", out="", steps=1, recent_fraction=0.5)
+    probs, fraction = biased_draw(args, ds, starts, first_target=4, length=6, train_mask=np.ones(len(ds), bool),
+                                  returns=None, recent=source == 1)
+    assert fraction == 0.5 and np.isclose(probs.sum(), 1.0)
+    assert (probs[source[starts] == 0] == 0).all() and (probs[source[starts] == 1] > 0).all()
+
+
+@pytest.mark.parametrize("extra, field", [
+    (["--recent-fraction", "0.5"], "--recent-fraction"),  # without --extra-data
+    (["--extra-data", "OTHER", "--recent-fraction", "1.5"], "--recent-fraction"),
+    (["--extra-data", "OTHER", "--recent-fraction", "0.6", "--event-fraction", "0.6"], "--recent-fraction"),
+    (["--extra-data", "OTHER", "--recent-fraction", "0.5", "--priority-fraction", "0.5"], "--recent-fraction"),
+    (["--extra-data", "BREAKOUT"], "--extra-data"),
+    (["--extra-data", "/nonexistent"], "--extra-data"),
+])
+def test_bad_extra_data_exits_2_and_writes_nothing(store, tmp_path, capsys, extra, field):
+    other = tmp_path / "other"
+    shutil.copytree(store, other, ignore=shutil.ignore_patterns("latents", "stage1"))
+    breakout = tmp_path / "breakout"
+    shutil.copytree(other, breakout)
+    meta = json.loads((breakout / "meta.json").read_text())
+    (breakout / "meta.json").write_text(json.dumps({**meta, "game": "Breakout"}))
+    extra = [str(other) if e == "OTHER" else str(breakout) if e == "BREAKOUT" else e for e in extra]
+    argv = ["pretrain", "--data", str(store), "--out", str(tmp_path / "x"), "--steps", "2", *extra]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert field in err and not (tmp_path / "x").exists()
+    assert not (other / "latents").exists()
+
+
+def _iterate(store, start, out, rounds, *extra):
+    dit, policy = start
+    return cli.main(["iterate", "--data", str(store), "--world-model", str(dit), "--policy", str(policy),
+                     "--out", str(out), "--rounds", str(rounds), "--collect-steps", "40", "--collect-envs", "2",
+                     "--model-steps", "2", "--model-warmup", "1", "--batch", "8", "--agent-steps", "1",
+                     "--threads", "1", "--pretrain-args", PRE_ARGS, "--agent-args", AGENT_ARGS, *extra])
+
+
+def test_iterate_rounds_chain_and_resume(store, start, tmp_path, capsys):
+    out = tmp_path / "it"
+    assert _iterate(store, start, out, 2) == 0
+    printed = capsys.readouterr().out
+    log = json.loads((out / "iterate.json").read_text())
+    assert [(p["round"], p["phase"], p["exit"]) for p in log["phases"]] == [
+        (r, p, 0) for r in (1, 2) for p in ("collect", "pretrain", "train-agent")]
+    assert [r["round"] for r in log["rounds"]] == [1, 2] and "iterate: best evaluation" in printed
+    # round 2 fine-tunes round 1's DiT on both rounds' play and continues round 1's policy
+    card = json.loads((out / "round_002" / "agent" / "agent.json").read_text())
+    assert card["init"] == f"policy:{out / 'round_001' / 'agent'}"
+    assert card["world_model"] == str(out / "round_002" / "dit" / "bundle")
+    assert f"--init {out / 'round_001' / 'dit'}" in printed
+    assert f"--extra-data {out / 'round_001' / 'data'} {out / 'round_002' / 'data'}" in printed
+    # The collections are the rounds' policies' play: round 2's store was collected by round 1's policy.
+    meta = json.loads((out / "round_002" / "data" / "meta.json").read_text())
+    assert meta["collector"]["policy"] == str(out / "round_001" / "agent") and meta["collector"]["seed"] == 1
+    # A rerun with more rounds runs only the new one; a phase left partial is resumed, not restarted.
+    (out / "round_002" / "agent" / "agent.json").unlink()
+    assert _iterate(store, start, out, 3) == 0
+    printed = capsys.readouterr().out
+    log = json.loads((out / "iterate.json").read_text())
+    assert [(p["round"], p["phase"]) for p in log["phases"][6:]] == [
+        (2, "train-agent"), (3, "collect"), (3, "pretrain"), (3, "train-agent")]
+    assert re.search(r"round 2: ditwm train-agent .*--resume", printed)
+    assert [r["round"] for r in log["rounds"]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("extra, field", [
+    (["--rounds", "0"], "--rounds"),
+    (["--recent-fraction", "2"], "--recent-fraction"),
+    (["--pretrain-args", "--steps 5"], "--pretrain-args"),
+    (["--agent-args", "--eval-every=3 --dtype float32"], "--agent-args"),
+    (["--agent-args", "'unclosed"], "--agent-args"),
+    (["--policy", "/nonexistent"], "--policy"),
+])
+def test_iterate_bad_arguments_exit_2_and_write_nothing(store, start, tmp_path, capsys, extra, field):
+    dit, policy = start
+    argv = ["iterate", "--data", str(store), "--world-model", str(dit), "--policy", str(policy),
+            "--out", str(tmp_path / "x"), "--rounds", "1", *extra]
+    assert cli.main(argv) == 2
+    assert field in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -1,0 +1,195 @@
+"""``ditwm iterate``: DIAMOND-style alternation in short rounds — play the real game with the current policy,
+fine-tune the DiT on that play, continue the policy in the fine-tuned DiT, repeat.
+
+DIAMOND (Alonso et al. 2024, Algorithm 1) and DreamerV3 alternate collection, world-model training and
+actor-critic training in small steps, so the world model is always fitted to what the current policy does. A policy
+trained long in one fixed model finds and exploits its errors (on Pong: states where the imagined ball vanishes by
+the paddle), and one 100k-step round of its play corrects them only after it has drifted far. Each round here:
+
+=========================  ===========================================================================================
+``round_NNN/data/``        ``ditwm collect --agent policy``: ``--collect-steps`` real steps of the current policy
+                           (sampled actions, a random one with probability ``--epsilon``), a new small store
+``round_NNN/dit/``         ``ditwm pretrain --init <last DiT> --data DATA --extra-data <every round's store>
+                           --recent-fraction F``: ``--model-steps`` fine-tuning steps, ``F`` of each batch from this
+                           round's play (only the new store is encoded: :mod:`trainers.pretrain_data`)
+``round_NNN/agent/``       ``ditwm train-agent --world-model round_NNN/dit/bundle --init policy:<last policy>``:
+                           ``--agent-steps`` updates, then one real-game evaluation (its ``eval_return_mean``)
+=========================  ===========================================================================================
+
+``--pretrain-args`` and ``--agent-args`` pass more flags to those commands (e.g. ``--precision bf16`` and
+``--event-fraction 0.25``; ``--sampling-steps 4 --dtype bfloat16 --epochs 4 --minibatches 4``). Rerunnable like
+``ditwm pipeline``: a finished phase is skipped, a partial one resumed with ``--resume``; stop it any time (SIGTERM /
+SIGINT checkpoint the running phase) and run the same command again, with a larger ``--rounds`` to go on. Every
+phase's time and every round's real-game score are recorded in ``OUT/iterate.json``.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dit_envs.io import atomic_write_json
+from trainers.common import ArgError, arg, run_cli
+
+
+@dataclass(kw_only=True)
+class Args:
+    data: str = arg(help="the episode store the world model was trained on (pretrain --data of every round)")
+    stage1: str = arg("", "stage-1 artifacts (the frozen autoencoder the policy sees); '' = DATA/stage1")
+    world_model: str = arg(help="the DiT to start from: a pretrain OUT (its checkpoint) or a DiT bundle (pretrain "
+                                "--init of round 1)")
+    policy: str = arg(help="the policy to start from: a policy directory (agent.json + agent.safetensors)")
+    out: str = arg(help="run directory (created; rerun the same command to resume)")
+    rounds: int = arg(help="rounds in total (collect, fine-tune, continue the policy)")
+    collect_steps: int = arg(10_000, "real env steps collected per round")
+    collect_envs: int = arg(8, "parallel real games of each collection")
+    epsilon: float = arg(0.1, "probability of a random action in the collections")
+    model_steps: int = arg(500, "DiT fine-tuning steps per round (pretrain --steps)")
+    model_lr: float = arg(3e-4, "peak learning rate of each fine-tune (pretrain --lr)")
+    model_warmup: int = arg(50, "warm-up steps of each fine-tune (pretrain --warmup)")
+    batch: int = arg(128, "windows per fine-tuning step (pretrain --batch)")
+    recent_fraction: float = arg(0.5, "fraction of each fine-tuning batch from this round's play")
+    agent_steps: int = arg(100, "actor-critic updates per round (train-agent --steps)")
+    pretrain_args: str = arg("", "more ditwm pretrain flags, one shell-quoted string")
+    agent_args: str = arg("", "more ditwm train-agent flags, one shell-quoted string")
+    threads: int = arg(0, "torch CPU threads of the fine-tunes (0: torch's default)")
+    seed: int = arg(0, "seed of round 1 (round r uses seed + r - 1 for its collection, fine-tune and policy)")
+
+
+#: the phases of a round: (name, module, folder, the file that exists once the phase is done)
+PHASES = (("collect", "trainers.collect", "data", "../collected"),
+          ("pretrain", "trainers.pretrain", "dit", "bundle/config.json"),
+          ("train-agent", "trainers.train_agent", "agent", "agent.json"))
+
+
+def validate(args: Args) -> tuple[list[str], list[str]]:
+    """Check the arguments; returns the split ``--pretrain-args`` and ``--agent-args``.
+
+    Raises:
+        ArgError: a count below 1, a fraction outside its range, a flag string that does not split, a flag the
+            loop sets itself, or a ``--data`` / ``--policy`` / ``--world-model`` that is not there (names the field).
+    """
+    for name in ("rounds", "collect_steps", "collect_envs", "model_steps", "batch", "agent_steps"):
+        if getattr(args, name) < 1:
+            raise ArgError(name, f"expected an integer >= 1, got {getattr(args, name)}")
+    for name in ("model_warmup", "threads"):
+        if getattr(args, name) < 0:
+            raise ArgError(name, f"expected an integer >= 0, got {getattr(args, name)}")
+    if not args.model_lr > 0:
+        raise ArgError("model_lr", f"expected a number > 0, got {args.model_lr}")
+    for name in ("epsilon", "recent_fraction"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ArgError(name, f"expected a number in [0, 1], got {getattr(args, name)}")
+    split = []
+    own = {"pretrain_args": ("--data", "--extra-data", "--init", "--out", "--steps", "--resume", "--recent-fraction",
+                             "--stage1", "--lr", "--warmup", "--batch", "--seed", "--threads"),
+           "agent_args": ("--world-model", "--init", "--out", "--steps", "--resume", "--eval-every", "--seed")}
+    for name, flags in own.items():
+        try:
+            words = shlex.split(getattr(args, name))
+        except ValueError as e:
+            raise ArgError(name, f"expected shell-quoted flags, got {getattr(args, name)!r} ({e})") from None
+        clash = [w for w in words if w.split("=")[0] in flags]
+        if clash:
+            raise ArgError(name, f"expected flags other than {', '.join(flags)} (the loop sets them), got {clash[0]}")
+        split.append(words)
+    for name, path, want in (("data", args.data, "meta.json"), ("policy", args.policy, "agent.json")):
+        if not (Path(path) / want).is_file():
+            raise ArgError(name, f"expected a directory with {want}, got {path}")
+    if not Path(args.world_model).is_dir():
+        raise ArgError("world_model", f"expected a pretrain OUT or a DiT bundle directory, got {args.world_model}")
+    return split[0], split[1]
+
+
+def _round_argv(args: Args, r: int, folders: dict[str, Path], stores: list[str], model: str, policy: str,
+                extra: tuple[list[str], list[str]]) -> dict[str, list[str]]:
+    stage1 = args.stage1 or str(Path(args.data) / "stage1")
+    seed = str(args.seed + r - 1)
+    thr = ["--threads", str(args.threads)] if args.threads else []
+    return {
+        "collect": ["--game", json.loads((Path(args.data) / "meta.json").read_text())["game"], "--agent", "policy",
+                    "--policy", policy, "--encoder", stage1, "--epsilon", str(args.epsilon), "--steps",
+                    str(args.collect_steps), "--num-envs", str(args.collect_envs), "--seed", seed,
+                    "--out", str(folders["collect"])],
+        "pretrain": ["--data", args.data, "--extra-data", *stores, "--stage1", stage1, "--init", model,
+                     "--out", str(folders["pretrain"]), "--steps", str(args.model_steps), "--lr", str(args.model_lr),
+                     "--warmup", str(args.model_warmup), "--batch", str(args.batch), "--recent-fraction",
+                     str(args.recent_fraction), "--seed", seed, *thr, *extra[0]],
+        "train-agent": ["--world-model", str(folders["pretrain"] / "bundle"), "--init", f"policy:{policy}",
+                        "--out", str(folders["train-agent"]), "--steps", str(args.agent_steps), "--eval-every", "0",
+                        "--seed", seed, *extra[1]],
+    }
+
+
+def _last_eval(agent_dir: Path) -> dict:
+    """The last real-game evaluation in a train-agent run's metrics.jsonl ({} if none)."""
+    path, last = agent_dir / "metrics.jsonl", {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if "eval_return_mean" in rec:
+                last = rec
+    return last
+
+
+def main(args: Args) -> int:
+    """Run every round not done yet; returns 0, or the exit code of the first phase that failed or was stopped.
+
+    Raises:
+        ArgError: bad arguments (:func:`validate`); a phase's own bad arguments are raised by it, naming its flag.
+    """
+    extra = validate(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = out / "iterate.json"
+    log = json.loads(record.read_text()) if record.is_file() else {"phases": [], "rounds": []}
+    model, policy, stores = args.world_model, args.policy, []
+    for r in range(1, args.rounds + 1):
+        base = out / f"round_{r:03d}"
+        folders = {name: base / sub for name, _, sub, _ in PHASES}
+        stores.append(str(folders["collect"]))
+        argvs = _round_argv(args, r, folders, stores, model, policy, extra)
+        for name, module, _, done in PHASES:
+            folder = folders[name]
+            if (folder / done).is_file():
+                continue
+            argv = argvs[name] + (["--resume"] if folder.is_dir() and any(folder.iterdir()) else [])
+            print(f"iterate: round {r}: ditwm {name} {shlex.join(argv)}", flush=True)
+            t0 = time.perf_counter()
+            rc = importlib.import_module(module).cli(argv)
+            minutes = (time.perf_counter() - t0) / 60
+            log["phases"].append({"round": r, "phase": name, "exit": rc, "minutes": round(minutes, 3)})
+            atomic_write_json(record, log)
+            print(f"iterate: round {r}: {name}: exit {rc} after {minutes:.1f} min", flush=True)
+            if rc != 0:
+                return rc
+            if name == "collect":  # collect writes meta.json first: this marks a complete store
+                (base / "collected").touch()
+        model, policy = str(folders["pretrain"]), str(folders["train-agent"])
+        ev = _last_eval(folders["train-agent"])
+        if ev and not any(x["round"] == r for x in log["rounds"]):
+            log["rounds"].append({"round": r, "eval_return_mean": ev["eval_return_mean"],
+                                  "eval_return_std": ev["eval_return_std"], "updates": r * args.agent_steps,
+                                  "real_steps": r * args.collect_steps,
+                                  "imagined_return_mean": ev.get("imagined_return_mean")})
+            atomic_write_json(record, log)
+            print(f"iterate: round {r}: real return {ev['eval_return_mean']:.2f} ± {ev['eval_return_std']:.2f} "
+                  f"(policy {policy}, world model {model})", flush=True)
+    best = max(log["rounds"], key=lambda x: x["eval_return_mean"], default=None)
+    if best is not None:
+        where = out / f"round_{best['round']:03d}" / "agent"
+        print(f"iterate: best evaluation {best['eval_return_mean']:.2f} ± {best['eval_return_std']:.2f} in round "
+              f"{best['round']} ({where}; chosen on these episodes: score it again with `ditwm evaluate agent "
+              f"--seed`)")
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(Args, main, "ditwm iterate", argv, description=__doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())
