@@ -213,6 +213,17 @@ def rollout_targets(ac: ActorCritic, rollout: Rollout, update_normalizer: bool =
                           logp)
 
 
+def reference_kl(actor: torch.nn.Module, reference: torch.nn.Module, obs: torch.Tensor) -> torch.Tensor:
+    """Mean ``KL(π_ref(·|s) ‖ π(·|s))`` in nats over the observations ``obs`` float32 ``(..., obs_dim)``: the
+    behaviour-regularisation term of ``train-agent --kl-coef`` (gradient to ``actor`` only; ``reference`` frozen).
+    Forward KL, so the policy keeps mass on every action the reference plays (BREMEN, Matsushima et al. 2021, keeps
+    each policy near the one that collected the data its models were trained on)."""
+    with torch.no_grad():
+        ref = reference(obs).float().log_softmax(-1)
+    logp = actor(obs).float().log_softmax(-1)
+    return (ref.exp() * (ref - logp)).sum(-1).mean()
+
+
 def clipped_loss(ac: ActorCritic, rollout: Rollout, targets: RolloutTargets, envs: torch.Tensor, clip: float
                  ) -> tuple[torch.Tensor, Metrics]:
     """Actor + critic loss on the columns ``envs`` (int64 indices into ``B``) of a rollout, for several gradient

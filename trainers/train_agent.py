@@ -43,6 +43,7 @@ equals an uninterrupted one on CPU. SIGTERM / SIGINT checkpoint at once and exit
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import random
@@ -65,7 +66,7 @@ from trainers.common import (DTYPE_NAMES, ArgError, JsonlLogger, catch_stop_sign
                              setting_arg_error, signal_exit_code)
 from trainers.data import EpisodeStore
 from trainers.policy import evaluate_policy
-from trainers.rollout import clipped_loss, collect_rollout, rollout_loss, rollout_targets
+from trainers.rollout import clipped_loss, collect_rollout, reference_kl, rollout_loss, rollout_targets
 from trainers.train_agent_args import RESUME_CHECKED, Args
 from trainers.train_agent_report import plot_curves
 
@@ -150,8 +151,11 @@ def prepare(args: Args) -> Setup:
         raise ArgError("lr", f"expected a learning rate > 0, got {args.lr}")
     if not 0.0 < args.gamma <= 1.0:
         raise ArgError("gamma", f"expected a discount in (0, 1], got {args.gamma}")
-    if not (math.isfinite(args.entropy_coef) and args.entropy_coef >= 0):
-        raise ArgError("entropy_coef", f"expected a number >= 0, got {args.entropy_coef}")
+    for name in ("entropy_coef", "kl_coef"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            raise ArgError(name, f"expected a number >= 0, got {getattr(args, name)}")
+    if args.kl_coef and args.init == "scratch":
+        raise ArgError("kl_coef", f"expected 0 with --init scratch (no policy to stay near), got {args.kl_coef}")
     if args.start_data:
         args.start_data = str(Path(args.start_data).expanduser().resolve())  # compared on resume
     elif args.start_contexts != Args.start_contexts:
@@ -243,6 +247,8 @@ class AgentTrainer:
         params = [*self.ac.actor.parameters(), *self.ac.critic.parameters()]
         self.params = params
         self.opt = torch.optim.Adam(params, lr=args.lr, eps=1e-5)  # DreamerV3: eps 1e-5, grad clip 100
+        # --kl-coef: the initial policy, frozen (prepare() loads it again on resume, before the checkpoint)
+        self.reference = (copy.deepcopy(self.ac.actor).requires_grad_(False).eval() if args.kl_coef else None)
         self.gen = torch.Generator(device=self.dev).manual_seed(args.seed)
         self.encoder = setup.encoder  # the frozen encoder of the world model's bundle (or the stage-1 one)
         self.updates, self.env_steps = 0, 0
@@ -320,19 +326,27 @@ class AgentTrainer:
         self.opt.step()
         return grad_norm
 
+    def regularised(self, loss: torch.Tensor, m: dict, obs: torch.Tensor) -> torch.Tensor:
+        """``loss + β·KL(π_init ‖ π)`` on ``obs`` (``--kl-coef β``; logged as ``kl_init``), or ``loss`` unchanged."""
+        if self.reference is None:
+            return loss
+        kl = reference_kl(self.ac.actor, self.reference, obs)
+        m["kl_init"] = kl.detach()
+        return loss + self.args.kl_coef * kl
+
     def update(self, obs, running: np.ndarray):
         a, t0 = self.args, time.perf_counter()
         rollout, obs = collect_rollout(self.envs, self.act, obs, a.horizon, self.s.k, running, self.dev)
         if a.epochs == a.minibatches == 1:
             loss, m = rollout_loss(self.ac, rollout)
-            grad_norm = self.step(loss)
+            grad_norm = self.step(self.regularised(loss, m, rollout.traj.obs[:-1]))
         else:  # several clipped steps on one rollout (PPO)
             targets = rollout_targets(self.ac, rollout)
             for _ in range(a.epochs):
                 perm = torch.randperm(a.num_envs, generator=self.gen, device=self.dev)
                 for envs in torch.tensor_split(perm, a.minibatches):  # M near-equal shares
                     loss, m = clipped_loss(self.ac, rollout, targets, envs, a.clip)
-                    grad_norm = self.step(loss)
+                    grad_norm = self.step(self.regularised(loss, m, rollout.traj.obs[:-1, envs]))
             m.update(return_mean=targets.returns.mean(), return_scale=self.ac.normalizer.scale())
         self.ac.update_slow()
         self.updates += 1

@@ -51,6 +51,9 @@ class Args:
     gamma: float = arg(0.997, "discount of the λ-returns (DreamerV3: 0.997, a 333-step horizon)")
     entropy_coef: float = arg(3e-4, "entropy bonus η of the actor loss (DreamerV3: 3e-4, on advantages divided "
                                     "by max(1, return range))")
+    kl_coef: float = arg(0.0, "with --init policy:DIR or stage1:DIR: weight β of KL(π_init ‖ π) on the imagined "
+                              "states, added to the actor loss — a trust region around the policy whose real play "
+                              "the world model was fitted to (BREMEN, Matsushima et al. 2021); 0: off")
     epochs: int = arg(1, "passes over each rollout (1: DreamerV3's one gradient step; more: PPO's clipped "
                          "surrogate, Schulman et al. 2017, so each imagined step is learned from several times)")
     minibatches: int = arg(1, "gradient steps per pass, each on a 1/M share of the envs (with --epochs)")
@@ -67,4 +70,4 @@ class Args:
 RESUME_CHECKED = ("world_model", "init", "hidden", "temperature", "sampling_shift", "gamma", "entropy_coef",
                   "start_data", "start_contexts", "epochs", "minibatches", "clip", "keep_ball", "lost_ball_reward",
                   "keep_ball_returns", "lost_ball_truncate", "rejection_penalty", "uncertainty_penalty",
-                  "uncertainty_truncate", "uncertainty_draws", "uncertainty_quantile")
+                  "uncertainty_truncate", "uncertainty_draws", "uncertainty_quantile", "kl_coef")
