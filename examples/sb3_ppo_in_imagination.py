@@ -31,6 +31,7 @@ import dit_envs  # noqa: E402  (registers the DiTWM ids)
 from dit_envs.sb3 import to_sb3  # noqa: E402
 from dit_envs.envs.real_latent import RealLatentVectorEnv  # noqa: E402
 from trainers.agent_envs import attach_keep_ball, attach_uncertainty  # noqa: E402
+from trainers.agent_io import evaluation_encoder  # noqa: E402
 from trainers.common import ArgError  # noqa: E402
 from trainers.train_agent_args import Args as TrainAgentArgs  # noqa: E402
 
@@ -170,8 +171,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     real: gym.vector.VectorEnv = dit_envs.make_real_env(bundle.config["game"], num_envs=args.episodes,
                                                         max_num_frames_per_episode=frames)
     if args.obs_type == "latent":
-        model_ = bundle.model
-        real = RealLatentVectorEnv(real, model_, model_.context_len, model_.latent_dim, args.device)
+        model_ = bundle.model  # read the real frames in float32 whatever --dtype the imagination ran in
+        encoder = evaluation_encoder(args.checkpoint or args.env_id, model_, args.device)
+        real = RealLatentVectorEnv(real, encoder, model_.context_len, model_.latent_dim, args.device)
     real_returns = score(real, predict, args.max_steps)
     real.close()
     res = {"imagined_mean": float(np.mean(imag)), "imagined_std": float(np.std(imag)),

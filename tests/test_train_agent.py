@@ -170,9 +170,20 @@ def test_world_model_dtype_bfloat16_trains_a_float32_agent(bundle, tmp_path, mon
         made["envs"] = real_make(*a, **kw)
         return made["envs"]
 
+    import trainers.train_agent as tt
+
+    seen = []
+    real_eval = tt.evaluate_policy
+
+    def eval_spy(encoder, *a, **kw):  # the real game is read through a float32 encoder
+        seen.append({p.dtype for p in encoder.parameters()})
+        return real_eval(encoder, *a, **kw)
+
     monkeypatch.setattr(ta, "make_imagination_env", spy)
+    monkeypatch.setattr(tt, "evaluate_policy", eval_spy)
     assert run(bundle, tmp_path / "bf16", 2, dtype="bfloat16") == 0
     assert next(made["envs"].unwrapped.bundle.model.parameters()).dtype == torch.bfloat16
+    assert seen and all(s == {torch.float32} for s in seen)
     ac, meta = load_agent(tmp_path / "bf16")
     assert meta["updates"] == 2 and all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in ac.parameters())
     from trainers.common import ArgError

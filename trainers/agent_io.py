@@ -186,3 +186,17 @@ def load_encoder(spec: str, device: str | torch.device = "cpu") -> tuple[Any, in
     _, path = resolve_world_model(spec)
     bundle = load_bundle(path, device=device)
     return bundle.model, int(bundle.model.latent_dim), bundle.config.get("game")
+
+
+def evaluation_encoder(spec: str, encoder: Any, device: str | torch.device = "cpu") -> Any:
+    """The encoder real-game evaluations read frames with: the world model's own (``encoder``, loaded from the
+    world-model spec ``spec``) when it runs in float32, else a float32 copy loaded again by :func:`load_encoder`.
+
+    A frame encoded in bfloat16 differs enough to change a greedy Pong policy's play: ``A/agents/ppo1_best`` scored
+    −17.0 ± 4.1 on 10 games through the bfloat16 encoder and −10.8 ± 10.0 on the same games through the float32 one
+    (``A/eval/iterate_rounds.txt``).
+    """
+    params = list(encoder.parameters()) if isinstance(encoder, torch.nn.Module) else []
+    if all(p.dtype == torch.float32 for p in params):
+        return encoder
+    return load_encoder(spec, device)[0]

@@ -59,7 +59,7 @@ from tqdm import tqdm
 from trainers.agent import ActorCritic, AgentConfig
 from trainers.agent_envs import (REAL_PREFIX, attach_keep_ball, attach_uncertainty, check_real_args,
                                  check_uncertainty_args, make_training_env, resample_rates, warn_if_other_encoder)
-from trainers.agent_io import load_agent, save_agent, stage1_dir
+from trainers.agent_io import evaluation_encoder, load_agent, save_agent, stage1_dir
 from trainers.checkpoint import load_checkpoint, load_optimizer_state, optimizer_state, save_checkpoint
 from trainers.common import (DTYPE_NAMES, ArgError, JsonlLogger, catch_stop_signals, check_choice, check_out_dir,
                              check_sampling_shift, check_temperature, pick_device, run_cli, seed_everything,
@@ -250,7 +250,7 @@ class AgentTrainer:
         # --kl-coef: the initial policy, frozen (prepare() loads it again on resume, before the checkpoint)
         self.reference = (copy.deepcopy(self.ac.actor).requires_grad_(False).eval() if args.kl_coef else None)
         self.gen = torch.Generator(device=self.dev).manual_seed(args.seed)
-        self.encoder = setup.encoder  # the frozen encoder of the world model's bundle (or the stage-1 one)
+        self.encoder = evaluation_encoder(args.world_model, setup.encoder, self.dev)
         self.updates, self.env_steps = 0, 0
         self.history: list[dict] = []  # one record per evaluation (also in the checkpoint, for the curves)
         self.imagined: list[float] = []  # imagined episode returns since the last evaluation

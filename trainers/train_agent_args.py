@@ -60,8 +60,8 @@ class Args:
     clip: float = arg(0.2, "PPO's ratio clip ε (with --epochs or --minibatches > 1)")
     hidden: int = arg(256, "scratch only: MLP width of actor and critic (stage 1's default)")
     device: str = arg("cpu", "torch device of world model and agent (cpu, cuda, auto)")
-    dtype: str = dtype_arg("; so does its encoder for start contexts and real-game evaluation; the agent stays "
-                           "float32")
+    dtype: str = dtype_arg("; so does its encoder for start contexts, not the real-game evaluation's (float32); "
+                           "the agent stays float32")
     seed: int = arg(0, "seed of envs, policy sampling and (scratch) initialisation")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
 
