@@ -64,32 +64,58 @@ def test_extra_data_trains_on_the_rows_merge_stores_would_write(store, tmp_path)
     assert np.array_equal(episode, ds.episode) and np.array_equal(step, ds.step) and np.array_equal(src, source)
 
 
-def test_recent_fraction_draws_from_the_last_store_only(store, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    """A second, smaller Pong store (random play, 2 games of 30 steps: episode 0 held out, 1 trains)."""
+    out = tmp_path_factory.mktemp("small") / "store"
+    assert cli.main(["collect", "--agent", "random", "--steps", "60", "--num-envs", "2", "--out", str(out)]) == 0
+    return out
+
+
+def test_recent_fraction_draws_from_the_last_store_only(store, small, tmp_path, capsys):
+    """The recent share covers exactly the training windows of the last store (not of the first or of a copy)."""
+    from trainers.data import heldout_mask, segments
+
     other = tmp_path / "other"
     shutil.copytree(store, other, ignore=shutil.ignore_patterns("latents", "stage1"))
     out = tmp_path / "o"
-    assert pretrain(PretrainArgs(data=str(store), extra_data=[str(other)], stage1=str(store / "stage1"),
+    assert pretrain(PretrainArgs(data=str(store), extra_data=[str(other), str(small)], stage1=str(store / "stage1"),
                                  out=str(out), steps=2, recent_fraction=0.5, **TINY_PRE)) == 0
     m = re.search(r"50% of each batch from the (\d+) of (\d+) windows", capsys.readouterr().out)
-    assert m and 2 * int(m[1]) == int(m[2])  # the copy holds half the windows
+    episode, step, _, src = stores_index([str(store), str(other), str(small)])
+    last = (src == 2) & ~heldout_mask(episode)
+    _, lengths = segments(episode[last], step[last])
+    assert m and int(m[1]) == int(np.maximum(lengths - 8 + 1, 0).sum()) > 0  # windows of 8 rows: K 4 + 4 rollout
     card = (out / "bundle" / "README.md").read_text()
-    assert f"{store.name} + other" in card
+    assert "/store + " in card and "/other + " in card
 
+
+def test_biased_draw_skips_held_out_rows_before_the_last_store(store, tmp_path):
+    """``recent`` is over all rows, the windows over the training rows only: a held-out episode in front of the
+    last store must not shift which windows are recent."""
     from dit_envs.io import sha256_file
     from trainers.autoencoder import load_autoencoder
+    from trainers.data import heldout_mask
     from trainers.latents import LatentWindows
     from trainers.pretrain_data import biased_draw
 
+    other = tmp_path / "other"
+    shutil.copytree(store, other, ignore=shutil.ignore_patterns("latents", "stage1"))
     sha = sha256_file(store / "stage1" / "autoencoder.safetensors")
-    ds, source = load_stores(_Main(), [str(store), str(other)], load_autoencoder(store / "stage1"), sha, out, "t")
-    w = LatentWindows(ds, 6, mean=torch.zeros(32), std=torch.ones(32), num_actions=6, seed=0,
+    ds, source = load_stores(_Main(), [str(store), str(other)], load_autoencoder(store / "stage1"), sha, tmp_path,
+                             "t")
+    held = heldout_mask(ds.episode)
+    held |= ds.episode == ds.episode[source == 1].min()  # the last store's first episode held out as well
+    train = ds.select(~held)
+    w = LatentWindows(train, 6, mean=torch.zeros(32), std=torch.ones(32), num_actions=6, seed=0,
                       device=torch.device("cpu"))
     starts = w.sampler.all_window_starts()
     args = PretrainArgs(data="", out="", steps=1, recent_fraction=0.5)
-    probs, fraction = biased_draw(args, ds, starts, first_target=4, length=6, train_mask=np.ones(len(ds), bool),
-                                  returns=None, recent=source == 1)
+    probs, fraction = biased_draw(args, train, starts, first_target=4, length=6, train_mask=~held, returns=None,
+                                  recent=source == 1)
+    train_source = source[~held][starts]
     assert fraction == 0.5 and np.isclose(probs.sum(), 1.0)
-    assert (probs[source[starts] == 0] == 0).all() and (probs[source[starts] == 1] > 0).all()
+    assert (probs[train_source == 0] == 0).all() and (probs[train_source == 1] > 0).all()
 
 
 @pytest.mark.parametrize("extra, field", [
@@ -99,6 +125,7 @@ def test_recent_fraction_draws_from_the_last_store_only(store, tmp_path, capsys)
     (["--extra-data", "OTHER", "--recent-fraction", "0.5", "--priority-fraction", "0.5"], "--recent-fraction"),
     (["--extra-data", "BREAKOUT"], "--extra-data"),
     (["--extra-data", "/nonexistent"], "--extra-data"),
+    (["--extra-data", "TINY", "--recent-fraction", "0.5"], "--recent-fraction"),  # no window in the last store
 ])
 def test_bad_extra_data_exits_2_and_writes_nothing(store, tmp_path, capsys, extra, field):
     other = tmp_path / "other"
@@ -107,12 +134,15 @@ def test_bad_extra_data_exits_2_and_writes_nothing(store, tmp_path, capsys, extr
     shutil.copytree(other, breakout)
     meta = json.loads((breakout / "meta.json").read_text())
     (breakout / "meta.json").write_text(json.dumps({**meta, "game": "Breakout"}))
-    extra = [str(other) if e == "OTHER" else str(breakout) if e == "BREAKOUT" else e for e in extra]
+    tiny = tmp_path / "tiny"
+    assert cli.main(["collect", "--agent", "random", "--steps", "8", "--num-envs", "2", "--out", str(tiny)]) == 0
+    names = {"OTHER": str(other), "BREAKOUT": str(breakout), "TINY": str(tiny)}
+    extra = [names.get(e, e) for e in extra]
     argv = ["pretrain", "--data", str(store), "--out", str(tmp_path / "x"), "--steps", "2", *extra]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert field in err and not (tmp_path / "x").exists()
-    assert not (other / "latents").exists()
+    assert not (other / "latents").exists() and not (tiny / "latents").exists()
 
 
 def _iterate(store, start, out, rounds, *extra):
@@ -157,6 +187,9 @@ def test_iterate_rounds_chain_and_resume(store, start, tmp_path, capsys):
     (["--pretrain-args", "--steps 5"], "--pretrain-args"),
     (["--agent-args", "--eval-every=3 --dtype float32"], "--agent-args"),
     (["--agent-args", "'unclosed"], "--agent-args"),
+    (["--agent-args", "--eval-ev 3 --dtype float32"], "--agent-args"),  # an abbreviation of a flag the loop sets
+    (["--pretrain-args", "--no-such-flag 1 --preset tiny"], "--pretrain-args"),
+    (["--agent-args", "--num-envs many --dtype float32"], "--agent-args"),
     (["--policy", "/nonexistent"], "--policy"),
 ])
 def test_iterate_bad_arguments_exit_2_and_write_nothing(store, start, tmp_path, capsys, extra, field):

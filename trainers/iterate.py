@@ -83,6 +83,9 @@ def validate(args: Args) -> tuple[list[str], list[str]]:
     for name in ("epsilon", "recent_fraction"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise ArgError(name, f"expected a number in [0, 1], got {getattr(args, name)}")
+    for name in ("data", "stage1", "world_model", "policy", "out"):  # resumed runs compare these: spell them once
+        if getattr(args, name):
+            setattr(args, name, str(Path(getattr(args, name)).expanduser().resolve()))
     split = []
     own = {"pretrain_args": ("--data", "--extra-data", "--init", "--out", "--steps", "--resume", "--recent-fraction",
                              "--stage1", "--lr", "--warmup", "--batch", "--seed", "--threads"),
@@ -92,7 +95,8 @@ def validate(args: Args) -> tuple[list[str], list[str]]:
             words = shlex.split(getattr(args, name))
         except ValueError as e:
             raise ArgError(name, f"expected shell-quoted flags, got {getattr(args, name)!r} ({e})") from None
-        clash = [w for w in words if w.split("=")[0] in flags]
+        clash = [w for w in words if w.startswith("--") and any(  # also argparse's abbreviations of them
+            f.startswith(w.split("=")[0]) or w.split("=")[0] == "--no-" + f[2:] for f in flags)]
         if clash:
             raise ArgError(name, f"expected flags other than {', '.join(flags)} (the loop sets them), got {clash[0]}")
         split.append(words)
@@ -101,7 +105,32 @@ def validate(args: Args) -> tuple[list[str], list[str]]:
             raise ArgError(name, f"expected a directory with {want}, got {path}")
     if not Path(args.world_model).is_dir():
         raise ArgError("world_model", f"expected a pretrain OUT or a DiT bundle directory, got {args.world_model}")
+    if "game" not in json.loads((Path(args.data) / "meta.json").read_text()):
+        raise ArgError("data", f"expected a game in {args.data}/meta.json, got none")
+    for name, module, words in (("pretrain_args", "trainers.pretrain", split[0]),
+                                ("agent_args", "trainers.train_agent", split[1])):
+        _check_parses(name, module, words)
     return split[0], split[1]
+
+
+def _check_parses(name: str, module: str, words: list[str]) -> None:
+    """Parse ``words`` with the command's own parser (required flags filled in), so an unknown or malformed flag is
+    refused before the first collection. Raises :class:`ArgError` naming ``name``."""
+    import contextlib
+    import io
+
+    from trainers.common import build_parser
+
+    mod = importlib.import_module(module)
+    required = {"trainers.pretrain": ["--data", "D", "--out", "O", "--steps", "1"],
+                "trainers.train_agent": ["--world-model", "W", "--out", "O", "--steps", "1"]}[module]
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            build_parser(mod.Args, module).parse_args(required + words)
+    except SystemExit:
+        raise ArgError(name, f"expected flags of {module}, got {shlex.join(words)!r}: "
+                             f"{err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else ''}") from None
 
 
 def _round_argv(args: Args, r: int, folders: dict[str, Path], stores: list[str], model: str, policy: str,

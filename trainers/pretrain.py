@@ -197,7 +197,11 @@ def validate(args: Args) -> Setup:
         raise ArgError("seq_len", f"expected 2..{k + 1} (K + 1 with K = {k}), got {seq_len}")
     window = max(seq_len, k + args.rollout_steps, k + 1)
     stores = (args.data, *args.extra_data)
-    episode, step, reward, _ = stores_index(list(stores))
+    episode, step, reward, source = stores_index(list(stores))
+    for i, path in enumerate(stores):
+        if not (source == i).any():
+            raise ArgError("data" if i == 0 else "extra_data", f"expected an episode store with readable rows, got "
+                                                               f"none in {path}")
     train = ~heldout_mask(episode)
     if args.return_fraction and meta["game"] != "Pong":
         raise ArgError("return_fraction", f"expected a Pong store (returns are located in Pong frames), got "
@@ -207,6 +211,12 @@ def validate(args: Args) -> Setup:
                                          f"in {int(train.sum())} rows of {', '.join(stores)}")
     _, lengths = segments(episode[train], step[train])
     longest = int(lengths.max()) if len(lengths) else 0
+    if args.recent_fraction:
+        last = train & (source == len(stores) - 1)
+        _, recent_lengths = segments(episode[last], step[last])
+        if not len(recent_lengths) or int(recent_lengths.max()) < window:
+            raise ArgError("recent_fraction", f"expected a non-held-out episode of >= {window} frames in the last "
+                                              f"--extra-data store {stores[-1]}, got {int(last.sum())} rows")
     if longest < window:
         raise ArgError("data", f"expected a non-held-out episode of >= {window} frames (K + max(1, rollout_steps)), "
                                f"got {int(train.sum())} rows whose longest episode segment has {longest}")
@@ -391,7 +401,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
             log.log(step, **final)
         log.close()
         split = "held-out episodes" if len(test) else "training episodes (the store has no held-out one)"
-        info = {"store": " + ".join(Path(p).name for p in s.stores), **summary, "eval split": split,
+        info = {"store": " + ".join("/".join(Path(p).parts[-2:]) for p in s.stores), **summary, "eval split": split,
                 "encoder sha256": s.encoder_sha256[:12], "preset": size, "training steps": step,
                 "batch": f"{args.batch} x {d.world_size}", "lr": args.lr, "objective": json.dumps(asdict(cfg)),
                 "final flow loss": f"{terms['flow'].item():.4f}" if terms else "-",

@@ -18,17 +18,18 @@ import torch
 from trainers.common import ArgError
 from trainers.data import EpisodeStore
 from trainers.latents import LatentDataset, load_latents_on_ranks, store_index
-from trainers.merge import next_offset
+from trainers.merge import SAME, next_offset
 from trainers.pong_objects import agent_return_rows, store_ball_columns
 from trainers.priority import event_probabilities, flag_probabilities
 
 
 def check_stores(data: str, extra: list[str]) -> dict:
     """The ``meta.json`` of ``data`` after checking that every ``extra`` store is an episode store of the same
-    game and action set.
+    game, action set, protocol and format (the fields :func:`trainers.merge.merge_stores` requires equal).
 
     Raises:
-        ArgError: ``data`` or an ``extra`` store that is not a store, or whose game / action meanings differ.
+        ArgError: ``data`` or an ``extra`` store that is not a store, or whose game / action meanings / protocol /
+            format version differ.
     """
     metas = []
     for name, path in (("data", data), *(("extra_data", p) for p in extra)):
@@ -39,10 +40,10 @@ def check_stores(data: str, extra: list[str]) -> dict:
         if "action_meanings" not in metas[-1] or "game" not in metas[-1]:
             raise ArgError(name, f"expected game and action_meanings in {path}/meta.json, got {sorted(metas[-1])}")
     for path, m in zip(extra, metas[1:]):
-        for key in ("game", "action_meanings"):
-            if m[key] != metas[0][key]:
-                raise ArgError("extra_data", f"expected {key} {metas[0][key]!r} (as in --data {data}), got "
-                                             f"{m[key]!r} in {path}")
+        for key in SAME:
+            if m.get(key) != metas[0].get(key):
+                raise ArgError("extra_data", f"expected {key} {metas[0].get(key)!r} (as in --data {data}), got "
+                                             f"{m.get(key)!r} in {path}")
     return metas[0]
 
 
@@ -136,4 +137,4 @@ def biased_draw(args, train: LatentDataset, starts: np.ndarray, *, first_target:
         except ValueError as e:  # return_rows() saw returns; here none is within reach of a window
             raise ArgError(name, f"expected returns of the ball within reach of a window, got: {e}") from None
     fraction = sum(f for f, _ in parts)
-    return sum(f * p for f, p in parts) / fraction, fraction
+    return sum(f * p for f, p in parts) / fraction, min(1.0, fraction)  # validate() allowed a rounding excess
