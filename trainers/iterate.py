@@ -33,6 +33,7 @@ from pathlib import Path
 
 from dit_envs.io import atomic_write_json
 from trainers.common import ArgError, arg, run_cli
+from trainers.pipeline import run_stage, stage_state
 
 
 @dataclass(kw_only=True)
@@ -182,13 +183,13 @@ def main(args: Args) -> int:
         stores.append(str(folders["collect"]))
         argvs = _round_argv(args, r, folders, stores, model, policy, extra)
         for name, module, _, done in PHASES:
-            folder = folders[name]
-            if (folder / done).is_file():
+            state = stage_state(folders[name], folders[name] / done)
+            if state == "done":
                 continue
-            argv = argvs[name] + (["--resume"] if folder.is_dir() and any(folder.iterdir()) else [])
+            argv = argvs[name] + (["--resume"] if state == "resume" else [])
             print(f"iterate: round {r}: ditwm {name} {shlex.join(argv)}", flush=True)
             t0 = time.perf_counter()
-            rc = importlib.import_module(module).cli(argv)
+            rc = run_stage(module, argv)
             minutes = (time.perf_counter() - t0) / 60
             log["phases"].append({"round": r, "phase": name, "exit": rc, "minutes": round(minutes, 3)})
             atomic_write_json(record, log)

@@ -67,11 +67,12 @@ TINY: dict[str, list[str]] = {
 """Under ``--tiny`` the fidelity stages are skipped: a few hundred env steps hold no held-out episode."""
 
 
-def _stage(module: str, argv: list[str]) -> int:
+def run_stage(module: str, argv: list[str]) -> int:
+    """Run ``module.cli(argv)`` in this process (``trainers.<stage>``); returns its exit code."""
     return importlib.import_module(module).cli(argv)
 
 
-def _state(out: Path, done: Path) -> str:
+def stage_state(out: Path, done: Path) -> str:
     """``"done"`` when ``done`` exists, ``"resume"`` when ``out`` holds a partial run, else ``"fresh"``."""
     if done.exists():
         return "done"
@@ -152,7 +153,7 @@ def main(args: Args) -> int:
                 print(f"pipeline: {name}: skipped (--tiny)")
                 continue
             argv = [*argv, *TINY[name]]
-        state = _state(folder, done)
+        state = stage_state(folder, done)
         if state == "done":
             print(f"pipeline: {name}: done ({done}), skipped")
             continue
@@ -163,7 +164,7 @@ def main(args: Args) -> int:
         sub = {v[0]: k for k, v in COMMANDS.items()}[module]
         print(f"pipeline: {name}: {'resuming' if state == 'resume' else 'starting'}: ditwm {sub} {' '.join(argv)}")
         t0 = time.perf_counter()
-        rc = _stage(module, argv)
+        rc = run_stage(module, argv)
         minutes = (time.perf_counter() - t0) / 60
         runs.append({"stage": name, "argv": argv, "exit": rc, "minutes": round(minutes, 3)})
         atomic_write_json(record, runs)

@@ -47,30 +47,35 @@ def check_stores(data: str, extra: list[str]) -> dict:
     return metas[0]
 
 
+def _shifted(episodes: list[np.ndarray]) -> list[np.ndarray]:
+    """Each store's episode ids int64 ``(R_i,)``, shifted past all earlier stores' ids
+    (:func:`trainers.merge.next_offset`)."""
+    out, offset = [], 0
+    for ep in episodes:
+        out.append(ep + offset)
+        offset = next_offset(offset, int(ep.max()) if len(ep) else -1)
+    return out
+
+
 def stores_index(stores: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(episode, step)`` int64 ``(R,)``, ``reward`` float32 ``(R,)`` and ``source`` int64 ``(R,)`` (index into
     ``stores``) of every readable row of the stores, in order, episode ids shifted (module docstring); sorted by
     ``(episode, step)`` since each store is and the shifts grow."""
-    parts, offset = [], 0
-    for i, path in enumerate(stores):
-        episode, step, reward = store_index(path)
-        parts.append((episode + offset, step, reward, np.full(len(step), i, np.int64)))
-        offset = next_offset(offset, int(episode.max()) if len(episode) else -1)
-    return tuple(np.concatenate(c) for c in zip(*parts))  # type: ignore[return-value]
+    index = [store_index(path) for path in stores]
+    sources = [np.full(len(step), i, np.int64) for i, (_, step, _) in enumerate(index)]
+    episode = _shifted([ep for ep, _, _ in index])
+    return (np.concatenate(episode), np.concatenate([s for _, s, _ in index]), np.concatenate([r for _, _, r in index]),
+            np.concatenate(sources))
 
 
 def load_stores(d, stores: list[str], autoencoder: torch.nn.Module, encoder_sha256: str, out: Path,
                 tag: str) -> tuple[LatentDataset, np.ndarray]:
     """Every store's latents (:func:`trainers.latents.load_latents_on_ranks`, one cache per store) as one dataset
     with the episode ids of :func:`stores_index`, and its ``source`` int64 ``(R,)``."""
-    parts, sources, offset = [], [], 0
-    for i, path in enumerate(stores):
-        ds = load_latents_on_ranks(d, path, autoencoder, encoder_sha256, out, tag)
-        highest = int(ds.episode.max()) if len(ds) else -1
-        ds.episode = ds.episode + offset
-        parts.append(ds)
-        sources.append(np.full(len(ds), i, np.int64))
-        offset = next_offset(offset, highest)
+    parts = [load_latents_on_ranks(d, path, autoencoder, encoder_sha256, out, tag) for path in stores]
+    for ds, episode in zip(parts, _shifted([ds.episode for ds in parts])):
+        ds.episode = episode
+    sources = [np.full(len(ds), i, np.int64) for i, ds in enumerate(parts)]
     if len(parts) == 1:
         return parts[0], sources[0]
     cols = {k: np.concatenate([getattr(p, k) for p in parts]) for k in ("z", "episode", "step", "action", "reward",
@@ -85,12 +90,12 @@ def return_rows(stores: list[str], episode: np.ndarray, train: np.ndarray) -> np
     Raises:
         ArgError: the frames disagree with ``episode`` (a store changed meanwhile), or no return in a training row.
     """
-    flags, eps, offset = [], [], 0
+    flags, eps = [], []
     for path in stores:
         ep, col = store_ball_columns(EpisodeStore(path))
         flags.append(agent_return_rows(col, ep))
-        eps.append(ep + offset)
-        offset = next_offset(offset, int(ep.max()) if len(ep) else -1)
+        eps.append(ep)
+    eps = _shifted(eps)
     if not np.array_equal(np.concatenate(eps), episode):
         raise ArgError("data", f"expected readable frames for all {len(episode)} rows of {', '.join(stores)}, got "
                                f"{sum(map(len, eps))}")
