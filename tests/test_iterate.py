@@ -145,12 +145,12 @@ def test_bad_extra_data_exits_2_and_writes_nothing(store, tmp_path, capsys, extr
     assert not (other / "latents").exists() and not (tiny / "latents").exists()
 
 
-def _iterate(store, start, out, rounds, *extra):
+def _iterate(store, start, out, rounds, *extra, agent_args=AGENT_ARGS):
     dit, policy = start
     return cli.main(["iterate", "--data", str(store), "--world-model", str(dit), "--policy", str(policy),
                      "--out", str(out), "--rounds", str(rounds), "--collect-steps", "40", "--collect-envs", "2",
                      "--model-steps", "2", "--model-warmup", "1", "--batch", "8", "--agent-steps", "1",
-                     "--threads", "1", "--pretrain-args", PRE_ARGS, "--agent-args", AGENT_ARGS, *extra])
+                     "--threads", "1", "--pretrain-args", PRE_ARGS, "--agent-args", agent_args, *extra])
 
 
 def test_iterate_rounds_chain_and_resume(store, start, tmp_path, capsys):
@@ -198,3 +198,47 @@ def test_iterate_bad_arguments_exit_2_and_write_nothing(store, start, tmp_path, 
             "--out", str(tmp_path / "x"), "--rounds", "1", *extra]
     assert cli.main(argv) == 2
     assert field in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_iterate_selection_keeps_only_rounds_that_score_at_least_the_best(store, start, tmp_path, capsys, monkeypatch):
+    """--select-episodes: the starting policy and every round's policy play the same real games (--select-seed); a
+    round scoring below the best so far is dropped (the next round continues the best policy), its DiT is kept."""
+    import trainers.policy
+    import trainers.train_agent
+
+    seeds = []
+
+    def spy(real):
+        def wrapped(encoder, actor, k, game, episodes, seed, **kw):
+            seeds.append((episodes, seed))
+            return real(encoder, actor, k, game, episodes, seed, **kw)
+        return wrapped
+
+    monkeypatch.setattr(trainers.policy, "evaluate_policy", spy(trainers.policy.evaluate_policy))
+    monkeypatch.setattr(trainers.train_agent, "evaluate_policy", spy(trainers.train_agent.evaluate_policy))
+    out, sel = tmp_path / "it", ["--select-episodes", "2", "--select-seed", "77", "--collect-greedy"]
+    kw = dict(agent_args=AGENT_ARGS.replace("--eval-episodes 2 ", ""))
+    assert _iterate(store, start, out, 1, *sel, **kw) == 0
+    assert seeds == [(2, 77), (2, 77)]  # the starting policy, then round 1's, on the same games
+    start_mean = json.loads((out / "start_eval.json").read_text())["mean"]
+    assert json.loads((out / "round_001" / "data" / "meta.json").read_text())["collector"]["greedy"] is True
+    log = json.loads((out / "iterate.json").read_text())
+    assert log["rounds"][0]["kept"] is True and log["rounds"][0]["select_steps"] == 2 * 10 + 2 * 10
+    # Round 1 scoring below the start (its evaluation rewritten) is dropped on the rerun: round 2 goes on from the
+    # starting policy and from round 1's DiT.
+    metrics = out / "round_001" / "agent" / "metrics.jsonl"
+    recs = [json.loads(line) for line in metrics.read_text().splitlines()]
+    metrics.write_text("".join(json.dumps({**r, "eval_return_mean": start_mean - 1} if "eval_return_mean" in r else r)
+                               + "\n" for r in recs))
+    (out / "iterate.json").write_text(json.dumps({**log, "rounds": []}))
+    capsys.readouterr()
+    assert _iterate(store, start, out, 2, *sel, **kw) == 0
+    printed = capsys.readouterr().out
+    log = json.loads((out / "iterate.json").read_text())
+    assert [r["kept"] for r in log["rounds"]] == [False, True] and "round 1: real return" in printed
+    card = json.loads((out / "round_002" / "agent" / "agent.json").read_text())
+    assert card["init"] == f"policy:{start[1]}" and f"--init {out / 'round_001' / 'dit'}" in printed
+    assert "best evaluation" in printed and "round 2" in printed.splitlines()[-1]
+    # the loop sets the evaluation games itself when selecting
+    assert _iterate(store, start, tmp_path / "x", 1, *sel, agent_args="--eval-seed 3") == 2
+    assert "--agent-args" in capsys.readouterr().err and not (tmp_path / "x").exists()

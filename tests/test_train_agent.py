@@ -279,6 +279,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes(bundle, tmp_path):
     (["--lr", "0"], "--lr"),
     (["--gamma", "1.5"], "--gamma"),
     (["--entropy-coef", "-1"], "--entropy-coef"),
+    (["--eval-seed", "-2"], "--eval-seed"),
     (["--temperature", "-1"], "--temperature"),
     (["--sampling-shift", "0"], "--sampling-shift"),
     (["--start-data", "/nonexistent/store"], "--start-data"),
@@ -368,9 +369,10 @@ def test_evaluate_agent_cli(bundle, tmp_path, capsys):
     assert "--encoder" in capsys.readouterr().err
 
 
-def test_collect_with_a_trained_policy_replays_its_sampled_actions(bundle, tmp_path, capsys):
-    """`ditwm collect --agent policy`: every stored action is the policy's sample on the stack of the latents of
-    the frames stored before it (same generator), so the store is the data of that policy."""
+@pytest.mark.parametrize("greedy", [False, True])
+def test_collect_with_a_trained_policy_replays_its_actions(bundle, tmp_path, capsys, greedy):
+    """`ditwm collect --agent policy [--greedy]`: every stored action is the policy's sample (argmax) on the stack of
+    the latents of the frames stored before it (same generator), so the store is the data of that policy."""
     from dit_envs.bundle import load_bundle
     from trainers.data import EpisodeStore
     from trainers.policy import LatentStack
@@ -378,9 +380,11 @@ def test_collect_with_a_trained_policy_replays_its_sampled_actions(bundle, tmp_p
     assert run(bundle, tmp_path / "p", 1, eval_every=0) == 0
     out = tmp_path / "store"
     assert cli.main(["collect", "--agent", "policy", "--policy", str(tmp_path / "p"), "--epsilon", "0",
-                     "--steps", "60", "--num-envs", "2", "--seed", "4", "--out", str(out)]) == 0
+                     "--steps", "60", "--num-envs", "2", "--seed", "4", "--out", str(out),
+                     *(["--greedy"] if greedy else [])]) == 0
     store = EpisodeStore(out)
     assert store.read_meta()["collector"]["policy"] == str(tmp_path / "p")
+    assert store.read_meta()["collector"]["greedy"] is greedy
     d = store.load()
     assert sorted(np.unique(d["episode"])) == [0, 1]  # 30 steps: no real Pong episode ends
     obs = np.stack([d["obs"][d["episode"] == i] for i in (0, 1)], 1)  # (31, 2, 3, 64, 64)
@@ -391,7 +395,7 @@ def test_collect_with_a_trained_policy_replays_its_sampled_actions(bundle, tmp_p
     with torch.no_grad():
         stack.reset(encoder.encode(torch.from_numpy(obs[0])))
         for t in range(30):
-            assert acts[t].tolist() == ac.actor.act(stack.flat(), gen, greedy=False).tolist(), t
+            assert acts[t].tolist() == ac.actor.act(stack.flat(), gen, greedy=greedy).tolist(), t
             stack.push(encoder.encode(torch.from_numpy(obs[t + 1])))
     # Bad input: no --policy, or one that does not load; exit 2 naming the flag, nothing written.
     for argv in ([], ["--policy", str(tmp_path / "none")]):
@@ -399,6 +403,12 @@ def test_collect_with_a_trained_policy_replays_its_sampled_actions(bundle, tmp_p
         assert "--policy" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert cli.main(["collect", "--policy", str(tmp_path / "p"), "--steps", "8", "--out", str(tmp_path / "x")]) == 2
     assert "--policy" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert cli.main(["collect", "--greedy", "--steps", "8", "--out", str(tmp_path / "x")]) == 2  # random play
+    assert "--greedy" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    flip = [] if greedy else ["--greedy"]  # resuming the store with the other action choice
+    assert cli.main(["collect", "--agent", "policy", "--policy", str(tmp_path / "p"), "--epsilon", "0", "--steps",
+                     "80", "--num-envs", "2", "--seed", "4", "--out", str(out), "--resume", *flip]) == 2
+    assert "--greedy" in capsys.readouterr().err and len(EpisodeStore(out).load()["action"]) == 62
 
 
 # ---- the SB3 example ----------------------------------------------------------------------------------------

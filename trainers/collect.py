@@ -52,6 +52,8 @@ class Args:
     policy: str = arg("", "policy: the policy directory (agent.safetensors + agent.json, e.g. a train-agent --out)")
     encoder: str = arg("", "policy: its frozen encoder (bundle dir / env id / stage-1 dir; default: the world model "
                            "recorded in its agent.json)")
+    greedy: bool = arg(False, "policy: argmax actions (how it is scored, DESIGN.md §4) instead of sampled ones; a "
+                              "random action still with probability --epsilon")
     steps: int = arg(help="number of real env transitions to store in total (all envs together)")
     out: str = arg(help="episode store directory (new or empty unless --resume)")
     num_envs: int = arg(8, "parallel real games")
@@ -92,6 +94,8 @@ def validate(args: Args) -> None:
     if (args.agent == "policy") != bool(args.policy):
         raise ArgError("policy", f"expected a policy directory with --agent policy and none otherwise, got "
                                  f"{args.policy!r} with --agent {args.agent}")
+    if args.greedy and args.agent != "policy":
+        raise ArgError("greedy", f"expected only with --agent policy, got --greedy with --agent {args.agent}")
     for name in ("steps", "num_envs", "chunk_rows", "prefill", "ae_steps", "train_every", "checkpoint_every"):
         if getattr(args, name) <= 0:
             raise ArgError(name, f"expected an integer > 0, got {getattr(args, name)}")
@@ -114,6 +118,9 @@ def validate(args: Args) -> None:
         if args.agent == "policy" and meta["collector"].get("policy") != args.policy:
             raise ArgError("policy", f"expected {meta['collector'].get('policy')!r} (the policy of the store being "
                                      f"resumed), got {args.policy!r}")
+        if meta["collector"].get("greedy", False) != args.greedy:
+            raise ArgError("greedy", f"expected {meta['collector'].get('greedy', False)} (the store being resumed), "
+                                     f"got {args.greedy}")
 
 
 def _policy_agent(args: Args):
@@ -182,7 +189,7 @@ def main(args: Args) -> int:
             elif player is not None:
                 action = np.where(rng.random(n) < args.epsilon, action, player.act(obs))
             elif policy is not None:
-                action = np.where(rng.random(n) < args.epsilon, action, policy.act())
+                action = np.where(rng.random(n) < args.epsilon, action, policy.act(greedy=args.greedy))
             nxt, reward, term, trunc, info = env.step(action)
             done = term | trunc
             last_iter = done_steps + n >= args.steps

@@ -48,6 +48,8 @@ class Args:
     collect_steps: int = arg(10_000, "real env steps collected per round")
     collect_envs: int = arg(8, "parallel real games of each collection")
     epsilon: float = arg(0.1, "probability of a random action in the collections")
+    collect_greedy: bool = arg(False, "collect with the policy's argmax actions (how it is scored) instead of sampled "
+                                      "ones (collect --greedy)")
     model_steps: int = arg(500, "DiT fine-tuning steps per round (pretrain --steps)")
     model_lr: float = arg(3e-4, "peak learning rate of each fine-tune (pretrain --lr)")
     model_warmup: int = arg(50, "warm-up steps of each fine-tune (pretrain --warmup)")
@@ -58,6 +60,11 @@ class Args:
     agent_args: str = arg("", "more ditwm train-agent flags, one shell-quoted string")
     threads: int = arg(0, "torch CPU threads of the fine-tunes (0: torch's default)")
     seed: int = arg(0, "seed of round 1 (round r uses seed + r - 1 for its collection, fine-tune and policy)")
+    select_episodes: int = arg(0, "real games on which each round's policy is scored, the same games every round "
+                                  "(--select-seed); a round's policy is kept only when it scores at least the best "
+                                  "so far (the starting policy is scored first), else the next round continues the "
+                                  "best one. 0: off, every round continues the last")
+    select_seed: int = arg(10_000, "reset seed of those games (away from the seeds the rounds play with)")
 
 
 #: the phases of a round: (name, module, folder, the file that exists once the phase is done)
@@ -66,8 +73,9 @@ PHASES = (("collect", "trainers.collect", "data", "../collected"),
           ("train-agent", "trainers.train_agent", "agent", "agent.json"))
 
 
-def validate(args: Args) -> tuple[list[str], list[str]]:
-    """Check the arguments; returns the split ``--pretrain-args`` and ``--agent-args``.
+def validate(args: Args) -> tuple[list[str], list[str], int]:
+    """Check the arguments; returns the split ``--pretrain-args`` and ``--agent-args`` and the agent's real-game step
+    cap (its ``--eval-max-steps``, also the cap of the starting policy's selection games).
 
     Raises:
         ArgError: a count below 1, a fraction outside its range, a flag string that does not split, a flag the
@@ -76,7 +84,7 @@ def validate(args: Args) -> tuple[list[str], list[str]]:
     for name in ("rounds", "collect_steps", "collect_envs", "model_steps", "batch", "agent_steps"):
         if getattr(args, name) < 1:
             raise ArgError(name, f"expected an integer >= 1, got {getattr(args, name)}")
-    for name in ("model_warmup", "threads"):
+    for name in ("model_warmup", "threads", "select_episodes", "select_seed"):
         if getattr(args, name) < 0:
             raise ArgError(name, f"expected an integer >= 0, got {getattr(args, name)}")
     if not args.model_lr > 0:
@@ -90,7 +98,8 @@ def validate(args: Args) -> tuple[list[str], list[str]]:
     split = []
     own = {"pretrain_args": ("--data", "--extra-data", "--init", "--out", "--steps", "--resume", "--recent-fraction",
                              "--stage1", "--lr", "--warmup", "--batch", "--seed", "--threads"),
-           "agent_args": ("--world-model", "--init", "--out", "--steps", "--resume", "--eval-every", "--seed")}
+           "agent_args": ("--world-model", "--init", "--out", "--steps", "--resume", "--eval-every", "--seed")
+           + (("--eval-episodes", "--eval-seed") if args.select_episodes else ())}
     for name, flags in own.items():
         try:
             words = shlex.split(getattr(args, name))
@@ -108,15 +117,14 @@ def validate(args: Args) -> tuple[list[str], list[str]]:
         raise ArgError("world_model", f"expected a pretrain OUT or a DiT bundle directory, got {args.world_model}")
     if "game" not in json.loads((Path(args.data) / "meta.json").read_text()):
         raise ArgError("data", f"expected a game in {args.data}/meta.json, got none")
-    for name, module, words in (("pretrain_args", "trainers.pretrain", split[0]),
-                                ("agent_args", "trainers.train_agent", split[1])):
-        _check_parses(name, module, words)
-    return split[0], split[1]
+    _check_parses("pretrain_args", "trainers.pretrain", split[0])
+    agent = _check_parses("agent_args", "trainers.train_agent", split[1])
+    return split[0], split[1], agent.eval_max_steps
 
 
-def _check_parses(name: str, module: str, words: list[str]) -> None:
+def _check_parses(name: str, module: str, words: list[str]):
     """Parse ``words`` with the command's own parser (required flags filled in), so an unknown or malformed flag is
-    refused before the first collection. Raises :class:`ArgError` naming ``name``."""
+    refused before the first collection; returns the parsed namespace. Raises :class:`ArgError` naming ``name``."""
     import contextlib
     import io
 
@@ -128,29 +136,31 @@ def _check_parses(name: str, module: str, words: list[str]) -> None:
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            build_parser(mod.Args, module).parse_args(required + words)
+            return build_parser(mod.Args, module).parse_args(required + words)
     except SystemExit:
         raise ArgError(name, f"expected flags of {module}, got {shlex.join(words)!r}: "
                              f"{err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else ''}") from None
 
 
 def _round_argv(args: Args, r: int, folders: dict[str, Path], stores: list[str], model: str, policy: str,
-                extra: tuple[list[str], list[str]]) -> dict[str, list[str]]:
+                extra: tuple[list[str], list[str], int]) -> dict[str, list[str]]:
     stage1 = args.stage1 or str(Path(args.data) / "stage1")
     seed = str(args.seed + r - 1)
     thr = ["--threads", str(args.threads)] if args.threads else []
+    select = (["--eval-episodes", str(args.select_episodes), "--eval-seed", str(args.select_seed)]
+              if args.select_episodes else [])
     return {
         "collect": ["--game", json.loads((Path(args.data) / "meta.json").read_text())["game"], "--agent", "policy",
                     "--policy", policy, "--encoder", stage1, "--epsilon", str(args.epsilon), "--steps",
                     str(args.collect_steps), "--num-envs", str(args.collect_envs), "--seed", seed,
-                    "--out", str(folders["collect"])],
+                    "--out", str(folders["collect"]), *(["--greedy"] if args.collect_greedy else [])],
         "pretrain": ["--data", args.data, "--extra-data", *stores, "--stage1", stage1, "--init", model,
                      "--out", str(folders["pretrain"]), "--steps", str(args.model_steps), "--lr", str(args.model_lr),
                      "--warmup", str(args.model_warmup), "--batch", str(args.batch), "--recent-fraction",
                      str(args.recent_fraction), "--seed", seed, *thr, *extra[0]],
         "train-agent": ["--world-model", str(folders["pretrain"] / "bundle"), "--init", f"policy:{policy}",
                         "--out", str(folders["train-agent"]), "--steps", str(args.agent_steps), "--eval-every", "0",
-                        "--seed", seed, *extra[1]],
+                        "--seed", seed, *select, *extra[1]],
     }
 
 
@@ -165,8 +175,26 @@ def _last_eval(agent_dir: Path) -> dict:
     return last
 
 
+def _run_phase(log: dict, record: Path, r: int, name: str, module: str, argv: list[str]) -> int:
+    """Run one phase in this process, record its exit code and minutes in ``log`` (saved to ``record``)."""
+    print(f"iterate: round {r}: ditwm {name} {shlex.join(argv)}", flush=True)
+    t0 = time.perf_counter()
+    rc = run_stage(module, argv)
+    minutes = (time.perf_counter() - t0) / 60
+    log["phases"].append({"round": r, "phase": name, "exit": rc, "minutes": round(minutes, 3)})
+    atomic_write_json(record, log)
+    print(f"iterate: round {r}: {name}: exit {rc} after {minutes:.1f} min", flush=True)
+    return rc
+
+
 def main(args: Args) -> int:
     """Run every round not done yet; returns 0, or the exit code of the first phase that failed or was stopped.
+
+    With ``--select-episodes N`` the starting policy is first scored on the N selection games
+    (``OUT/start_eval.json``); every round's policy is scored on the same games, and only a round that scores at
+    least the best so far passes its policy on. The world model always goes on from the last round's DiT: it is
+    fitted to more real play each round whoever played it. The selection games are real interaction spent on
+    choosing, not on training; their steps are counted in ``OUT/iterate.json`` (``select_steps``).
 
     Raises:
         ArgError: bad arguments (:func:`validate`); a phase's own bad arguments are raised by it, naming its flag.
@@ -177,6 +205,20 @@ def main(args: Args) -> int:
     record = out / "iterate.json"
     log = json.loads(record.read_text()) if record.is_file() else {"phases": [], "rounds": []}
     model, policy, stores = args.world_model, args.policy, []
+    best, updates, spent = -float("inf"), 0, 0
+    if args.select_episodes:
+        start = out / "start_eval.json"
+        if not start.is_file():
+            argv = ["--policy", args.policy, "--encoder", args.stage1 or str(Path(args.data) / "stage1"),
+                    "--episodes", str(args.select_episodes), "--seed", str(args.select_seed),
+                    "--max-steps", str(extra[2]), "--json-out", str(start)]
+            rc = _run_phase(log, record, 0, "evaluate-agent", "trainers.evaluate_agent", argv)
+            if rc != 0:
+                return rc
+        res = json.loads(start.read_text())
+        best, spent = res["mean"], sum(res["lengths"])
+        print(f"iterate: starting policy: {best:.2f} ± {res['std']:.2f} on the {args.select_episodes} selection "
+              f"games", flush=True)
     for r in range(1, args.rounds + 1):
         base = out / f"round_{r:03d}"
         folders = {name: base / sub for name, _, sub, _ in PHASES}
@@ -186,35 +228,40 @@ def main(args: Args) -> int:
             state = stage_state(folders[name], folders[name] / done)
             if state == "done":
                 continue
-            argv = argvs[name] + (["--resume"] if state == "resume" else [])
-            print(f"iterate: round {r}: ditwm {name} {shlex.join(argv)}", flush=True)
-            t0 = time.perf_counter()
-            rc = run_stage(module, argv)
-            minutes = (time.perf_counter() - t0) / 60
-            log["phases"].append({"round": r, "phase": name, "exit": rc, "minutes": round(minutes, 3)})
-            atomic_write_json(record, log)
-            print(f"iterate: round {r}: {name}: exit {rc} after {minutes:.1f} min", flush=True)
+            rc = _run_phase(log, record, r, name, module, argvs[name] + (["--resume"] if state == "resume" else []))
             if rc != 0:
                 return rc
             if name == "collect":  # collect writes meta.json first: this marks a complete store
                 (base / "collected").touch()
-        model, policy = str(folders["pretrain"]), str(folders["train-agent"])
-        ev = _last_eval(folders["train-agent"])
+        model, ev = str(folders["pretrain"]), _last_eval(folders["train-agent"])
+        score = ev.get("eval_return_mean", -float("inf"))
+        kept = not args.select_episodes or score >= best
+        spent += round(ev.get("eval_length_mean", 0) * args.select_episodes)
+        if kept:
+            policy, best, updates = str(folders["train-agent"]), score, updates + args.agent_steps
         if ev and not any(x["round"] == r for x in log["rounds"]):
-            log["rounds"].append({"round": r, "eval_return_mean": ev["eval_return_mean"],
-                                  "eval_return_std": ev["eval_return_std"], "updates": r * args.agent_steps,
+            log["rounds"].append({"round": r, "eval_return_mean": score, "eval_return_std": ev["eval_return_std"],
+                                  "kept": kept, "updates": updates if kept else None,
                                   "real_steps": r * args.collect_steps,
+                                  "select_steps": spent if args.select_episodes else None,
                                   "imagined_return_mean": ev.get("imagined_return_mean")})
             atomic_write_json(record, log)
-            print(f"iterate: round {r}: real return {ev['eval_return_mean']:.2f} ± {ev['eval_return_std']:.2f} "
-                  f"(policy {policy}, world model {model})", flush=True)
-    best = max(log["rounds"], key=lambda x: x["eval_return_mean"], default=None)
-    if best is not None:
-        where = out / f"round_{best['round']:03d}" / "agent"
-        print(f"iterate: best evaluation {best['eval_return_mean']:.2f} ± {best['eval_return_std']:.2f} in round "
-              f"{best['round']} ({where}; chosen on these episodes: score it again with `ditwm evaluate agent "
-              f"--seed`)")
+            print(f"iterate: round {r}: real return {score:.2f} ± {ev['eval_return_std']:.2f} "
+                  f"({'kept' if kept else f'dropped, below {best:.2f}'}; next policy {policy}, world model {model})",
+                  flush=True)
+    _report(args, out, log)
     return 0
+
+
+def _report(args: Args, out: Path, log: dict) -> None:
+    kept = [x for x in log["rounds"] if x.get("kept", True)]
+    best = kept[-1] if args.select_episodes and kept else max(kept, key=lambda x: x["eval_return_mean"], default=None)
+    if best is None:
+        print("iterate: no round's policy scored at least the starting policy on the selection games")
+        return
+    where = out / f"round_{best['round']:03d}" / "agent"
+    print(f"iterate: best evaluation {best['eval_return_mean']:.2f} ± {best['eval_return_std']:.2f} in round "
+          f"{best['round']} ({where}; chosen on these episodes: score it again with `ditwm evaluate agent --seed`)")
 
 
 def cli(argv: list[str] | None = None) -> int:

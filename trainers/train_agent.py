@@ -143,6 +143,8 @@ def prepare(args: Args) -> Setup:
     for name in ("eval_every", "episode_steps", "sampling_steps", "keep_ball"):
         if getattr(args, name) < 0:
             raise ArgError(name, f"expected an integer >= 0, got {getattr(args, name)}")
+    if args.eval_seed < -1:
+        raise ArgError("eval_seed", f"expected a seed >= 0 or -1 (--seed), got {args.eval_seed}")
     if args.minibatches > args.num_envs:
         raise ArgError("minibatches", f"expected at most --num-envs ({args.num_envs}), got {args.minibatches}")
     if not 0.0 < args.clip < 1.0:
@@ -261,7 +263,8 @@ class AgentTrainer:
     def evaluate(self, log: JsonlLogger) -> None:
         a = self.args
         self.ac.eval()
-        res = evaluate_policy(self.encoder, self.ac.actor, self.s.k, self.s.game, a.eval_episodes, a.seed,
+        res = evaluate_policy(self.encoder, self.ac.actor, self.s.k, self.s.game, a.eval_episodes,
+                              a.seed if a.eval_seed < 0 else a.eval_seed,
                               greedy=True, device=self.dev, max_steps=a.eval_max_steps)
         self.ac.train()
         rec = {"updates": self.updates, "env_steps": self.env_steps, "eval_return_mean": res["mean"],

@@ -21,6 +21,8 @@ class Args:
     eval_every: int = arg(100, "updates between real-game evaluations and checkpoints (0: only at the end)")
     eval_episodes: int = arg(10, "real-game episodes per evaluation (DESIGN.md §4: >= 10)")
     eval_max_steps: int = arg(27_000, "per-episode step cap of the real game (protocol: 27000)")
+    eval_seed: int = arg(-1, "reset seed of the real-game evaluations (-1: --seed); a fixed one scores every "
+                             "evaluation, of this run and of others, on the same games (paired comparisons)")
     episode_steps: int = arg(0, "imagined episode length before truncation (0: the env's default)")
     start_data: str = arg("", "episode store to draw imagination start contexts from instead of the bundle's "
                               "(DIAMOND: the replay buffer), encoded with the world model's encoder")
