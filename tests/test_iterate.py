@@ -239,6 +239,8 @@ def test_iterate_selection_keeps_only_rounds_that_score_at_least_the_best(store,
     card = json.loads((out / "round_002" / "agent" / "agent.json").read_text())
     assert card["init"] == f"policy:{start[1]}" and f"--init {out / 'round_001' / 'dit'}" in printed
     assert "best evaluation" in printed and "round 2" in printed.splitlines()[-1]
+    assert _iterate(store, start, out, 3, "--select-episodes", "3", **kw) == 2  # resumed on other games
+    assert "--select-episodes" in capsys.readouterr().err and not (out / "round_003").exists()
     # the loop sets the evaluation games itself when selecting
     assert _iterate(store, start, tmp_path / "x", 1, *sel, agent_args="--eval-seed 3") == 2
     assert "--agent-args" in capsys.readouterr().err and not (tmp_path / "x").exists()

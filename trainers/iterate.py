@@ -117,6 +117,12 @@ def validate(args: Args) -> tuple[list[str], list[str], int]:
         raise ArgError("world_model", f"expected a pretrain OUT or a DiT bundle directory, got {args.world_model}")
     if "game" not in json.loads((Path(args.data) / "meta.json").read_text()):
         raise ArgError("data", f"expected a game in {args.data}/meta.json, got none")
+    start = Path(args.out) / "start_eval.json"  # a resumed run chooses on the games it started with
+    if args.select_episodes and start.is_file():
+        prev = json.loads(start.read_text())
+        for name, key in (("select_episodes", "episodes"), ("select_seed", "seed"), ("policy", "policy")):
+            if prev[key] != getattr(args, name):
+                raise ArgError(name, f"expected {prev[key]!r} (the run being resumed), got {getattr(args, name)!r}")
     _check_parses("pretrain_args", "trainers.pretrain", split[0])
     agent = _check_parses("agent_args", "trainers.train_agent", split[1])
     return split[0], split[1], agent.eval_max_steps
