@@ -223,7 +223,8 @@ def test_iterate_selection_keeps_only_rounds_that_score_at_least_the_best(store,
     start_mean = json.loads((out / "start_eval.json").read_text())["mean"]
     assert json.loads((out / "round_001" / "data" / "meta.json").read_text())["collector"]["greedy"] is True
     log = json.loads((out / "iterate.json").read_text())
-    assert log["rounds"][0]["kept"] is True and log["rounds"][0]["select_steps"] == 2 * 10 + 2 * 10
+    assert log["rounds"][0]["kept"] is log["rounds"][0]["best"] is True and log["continue_from"] == "best"
+    assert log["rounds"][0]["select_steps"] == 2 * 10 + 2 * 10
     # Round 1 scoring below the start (its evaluation rewritten) is dropped on the rerun: round 2 goes on from the
     # starting policy and from round 1's DiT.
     metrics = out / "round_001" / "agent" / "metrics.jsonl"
@@ -241,6 +242,20 @@ def test_iterate_selection_keeps_only_rounds_that_score_at_least_the_best(store,
     assert "best evaluation" in printed and "round 2" in printed.splitlines()[-1]
     assert _iterate(store, start, out, 3, "--select-episodes", "3", **kw) == 2  # resumed on other games
     assert "--select-episodes" in capsys.readouterr().err and not (out / "round_003").exists()
+    assert _iterate(store, start, out, 3, *sel, "--continue-from", "last", **kw) == 2  # another rule on resume
+    assert "--continue-from" in capsys.readouterr().err and not (out / "round_003").exists()
+    # --continue-from last: a round below the best still passes its policy on; the best is the one reported
+    walk = tmp_path / "walk"
+    shutil.copytree(out, walk)
+    (walk / "iterate.json").write_text(json.dumps({**log, "rounds": [], "continue_from": "last"}))
+    shutil.rmtree(walk / "round_002")
+    assert _iterate(store, start, walk, 2, *sel, "--continue-from", "last", **kw) == 0
+    printed = capsys.readouterr().out
+    rounds = json.loads((walk / "iterate.json").read_text())["rounds"]
+    assert [(r["best"], r["kept"]) for r in rounds] == [(False, True), (True, True)]
+    assert [r["updates"] for r in rounds] == [1, 2]
+    card = json.loads((walk / "round_002" / "agent" / "agent.json").read_text())
+    assert card["init"] == f"policy:{walk / 'round_001' / 'agent'}" and "in round 2" in printed.splitlines()[-1]
     # the loop sets the evaluation games itself when selecting
     assert _iterate(store, start, tmp_path / "x", 1, *sel, agent_args="--eval-seed 3") == 2
     assert "--agent-args" in capsys.readouterr().err and not (tmp_path / "x").exists()

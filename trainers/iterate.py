@@ -65,6 +65,9 @@ class Args:
                                   "so far (the starting policy is scored first), else the next round continues the "
                                   "best one. 0: off, every round continues the last")
     select_seed: int = arg(10_000, "reset seed of those games (away from the seeds the rounds play with)")
+    continue_from: str = arg("best", "with --select-episodes: 'best' continues the best policy so far (a round below "
+                                     "it is dropped), 'last' every round's policy (a walk that may pass through "
+                                     "worse rounds; the best is reported)", choices=("best", "last"))
 
 
 #: the phases of a round: (name, module, folder, the file that exists once the phase is done)
@@ -120,8 +123,11 @@ def validate(args: Args) -> tuple[list[str], list[str], int]:
     start = Path(args.out) / "start_eval.json"  # a resumed run chooses on the games it started with
     if args.select_episodes and start.is_file():
         prev = json.loads(start.read_text())
-        for name, key in (("select_episodes", "episodes"), ("select_seed", "seed"), ("policy", "policy")):
-            if prev[key] != getattr(args, name):
+        record = Path(args.out) / "iterate.json"
+        prev["continue_from"] = json.loads(record.read_text()).get("continue_from") if record.is_file() else None
+        for name, key in (("select_episodes", "episodes"), ("select_seed", "seed"), ("policy", "policy"),
+                          ("continue_from", "continue_from")):
+            if prev[key] not in (getattr(args, name), None):
                 raise ArgError(name, f"expected {prev[key]!r} (the run being resumed), got {getattr(args, name)!r}")
     _check_parses("pretrain_args", "trainers.pretrain", split[0])
     agent = _check_parses("agent_args", "trainers.train_agent", split[1])
@@ -198,7 +204,8 @@ def main(args: Args) -> int:
 
     With ``--select-episodes N`` the starting policy is first scored on the N selection games
     (``OUT/start_eval.json``); every round's policy is scored on the same games, and only a round that scores at
-    least the best so far passes its policy on. The world model always goes on from the last round's DiT: it is
+    least the best so far passes its policy on (``--continue-from last``: every round's does, the best is
+    reported). The world model always goes on from the last round's DiT: it is
     fitted to more real play each round whoever played it. The selection games are real interaction spent on
     choosing, not on training; their steps are counted in ``OUT/iterate.json`` (``select_steps``).
 
@@ -211,7 +218,9 @@ def main(args: Args) -> int:
     record = out / "iterate.json"
     log = json.loads(record.read_text()) if record.is_file() else {"phases": [], "rounds": []}
     model, policy, stores = args.world_model, args.policy, []
-    best, updates, spent = -float("inf"), 0, 0
+    best, spent, lineage = -float("inf"), 0, {policy: 0}  # lineage: the updates behind each policy
+    if args.select_episodes:
+        log["continue_from"] = args.continue_from
     if args.select_episodes:
         start = out / "start_eval.json"
         if not start.is_file():
@@ -241,27 +250,34 @@ def main(args: Args) -> int:
                 (base / "collected").touch()
         model, ev = str(folders["pretrain"]), _last_eval(folders["train-agent"])
         score = ev.get("eval_return_mean", -float("inf"))
-        kept = not args.select_episodes or score >= best
         spent += round(ev.get("eval_length_mean", 0) * args.select_episodes)
+        is_best, this = bool(ev) and score >= best, str(folders["train-agent"])
+        lineage[this] = lineage[policy] + args.agent_steps
+        best = max(best, score) if ev else best
+        kept = not args.select_episodes or args.continue_from == "last" or is_best
         if kept:
-            policy, best, updates = str(folders["train-agent"]), score, updates + args.agent_steps
+            policy = this
         if ev and not any(x["round"] == r for x in log["rounds"]):
             log["rounds"].append({"round": r, "eval_return_mean": score, "eval_return_std": ev["eval_return_std"],
-                                  "kept": kept, "updates": updates if kept else None,
+                                  "best": is_best if args.select_episodes else None, "kept": kept,
+                                  "updates": lineage[this],
                                   "real_steps": r * args.collect_steps,
                                   "select_steps": spent if args.select_episodes else None,
                                   "imagined_return_mean": ev.get("imagined_return_mean")})
             atomic_write_json(record, log)
             print(f"iterate: round {r}: real return {score:.2f} ± {ev['eval_return_std']:.2f} "
-                  f"({'kept' if kept else f'dropped, below {best:.2f}'}; next policy {policy}, world model {model})",
-                  flush=True)
+                  f"({'the best so far; ' if is_best and args.select_episodes else ''}"
+                  f"{'continued' if kept else f'dropped, below {best:.2f}'}; next policy {policy}, "
+                  f"world model {model})", flush=True)
     _report(args, out, log)
     return 0
 
 
 def _report(args: Args, out: Path, log: dict) -> None:
-    kept = [x for x in log["rounds"] if x.get("kept", True)]
-    best = kept[-1] if args.select_episodes and kept else max(kept, key=lambda x: x["eval_return_mean"], default=None)
+    if args.select_episodes:
+        best = ([x for x in log["rounds"] if x["best"]] or [None])[-1]
+    else:
+        best = max(log["rounds"], key=lambda x: x["eval_return_mean"], default=None)
     if best is None:
         print("iterate: no round's policy scored at least the starting policy on the selection games")
         return
