@@ -221,7 +221,6 @@ def main(args: Args) -> int:
     best, spent, lineage = -float("inf"), 0, {policy: 0}  # lineage: the updates behind each policy
     if args.select_episodes:
         log["continue_from"] = args.continue_from
-    if args.select_episodes:
         start = out / "start_eval.json"
         if not start.is_file():
             argv = ["--policy", args.policy, "--encoder", args.stage1 or str(Path(args.data) / "stage1"),
