@@ -179,6 +179,9 @@ def test_iterate_rounds_chain_and_resume(store, start, tmp_path, capsys):
         (2, "train-agent"), (3, "collect"), (3, "pretrain"), (3, "train-agent")]
     assert re.search(r"round 2: ditwm train-agent .*--resume", printed)
     assert [r["round"] for r in log["rounds"]] == [1, 2, 3]
+    no_eval = AGENT_ARGS.replace("--eval-episodes 2 ", "")  # a run that did not choose is not resumed choosing
+    assert _iterate(store, start, out, 4, "--select-episodes", "2", agent_args=no_eval) == 2
+    assert "--select-episodes" in capsys.readouterr().err and not (out / "round_004").exists()
 
 
 @pytest.mark.parametrize("extra, field", [
@@ -223,7 +226,7 @@ def test_iterate_selection_keeps_only_rounds_that_score_at_least_the_best(store,
     start_mean = json.loads((out / "start_eval.json").read_text())["mean"]
     assert json.loads((out / "round_001" / "data" / "meta.json").read_text())["collector"]["greedy"] is True
     log = json.loads((out / "iterate.json").read_text())
-    assert log["rounds"][0]["kept"] is log["rounds"][0]["best"] is True and log["continue_from"] == "best"
+    assert log["rounds"][0]["kept"] is log["rounds"][0]["best"] is True and log["select"]["continue_from"] == "best"
     assert log["rounds"][0]["select_steps"] == 2 * 10 + 2 * 10
     # Round 1 scoring below the start (its evaluation rewritten) is dropped on the rerun: round 2 goes on from the
     # starting policy and from round 1's DiT.
@@ -244,10 +247,13 @@ def test_iterate_selection_keeps_only_rounds_that_score_at_least_the_best(store,
     assert "--select-episodes" in capsys.readouterr().err and not (out / "round_003").exists()
     assert _iterate(store, start, out, 3, *sel, "--continue-from", "last", **kw) == 2  # another rule on resume
     assert "--continue-from" in capsys.readouterr().err and not (out / "round_003").exists()
+    assert _iterate(store, start, out, 3, **kw) == 2  # resumed without choosing
+    assert "--select-episodes" in capsys.readouterr().err and not (out / "round_003").exists()
     # --continue-from last: a round below the best still passes its policy on; the best is the one reported
     walk = tmp_path / "walk"
     shutil.copytree(out, walk)
-    (walk / "iterate.json").write_text(json.dumps({**log, "rounds": [], "continue_from": "last"}))
+    walk_select = {**log["select"], "continue_from": "last"}
+    (walk / "iterate.json").write_text(json.dumps({**log, "rounds": [], "select": walk_select}))
     shutil.rmtree(walk / "round_002")
     assert _iterate(store, start, walk, 2, *sel, "--continue-from", "last", **kw) == 0
     printed = capsys.readouterr().out

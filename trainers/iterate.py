@@ -120,18 +120,19 @@ def validate(args: Args) -> tuple[list[str], list[str], int]:
         raise ArgError("world_model", f"expected a pretrain OUT or a DiT bundle directory, got {args.world_model}")
     if "game" not in json.loads((Path(args.data) / "meta.json").read_text()):
         raise ArgError("data", f"expected a game in {args.data}/meta.json, got none")
-    start = Path(args.out) / "start_eval.json"  # a resumed run chooses on the games it started with
-    if args.select_episodes and start.is_file():
-        prev = json.loads(start.read_text())
-        record = Path(args.out) / "iterate.json"
-        prev["continue_from"] = json.loads(record.read_text()).get("continue_from") if record.is_file() else None
-        for name, key in (("select_episodes", "episodes"), ("select_seed", "seed"), ("policy", "policy"),
-                          ("continue_from", "continue_from")):
-            if prev[key] not in (getattr(args, name), None):
-                raise ArgError(name, f"expected {prev[key]!r} (the run being resumed), got {getattr(args, name)!r}")
+    record = Path(args.out) / "iterate.json"  # a resumed run chooses as it started: same games, policy and rule
+    prev = json.loads(record.read_text()).get("select", {"select_episodes": 0}) if record.is_file() else {}
+    for name, value in _selection(args).items():
+        if name in prev and prev[name] != value:
+            raise ArgError(name, f"expected {prev[name]!r} (the run being resumed), got {value!r}")
     _check_parses("pretrain_args", "trainers.pretrain", split[0])
     agent = _check_parses("agent_args", "trainers.train_agent", split[1])
     return split[0], split[1], agent.eval_max_steps
+
+
+def _selection(args: Args) -> dict:
+    """The settings a selecting run is resumed with (``iterate.json``'s ``select``), keyed by field name."""
+    return {k: getattr(args, k) for k in ("select_episodes", "select_seed", "policy", "continue_from")}
 
 
 def _check_parses(name: str, module: str, words: list[str]):
@@ -220,7 +221,7 @@ def main(args: Args) -> int:
     model, policy, stores = args.world_model, args.policy, []
     best, spent, lineage = -float("inf"), 0, {policy: 0}  # lineage: the updates behind each policy
     if args.select_episodes:
-        log["continue_from"] = args.continue_from
+        log["select"] = _selection(args)
         start = out / "start_eval.json"
         if not start.is_file():
             argv = ["--policy", args.policy, "--encoder", args.stage1 or str(Path(args.data) / "stage1"),
