@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a so
 
 import dit_envs  # noqa: E402  (registers the DiTWM ids)
 from dit_envs.sb3 import to_sb3  # noqa: E402
+from dit_envs.envs.real import make_start_env, parse_starts  # noqa: E402
 from dit_envs.envs.real_latent import RealLatentVectorEnv  # noqa: E402
 from trainers.agent_envs import attach_keep_ball, attach_uncertainty  # noqa: E402
 from trainers.agent_io import evaluation_encoder  # noqa: E402
@@ -39,12 +40,14 @@ from trainers.train_agent_args import Args as TrainAgentArgs  # noqa: E402
 ACTIVATIONS = {"tanh": "Tanh", "relu": "ReLU", "silu": "SiLU", "elu": "ELU"}  # name -> torch.nn class
 
 
-def score(envs: gym.vector.VectorEnv, predict: Callable[[np.ndarray], np.ndarray], max_steps: int) -> list[float]:
+def score(envs: gym.vector.VectorEnv, predict: Callable[[np.ndarray], np.ndarray], max_steps: int,
+          seed: int | np.ndarray = 0) -> list[float]:
     """Play one episode per env (the first to end in each) and return the undiscounted returns.
 
-    Episodes still running after ``max_steps`` batched steps are scored with what they collected so far.
+    ``seed``: the reset seed, or one per env (e.g. those of :func:`dit_envs.envs.real.make_start_env`). Episodes
+    still running after ``max_steps`` batched steps are scored with what they collected so far.
     """
-    obs, _ = envs.reset(seed=0)
+    obs, _ = envs.reset(seed=seed)
     returns, running = np.zeros(envs.num_envs), np.ones(envs.num_envs, bool)
     for _ in range(max_steps):
         obs, reward, term, trunc, _ = envs.step(predict(obs))
@@ -77,6 +80,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-steps", type=int, default=128, help="PPO rollout length per env")
     p.add_argument("--episode-steps", type=int, default=0, help="imagined episode truncation (0: the env's default)")
     p.add_argument("--max-steps", type=int, default=27_000, help="per-episode step cap of the real game")
+    p.add_argument("--starts", default="",
+                   help="score the real game on one game per start instead of --episodes random ones: 'all' (the "
+                        "protocol's 30, the deterministic policy's exact score) or 'A:B' (ditwm evaluate agent "
+                        "--starts)")
     p.add_argument("--seed", type=int, default=0, help="PPO and env seed")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the bundle's)")
     p.add_argument("--sampling-steps", type=int, default=0, help="denoising steps per env step (0: the bundle's)")
@@ -117,6 +124,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
     if args.keep_ball < 0:
         p.error(f"--keep-ball: expected an integer >= 0, got {args.keep_ball}")
+    try:
+        args.start_list = parse_starts(args.starts)
+    except ValueError as e:
+        p.error(f"--{e}")
     return args
 
 
@@ -168,19 +179,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     imag = score(imagined, predict, args.max_steps)
     imagined.close()
     frames = min(108_000, 4 * args.max_steps)  # the protocol's frameskip is 4
-    real: gym.vector.VectorEnv = dit_envs.make_real_env(bundle.config["game"], num_envs=args.episodes,
-                                                        max_num_frames_per_episode=frames)
+    seeds: int | np.ndarray = 0
+    if args.start_list:
+        real, _, seeds = make_start_env(bundle.config["game"], args.start_list, max_num_frames_per_episode=frames)
+    else:
+        real = dit_envs.make_real_env(bundle.config["game"], num_envs=args.episodes, max_num_frames_per_episode=frames)
     if args.obs_type == "latent":
         model_ = bundle.model  # read the real frames in float32 whatever --dtype the imagination ran in
         encoder = evaluation_encoder(args.checkpoint or args.env_id, model_, args.device)
         real = RealLatentVectorEnv(real, encoder, model_.context_len, model_.latent_dim, args.device)
-    real_returns = score(real, predict, args.max_steps)
+    real_returns = score(real, predict, args.max_steps, seeds)
     real.close()
     res = {"imagined_mean": float(np.mean(imag)), "imagined_std": float(np.std(imag)),
            "real_mean": float(np.mean(real_returns)), "real_std": float(np.std(real_returns))}
     net = args.net_arch or "default"
+    games = f"the {len(real_returns)} starts {args.starts}" if args.start_list else f"{args.episodes} episodes"
     print(f"PPO ({policy} {net} {args.activation}, {args.obs_type}) after {model.num_timesteps} imagined steps, "
-          f"{args.episodes} deterministic episodes each:")
+          f"deterministic, {args.episodes} imagined episodes, real games: {games}:")
     print(f"  imagination return: {res['imagined_mean']:8.2f} ± {res['imagined_std']:.2f}")
     print(f"  real {bundle.config['game']} return: {res['real_mean']:8.2f} ± {res['real_std']:.2f}")
     return res

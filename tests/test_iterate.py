@@ -265,3 +265,34 @@ def test_iterate_selection_keeps_only_rounds_that_score_at_least_the_best(store,
     # the loop sets the evaluation games itself when selecting
     assert _iterate(store, start, tmp_path / "x", 1, *sel, agent_args="--eval-seed 3") == 2
     assert "--agent-args" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_iterate_selection_on_fixed_starts(store, start, tmp_path, capsys, monkeypatch):
+    """--select-starts: the starting policy and every round's policy play one game per listed start."""
+    import trainers.policy
+    import trainers.train_agent
+
+    calls = []
+
+    def spy(real):
+        def wrapped(*a, **kw):
+            calls.append(kw.get("starts"))
+            return real(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(trainers.policy, "evaluate_policy", spy(trainers.policy.evaluate_policy))
+    monkeypatch.setattr(trainers.train_agent, "evaluate_policy", spy(trainers.train_agent.evaluate_policy))
+    out, kw = tmp_path / "it", dict(agent_args=AGENT_ARGS.replace("--eval-episodes 2 ", ""))
+    assert _iterate(store, start, out, 1, "--select-starts", "3:5", **kw) == 0
+    assert calls == [[3, 4], [3, 4]]
+    assert json.loads((out / "start_eval.json").read_text())["starts"] == [3, 4]
+    log = json.loads((out / "iterate.json").read_text())
+    assert log["select"]["select_starts"] == "3:5" and log["rounds"][0]["select_steps"] == 2 * 10 + 2 * 10
+    assert "score it again with `ditwm evaluate agent --starts all`" in capsys.readouterr().out
+    assert _iterate(store, start, out, 2, "--select-starts", "all", **kw) == 2  # resumed on other starts
+    assert "--select-starts" in capsys.readouterr().err and not (out / "round_002").exists()
+    for extra in (["--select-starts", "all", "--select-episodes", "2"], ["--select-starts", "9"]):
+        assert _iterate(store, start, tmp_path / "x", 1, *extra, **kw) == 2
+        assert "--select-starts" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert _iterate(store, start, tmp_path / "x", 1, "--select-starts", "all", agent_args="--eval-starts all") == 2
+    assert "--agent-args" in capsys.readouterr().err and not (tmp_path / "x").exists()

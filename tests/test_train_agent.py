@@ -280,6 +280,7 @@ def test_sigterm_checkpoints_exits_143_and_resumes(bundle, tmp_path):
     (["--gamma", "1.5"], "--gamma"),
     (["--entropy-coef", "-1"], "--entropy-coef"),
     (["--eval-seed", "-2"], "--eval-seed"),
+    (["--eval-starts", "3:1"], "--eval-starts"),
     (["--temperature", "-1"], "--temperature"),
     (["--sampling-shift", "0"], "--sampling-shift"),
     (["--start-data", "/nonexistent/store"], "--start-data"),
@@ -413,7 +414,8 @@ def test_collect_with_a_trained_policy_replays_its_actions(bundle, tmp_path, cap
 
 # ---- the SB3 example ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("obs_type, extra", [("latent", ["--keep-ball", "2", "--lost-ball-truncate", "--n-epochs", "2",
-                                                        "--lr", "1e-4", "--net-arch", "32,16", "--activation", "silu"]),
+                                                        "--lr", "1e-4", "--net-arch", "32,16", "--activation", "silu",
+                                                        "--starts", "0:3"]),
                                              ("pixels", ["--uncertainty-penalty", "0.05", "--uncertainty-draws", "2",
                                                          "--uncertainty-truncate", "--temperature", "1"])])
 def test_sb3_example_runs(bundle, obs_type, extra, capsys, tmp_path):
@@ -429,9 +431,13 @@ def test_sb3_example_runs(bundle, obs_type, extra, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "imagination return" in out and "real Pong return" in out
     assert ("[32, 16] silu" if "--net-arch" in extra else "default tanh") in out
+    assert ("real games: the 3 starts 0:3" if "--starts" in extra else "real games: 2 episodes") in out
     for bad in ("0,64", "a,b", ""):  # a bad --net-arch exits 2 naming the flag
         with pytest.raises(SystemExit) as e:
             mod.parse(["--net-arch", bad])
         assert e.value.code == 2 and "--net-arch" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        mod.parse(["--starts", "3"])
+    assert e.value.code == 2 and "--starts: expected" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--uncertainty-draws: expected --uncertainty-penalty or"):
         mod.main(["--checkpoint", bundle, "--timesteps", "32", "--uncertainty-draws", "3"])

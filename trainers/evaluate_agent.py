@@ -5,6 +5,11 @@ stack of the last ``K`` latents of a frozen encoder, and reports the mean and (p
 returns, greedy by default. ``--policy`` is a directory with ``agent.safetensors`` + ``agent.json`` (stage 1's
 ``OUT/stage1`` or a ``ditwm train-agent`` ``--out``), or ``random`` for the uniform random baseline (Pong: −20.7).
 The figures are printed and written as JSON.
+
+With sticky actions off (the protocol) a game is fixed by its start, the number of no-op frames at reset
+(0 … 29), so a greedy policy has only 30 distinct games and random draws of ``--episodes`` repeat them:
+``--starts all`` plays each once, and its mean is the policy's exact expected return; ``--starts 30:60`` plays
+starts the protocol never draws, for choosing among policies without looking at its games.
 """
 from __future__ import annotations
 
@@ -24,6 +29,9 @@ class Args:
                            "the policy dir's own autoencoder, else the world model recorded in its agent.json)")
     episodes: int = arg(10, "real episodes (DESIGN.md §4: >= 10)")
     seed: int = arg(0, "reset seed of the real games and of policy sampling")
+    starts: str = arg("", "play one game per start instead of --episodes random ones: 'all' (the protocol's "
+                          "no-op counts 0..29; the mean is a greedy policy's exact expected return) or 'A:B' "
+                          "(no-op counts A..B-1, e.g. 30:60, starts the protocol never draws)")
     greedy: bool = arg(True, "argmax actions (DESIGN.md §4); --no-greedy samples the policy")
     game: str = arg("", "game of --policy random (default Pong); a trained policy's game is read from agent.json")
     max_steps: int = arg(27_000, "per-episode step cap (protocol: 27000 = 108000 frames)")
@@ -99,10 +107,22 @@ def load_latent_policy(policy: str, encoder: str = "", game: str = "",
     return enc, ac.actor, k, game, policy_dir
 
 
+def read_starts(spec: str, field: str = "starts") -> list[int] | None:
+    """``--starts`` → no-op counts or None (:func:`dit_envs.envs.real.parse_starts`); :class:`ArgError` names
+    ``field``."""
+    from dit_envs.envs.real import parse_starts
+
+    try:
+        return parse_starts(spec)
+    except ValueError as e:
+        raise ArgError(field, str(e).removeprefix("starts: ")) from None
+
+
 def setup(args: Args, dev: torch.device):
     """Validate and load → ``(encoder, actor, K, game, policy_dir or None)``. Raises :class:`ArgError` (names it)."""
     from dit_envs.envs.real import action_meanings, rom_id
 
+    read_starts(args.starts)
     if args.episodes < 1:
         raise ArgError("episodes", f"expected an integer >= 1, got {args.episodes}")
     if args.max_steps < 1:
@@ -127,13 +147,16 @@ def main(args: Args) -> int:
     out = Path(args.json_out) if args.json_out else (None if policy_dir is None else policy_dir / "eval_real.json")
     if out is not None and not out.parent.is_dir():
         raise ArgError("json_out", f"expected a path in an existing directory, got {str(out)!r}")
+    starts = read_starts(args.starts)
     res = evaluate_policy(encoder, actor, k, game, args.episodes, args.seed, greedy=args.greedy, device=dev,
-                          max_steps=args.max_steps)
-    report = {"policy": args.policy, "game": game, "episodes": args.episodes, "greedy": args.greedy,
+                          max_steps=args.max_steps, starts=starts)
+    n = len(res["returns"])
+    report = {"policy": args.policy, "game": game, "episodes": n, "greedy": args.greedy,
               "seed": args.seed, **res, "args": asdict(args)}
     mode = "uniform" if args.policy == "random" else "greedy" if args.greedy else "sampled"
-    print(f"{args.policy} on real {game}: {res['mean']:.2f} ± {res['std']:.2f} over {args.episodes} episodes "
-          f"({mode}), mean length {sum(res['lengths']) / args.episodes:.0f} steps")
+    where = f"the {n} starts {args.starts}" if starts else f"{n} episodes"
+    print(f"{args.policy} on real {game}: {res['mean']:.2f} ± {res['std']:.2f} over {where} "
+          f"({mode}), mean length {sum(res['lengths']) / n:.0f} steps")
     print(json.dumps({k_: report[k_] for k_ in ("mean", "std", "returns")}))
     if out is not None:
         atomic_write_json(out, report)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from dit_envs.io import atomic_write_json
 from trainers.common import ArgError, arg, run_cli
+from trainers.evaluate_agent import read_starts
 from trainers.pipeline import run_stage, stage_state
 
 
@@ -65,9 +66,13 @@ class Args:
                                   "so far (the starting policy is scored first), else the next round continues the "
                                   "best one. 0: off, every round continues the last")
     select_seed: int = arg(10_000, "reset seed of those games (away from the seeds the rounds play with)")
-    continue_from: str = arg("best", "with --select-episodes: 'best' continues the best policy so far (a round below "
-                                     "it is dropped), 'last' every round's policy (a walk that may pass through "
-                                     "worse rounds; the best is reported)", choices=("best", "last"))
+    select_starts: str = arg("", "instead of --select-episodes: score every policy on one game per start, 'all' (the "
+                                 "protocol's 30 starts: each score is the exact greedy score, chosen on the "
+                                 "protocol's own games) or 'A:B' (ditwm evaluate agent --starts)")
+    continue_from: str = arg("best", "with --select-episodes / --select-starts: 'best' continues the best policy "
+                                     "so far (a round below it is dropped), 'last' every round's policy (a walk "
+                                     "that may pass through worse rounds; the best is reported)",
+                             choices=("best", "last"))
 
 
 #: the phases of a round: (name, module, folder, the file that exists once the phase is done)
@@ -90,6 +95,11 @@ def validate(args: Args) -> tuple[list[str], list[str], int]:
     for name in ("model_warmup", "threads", "select_episodes", "select_seed"):
         if getattr(args, name) < 0:
             raise ArgError(name, f"expected an integer >= 0, got {getattr(args, name)}")
+    if args.select_starts:
+        if args.select_episodes:
+            raise ArgError("select_starts", f"expected '' with --select-episodes {args.select_episodes} (one way "
+                                            f"of choosing), got {args.select_starts!r}")
+        read_starts(args.select_starts, "select_starts")
     if not args.model_lr > 0:
         raise ArgError("model_lr", f"expected a number > 0, got {args.model_lr}")
     for name in ("epsilon", "recent_fraction"):
@@ -102,7 +112,7 @@ def validate(args: Args) -> tuple[list[str], list[str], int]:
     own = {"pretrain_args": ("--data", "--extra-data", "--init", "--out", "--steps", "--resume", "--recent-fraction",
                              "--stage1", "--lr", "--warmup", "--batch", "--seed", "--threads"),
            "agent_args": ("--world-model", "--init", "--out", "--steps", "--resume", "--eval-every", "--seed")
-           + (("--eval-episodes", "--eval-seed") if args.select_episodes else ())}
+           + (("--eval-episodes", "--eval-seed", "--eval-starts") if _games(args) else ())}
     for name, flags in own.items():
         try:
             words = shlex.split(getattr(args, name))
@@ -132,7 +142,14 @@ def validate(args: Args) -> tuple[list[str], list[str], int]:
 
 def _selection(args: Args) -> dict:
     """The settings a selecting run is resumed with (``iterate.json``'s ``select``), keyed by field name."""
-    return {k: getattr(args, k) for k in ("select_episodes", "select_seed", "policy", "continue_from")}
+    return {k: getattr(args, k) for k in ("select_episodes", "select_starts", "select_seed", "policy",
+                                          "continue_from")}
+
+
+def _games(args: Args) -> int:
+    """Real games each selection plays: one per ``--select-starts`` start, else ``--select-episodes`` (0: off)."""
+    starts = read_starts(args.select_starts, "select_starts")
+    return len(starts) if starts else args.select_episodes
 
 
 def _check_parses(name: str, module: str, words: list[str]):
@@ -160,7 +177,8 @@ def _round_argv(args: Args, r: int, folders: dict[str, Path], stores: list[str],
     stage1 = args.stage1 or str(Path(args.data) / "stage1")
     seed = str(args.seed + r - 1)
     thr = ["--threads", str(args.threads)] if args.threads else []
-    select = (["--eval-episodes", str(args.select_episodes), "--eval-seed", str(args.select_seed)]
+    select = (["--eval-starts", args.select_starts] if args.select_starts else
+              ["--eval-episodes", str(args.select_episodes), "--eval-seed", str(args.select_seed)]
               if args.select_episodes else [])
     return {
         "collect": ["--game", json.loads((Path(args.data) / "meta.json").read_text())["game"], "--agent", "policy",
@@ -203,7 +221,7 @@ def _run_phase(log: dict, record: Path, r: int, name: str, module: str, argv: li
 def main(args: Args) -> int:
     """Run every round not done yet; returns 0, or the exit code of the first phase that failed or was stopped.
 
-    With ``--select-episodes N`` the starting policy is first scored on the N selection games
+    With ``--select-episodes N`` (or ``--select-starts``) the starting policy is first scored on the selection games
     (``OUT/start_eval.json``); every round's policy is scored on the same games, and only a round that scores at
     least the best so far passes its policy on (``--continue-from last``: every round's does, the best is
     reported). The world model always goes on from the last round's DiT: it is
@@ -220,20 +238,22 @@ def main(args: Args) -> int:
     log = json.loads(record.read_text()) if record.is_file() else {"phases": [], "rounds": []}
     model, policy, stores = args.world_model, args.policy, []
     best, spent, lineage = -float("inf"), 0, {policy: 0}  # lineage: the updates behind each policy
-    if args.select_episodes:
+    games = _games(args)
+    if games:
         log["select"] = _selection(args)
         start = out / "start_eval.json"
         if not start.is_file():
+            how = ["--starts", args.select_starts] if args.select_starts else ["--episodes", str(args.select_episodes)]
             argv = ["--policy", args.policy, "--encoder", args.stage1 or str(Path(args.data) / "stage1"),
-                    "--episodes", str(args.select_episodes), "--seed", str(args.select_seed),
+                    *how, "--seed", str(args.select_seed),
                     "--max-steps", str(extra[2]), "--json-out", str(start)]
             rc = _run_phase(log, record, 0, "evaluate-agent", "trainers.evaluate_agent", argv)
             if rc != 0:
                 return rc
         res = json.loads(start.read_text())
         best, spent = res["mean"], sum(res["lengths"])
-        print(f"iterate: starting policy: {best:.2f} ± {res['std']:.2f} on the {args.select_episodes} selection "
-              f"games", flush=True)
+        print(f"iterate: starting policy: {best:.2f} ± {res['std']:.2f} on the {games} selection games",
+              flush=True)
     for r in range(1, args.rounds + 1):
         base = out / f"round_{r:03d}"
         folders = {name: base / sub for name, _, sub, _ in PHASES}
@@ -250,23 +270,23 @@ def main(args: Args) -> int:
                 (base / "collected").touch()
         model, ev = str(folders["pretrain"]), _last_eval(folders["train-agent"])
         score = ev.get("eval_return_mean", -float("inf"))
-        spent += round(ev.get("eval_length_mean", 0) * args.select_episodes)
+        spent += round(ev.get("eval_length_mean", 0) * games)
         is_best, this = bool(ev) and score >= best, str(folders["train-agent"])
         lineage[this] = lineage[policy] + args.agent_steps
         best = max(best, score) if ev else best
-        kept = not args.select_episodes or args.continue_from == "last" or is_best
+        kept = not games or args.continue_from == "last" or is_best
         if kept:
             policy = this
         if ev and not any(x["round"] == r for x in log["rounds"]):
             log["rounds"].append({"round": r, "eval_return_mean": score, "eval_return_std": ev["eval_return_std"],
-                                  "best": is_best if args.select_episodes else None, "kept": kept,
+                                  "best": is_best if games else None, "kept": kept,
                                   "updates": lineage[this],
                                   "real_steps": r * args.collect_steps,
-                                  "select_steps": spent if args.select_episodes else None,
+                                  "select_steps": spent if games else None,
                                   "imagined_return_mean": ev.get("imagined_return_mean")})
             atomic_write_json(record, log)
             print(f"iterate: round {r}: real return {score:.2f} ± {ev['eval_return_std']:.2f} "
-                  f"({'the best so far; ' if is_best and args.select_episodes else ''}"
+                  f"({'the best so far; ' if is_best and games else ''}"
                   f"{'continued' if kept else f'dropped, below {best:.2f}'}; next policy {policy}, "
                   f"world model {model})", flush=True)
     _report(args, out, log)
@@ -274,7 +294,7 @@ def main(args: Args) -> int:
 
 
 def _report(args: Args, out: Path, log: dict) -> None:
-    if args.select_episodes:
+    if _games(args):
         best = ([x for x in log["rounds"] if x["best"]] or [None])[-1]
     else:
         best = max(log["rounds"], key=lambda x: x["eval_return_mean"], default=None)
@@ -282,8 +302,10 @@ def _report(args: Args, out: Path, log: dict) -> None:
         print("iterate: no round's policy scored at least the starting policy on the selection games")
         return
     where = out / f"round_{best['round']:03d}" / "agent"
+    again = ("the protocol's own games: no game is left to confirm it on" if args.select_starts == "all" else
+             "score it again with `ditwm evaluate agent --starts all`")
     print(f"iterate: best evaluation {best['eval_return_mean']:.2f} ± {best['eval_return_std']:.2f} in round "
-          f"{best['round']} ({where}; chosen on these episodes: score it again with `ditwm evaluate agent --seed`)")
+          f"{best['round']} ({where}; chosen on these games; {again})")
 
 
 def cli(argv: list[str] | None = None) -> int:

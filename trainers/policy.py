@@ -56,30 +56,44 @@ class StackedPolicy:
 
 @torch.no_grad()
 def evaluate_policy(encoder, actor, context_len: int, game: str = "Pong", episodes: int = 10, seed: int = 0,
-                    greedy: bool = True, device: str | torch.device = "cpu",
-                    max_steps: int = 27_000) -> dict[str, float | list[float]]:
+                    greedy: bool = True, device: str | torch.device = "cpu", max_steps: int = 27_000,
+                    starts: list[int] | None = None) -> dict[str, float | list[float]]:
     """Play ``episodes`` real episodes (one per env, in parallel) and return the undiscounted returns.
+
+    With sticky actions off a game is fixed by its start (the no-op count at reset), so a greedy policy has
+    only the protocol's 30 distinct games: ``starts`` plays exactly one game per listed count
+    (:func:`dit_envs.envs.real.parse_starts`; ``episodes`` is then ``len(starts)``), and over ``"all"`` of them
+    the mean is the policy's exact expected return, free of the sampling error of random draws.
 
     Args:
         encoder: module with ``encode(uint8 (N,3,64,64)) -> (N, d_z)`` (the frozen autoencoder).
         actor: module with ``act(obs (N, K·d_z), generator, greedy) -> (N,)`` int64.
-        context_len: ``K``. game, seed: real game and its reset seed. greedy: argmax actions (DESIGN.md §4).
+        context_len: ``K``. game, seed: real game and its reset seed (random draws of starts; with ``starts``
+            only the seed of the policy's sampling). greedy: argmax actions (DESIGN.md §4).
         max_steps: per-episode cap in agent steps (the protocol's 108 000 frames = 27 000 steps); the real env
             truncates each episode at ``max_steps · frameskip`` frames, so short caps give short test episodes.
+        starts: no-op counts, one game each (None: ``episodes`` games drawn at random with ``seed``).
     Returns:
-        ``{"mean", "std", "returns", "lengths"}``.
+        ``{"mean", "std", "returns", "lengths"}`` (with ``starts``: also ``"starts"``, aligned with the returns).
     Raises:
-        ValueError: ``episodes`` or ``max_steps`` < 1.
+        ValueError: ``episodes`` or ``max_steps`` < 1, or bad ``starts``.
     """
-    from dit_envs.envs.real import PROTOCOL, make_real_env
+    from dit_envs.envs.real import PROTOCOL, make_real_env, make_start_env
 
+    if starts is not None:
+        if not starts:
+            raise ValueError("starts: expected at least one no-op count, got []")
+        episodes = len(starts)
     if episodes < 1:
         raise ValueError(f"episodes: expected >= 1, got {episodes}")
     if max_steps < 1:
         raise ValueError(f"max_steps: expected >= 1, got {max_steps}")
     frames = min(PROTOCOL["max_num_frames_per_episode"], max_steps * PROTOCOL["frameskip"])
-    env = make_real_env(game, num_envs=episodes, max_num_frames_per_episode=frames)
-    obs, _ = env.reset(seed=seed)
+    if starts is None:
+        env = make_real_env(game, num_envs=episodes, max_num_frames_per_episode=frames)
+        obs, _ = env.reset(seed=seed)
+    else:
+        env, obs, _ = make_start_env(game, list(starts), max_num_frames_per_episode=frames)
     policy = StackedPolicy(encoder, actor, episodes, context_len, seed, device)
     policy.reset(obs)
     returns, lengths = np.zeros(episodes), np.zeros(episodes, np.int64)
@@ -93,5 +107,6 @@ def evaluate_policy(encoder, actor, context_len: int, game: str = "Pong", episod
             break
         policy.observe(obs, term | trunc)
     env.close()
-    return {"mean": float(returns.mean()), "std": float(returns.std()), "returns": returns.tolist(),
-            "lengths": lengths.tolist()}
+    res = {"mean": float(returns.mean()), "std": float(returns.std()), "returns": returns.tolist(),
+           "lengths": lengths.tolist()}
+    return res if starts is None else {**res, "starts": list(starts)}

@@ -65,6 +65,7 @@ from trainers.common import (DTYPE_NAMES, ArgError, JsonlLogger, catch_stop_sign
                              check_sampling_shift, check_temperature, pick_device, run_cli, seed_everything,
                              setting_arg_error, signal_exit_code)
 from trainers.data import EpisodeStore
+from trainers.evaluate_agent import read_starts
 from trainers.policy import evaluate_policy
 from trainers.rollout import clipped_loss, collect_rollout, reference_kl, rollout_loss, rollout_targets
 from trainers.train_agent_args import RESUME_CHECKED, Args
@@ -145,6 +146,7 @@ def prepare(args: Args) -> Setup:
             raise ArgError(name, f"expected an integer >= 0, got {getattr(args, name)}")
     if args.eval_seed < -1:
         raise ArgError("eval_seed", f"expected a seed >= 0 or -1 (--seed), got {args.eval_seed}")
+    read_starts(args.eval_starts, "eval_starts")
     if args.minibatches > args.num_envs:
         raise ArgError("minibatches", f"expected at most --num-envs ({args.num_envs}), got {args.minibatches}")
     if not 0.0 < args.clip < 1.0:
@@ -265,7 +267,8 @@ class AgentTrainer:
         self.ac.eval()
         res = evaluate_policy(self.encoder, self.ac.actor, self.s.k, self.s.game, a.eval_episodes,
                               a.seed if a.eval_seed < 0 else a.eval_seed,
-                              greedy=True, device=self.dev, max_steps=a.eval_max_steps)
+                              greedy=True, device=self.dev, max_steps=a.eval_max_steps,
+                              starts=read_starts(a.eval_starts, "eval_starts"))
         self.ac.train()
         rec = {"updates": self.updates, "env_steps": self.env_steps, "eval_return_mean": res["mean"],
                "eval_return_std": res["std"], "eval_length_mean": float(np.mean(res["lengths"])),
@@ -414,7 +417,8 @@ def main(args: Args) -> int:
           f"({n * args.horizon * args.num_envs / tt:.0f} imagined env steps/s); init {setup.init}")
     if last:
         print(f"real {setup.game} return after {last['updates']} updates: {last['eval_return_mean']:.2f} "
-              f"± {last['eval_return_std']:.2f} over {args.eval_episodes} episodes (greedy)")
+              f"± {last['eval_return_std']:.2f} over "
+              f"{f'the starts {args.eval_starts}' if args.eval_starts else f'{args.eval_episodes} episodes'} (greedy)")
     if trainer.history and (out / "best" / "agent.json").is_file():
         top = max(trainer.history, key=lambda r: r["eval_return_mean"])  # the first of equal bests, as saved
         print(f"best evaluation: {top['eval_return_mean']:.2f} ± {top['eval_return_std']:.2f} after {top['updates']} "

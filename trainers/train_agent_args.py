@@ -23,6 +23,8 @@ class Args:
     eval_max_steps: int = arg(27_000, "per-episode step cap of the real game (protocol: 27000)")
     eval_seed: int = arg(-1, "reset seed of the real-game evaluations (-1: --seed); a fixed one scores every "
                              "evaluation, of this run and of others, on the same games (paired comparisons)")
+    eval_starts: str = arg("", "score on one game per start instead of --eval-episodes random ones: 'all' (the "
+                               "protocol's 30; a greedy policy's exact score) or 'A:B' (ditwm evaluate agent --starts)")
     episode_steps: int = arg(0, "imagined episode length before truncation (0: the env's default)")
     start_data: str = arg("", "episode store to draw imagination start contexts from instead of the bundle's "
                               "(DIAMOND: the replay buffer), encoded with the world model's encoder")

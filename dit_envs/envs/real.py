@@ -150,3 +150,112 @@ def make_real_env(game: str = "Pong", num_envs: int = 1, seed: int | None = None
     if seed is not None:
         wrapped.reset(seed=seed)
     return wrapped
+
+
+def parse_starts(spec: str, noop_max: int | None = None) -> list[int] | None:
+    """Read a set of reset starts: the no-op counts whose games an exhaustive evaluation plays, one game each.
+
+    With sticky actions off the game is deterministic, so a start (the number of no-op frames ale-py plays at
+    reset, uniform over ``0 … noop_max − 1``) fixes the whole game of a deterministic policy: the protocol holds
+    ``noop_max`` (30) distinct games, and the mean over all of them is a greedy policy's exact expected return.
+
+    Args:
+        spec: ``""`` (none: draw games at random), ``"all"`` (the protocol's ``0 … noop_max − 1``) or ``"A:B"``
+            (no-op counts ``A … B − 1``; e.g. ``"30:60"``, starts the protocol never draws, for choosing a policy
+            without looking at the protocol's games).
+        noop_max: the protocol's (default: :data:`PROTOCOL`'s 30).
+    Returns:
+        the no-op counts (sorted ints), or ``None`` for ``""``.
+    Raises:
+        ValueError: ``starts`` malformed or an empty / negative range (names the field and the value).
+    """
+    noop_max = PROTOCOL["noop_max"] if noop_max is None else noop_max
+    if spec == "":
+        return None
+    if spec == "all":
+        return list(range(noop_max))
+    a, sep, b = spec.partition(":")
+    try:
+        lo, hi = int(a), int(b)
+    except ValueError:
+        lo = hi = -1
+    if not sep or lo < 0 or hi <= lo:
+        raise ValueError(f"starts: expected '', 'all' or 'A:B' with 0 <= A < B (no-op counts A … B-1), "
+                         f"got {spec!r}")
+    return list(range(lo, hi))
+
+
+def _predicted_count(seed: int, noop_max: int) -> int:
+    """The no-op count ale-py draws at a reset with ``seed``: ``std::mt19937(seed)`` (numpy's legacy
+    ``RandomState`` is the same generator) through libstdc++'s ``uniform_int_distribution(0, noop_max - 1)``
+    (Lemire's multiply-and-reject). A prediction only: :func:`make_start_env` checks it against the env."""
+    words = np.frombuffer(np.random.RandomState(seed).bytes(4 * 64), dtype="<u4")
+    threshold = (2**32 - noop_max) % noop_max
+    for w in words.tolist():
+        product = w * noop_max
+        if product & 0xFFFFFFFF >= threshold:
+            return product >> 32
+    return -1  # 64 rejections in a row: practically never; the caller moves on to the next seed
+
+
+def start_seeds(game: str, starts: list[int], noop_max: int, scan: bool = False, block: int = 64,
+                max_seed: int = 1_000_000) -> np.ndarray:
+    """Reset seeds under which ale-py's env begins with exactly ``starts[i]`` no-op frames.
+
+    ale-py draws the count from a generator seeded by the reset seed and reports it as the episode frame number
+    right after reset. Seeds ``0, 1, …`` are searched in order and the first seed of each wanted count is kept,
+    so the answer is the same on every run: predicted from the generator (fast), or with ``scan`` by resetting
+    ``block`` real envs at a time and reading the count (about 15 s for the protocol's 30).
+
+    Args:
+        game: as :func:`make_real_env`. starts: wanted counts, each in ``[0, noop_max)``. noop_max: the env's.
+    Returns:
+        int64 ``(len(starts),)`` seeds, aligned with ``starts``.
+    Raises:
+        ValueError: a count outside ``[0, noop_max)``. RuntimeError: no seed below ``max_seed`` gives one.
+    """
+    bad = [s for s in starts if not 0 <= s < noop_max]
+    if bad:
+        raise ValueError(f"starts: expected no-op counts in [0, {noop_max}), got {bad}")
+    found: dict[int, int] = {}
+    env = make_real_env(game, num_envs=block, noop_max=noop_max) if scan else None
+    try:
+        for base in range(0, max_seed, block):
+            if env is None:
+                counts = [_predicted_count(base + i, noop_max) for i in range(block)]
+            else:
+                counts = np.asarray(env.reset(seed=base)[1]["episode_frame_number"]).tolist()
+            for i, n in enumerate(counts):
+                found.setdefault(int(n), base + i)
+            if all(s in found for s in starts):
+                return np.array([found[s] for s in starts], dtype=np.int64)
+    finally:
+        if env is not None:
+            env.close()
+    raise RuntimeError(f"starts: no reset seed below {max_seed} gives the no-op counts "
+                       f"{[s for s in starts if s not in found]}")
+
+
+def make_start_env(game: str, starts: list[int],
+                   **overrides: Any) -> tuple[RealAtariVectorEnv, np.ndarray, np.ndarray]:
+    """One real game per start: ``len(starts)`` envs, reset so that env ``i`` begins with ``starts[i]`` no-ops.
+
+    The env's ``noop_max`` is the protocol's, or ``max(starts) + 1`` for starts beyond it. The seeds are first
+    predicted (:func:`start_seeds`), and scanned on the real env when a count does not come out as predicted.
+    Returns ``(env, first observations uint8 (N, 3, 64, 64), seeds int64 (N,))``: ``env.reset(seed=seeds)``
+    (also through a wrapper) begins the same games again; after its first episode each env autoresets to a
+    random start as usual.
+
+    Raises:
+        ValueError: bad ``starts`` or overrides (as :func:`make_real_env`). RuntimeError: the counts still differ.
+    """
+    noop_max = max(overrides.pop("noop_max", PROTOCOL["noop_max"]), max(starts) + 1)
+    env = make_real_env(game, num_envs=len(starts), noop_max=noop_max, **overrides)
+    for scan in (False, True):
+        seeds = start_seeds(game, starts, noop_max, scan=scan)
+        obs, info = env.reset(seed=seeds)
+        got = np.asarray(info["episode_frame_number"]).tolist()
+        if got == list(starts):
+            return env, obs, seeds
+    env.close()
+    raise RuntimeError(f"starts: expected games beginning with {list(starts)} no-op frames, ale-py gave {got}")
