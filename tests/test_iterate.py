@@ -285,6 +285,8 @@ def test_iterate_selection_on_fixed_starts(store, start, tmp_path, capsys, monke
     out, kw = tmp_path / "it", dict(agent_args=AGENT_ARGS.replace("--eval-episodes 2 ", ""))
     assert _iterate(store, start, out, 1, "--select-starts", "3:5", **kw) == 0
     assert calls == [[3, 4], [3, 4]]
+    recs = [json.loads(line) for line in (out / "round_001" / "agent" / "metrics.jsonl").read_text().splitlines()]
+    assert [len(r["eval_returns"]) for r in recs if "eval_return_mean" in r] == [2]  # one return per start
     assert json.loads((out / "start_eval.json").read_text())["starts"] == [3, 4]
     log = json.loads((out / "iterate.json").read_text())
     assert log["select"]["select_starts"] == "3:5" and log["rounds"][0]["select_steps"] == 2 * 10 + 2 * 10

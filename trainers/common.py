@@ -227,13 +227,17 @@ class JsonlLogger:
             except Exception:
                 self._tb = None
 
-    def log(self, step: int, **metrics: float) -> None:
-        rec = {"step": int(step), "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
+    def log(self, step: int, **metrics: float | list[float]) -> None:
+        """One JSON line: ``step``, wall ``time`` and the metrics as floats (a list stays a list of floats, e.g.
+        per-game returns; TensorBoard gets the scalars only)."""
+        rec = {"step": int(step), "time": time.time(),
+               **{k: [float(x) for x in v] if isinstance(v, (list, tuple)) else float(v) for k, v in metrics.items()}}
         self._f.write(json.dumps(rec) + "\n")
         self._f.flush()
         if self._tb is not None:
             for k, v in metrics.items():
-                self._tb.add_scalar(k, float(v), step)
+                if not isinstance(v, (list, tuple)):
+                    self._tb.add_scalar(k, float(v), step)
 
     def close(self) -> None:
         self._f.close()

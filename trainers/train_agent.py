@@ -273,6 +273,8 @@ class AgentTrainer:
         rec = {"updates": self.updates, "env_steps": self.env_steps, "eval_return_mean": res["mean"],
                "eval_return_std": res["std"], "eval_length_mean": float(np.mean(res["lengths"])),
                "imagined_episodes": len(self.imagined), **resample_rates(self.envs)}
+        if "starts" in res:  # --eval-starts: which starts (phases of the game) the policy wins
+            rec["eval_returns"] = res["returns"]
         if self.imagined:  # no record (rather than NaN, which is not JSON) when no imagined episode ended
             rec["imagined_return_mean"] = float(np.mean(self.imagined))
         self.imagined = []
@@ -421,9 +423,10 @@ def main(args: Args) -> int:
               f"{f'the starts {args.eval_starts}' if args.eval_starts else f'{args.eval_episodes} episodes'} (greedy)")
     if trainer.history and (out / "best" / "agent.json").is_file():
         top = max(trainer.history, key=lambda r: r["eval_return_mean"])  # the first of equal bests, as saved
+        again = ("no other games are left under the protocol" if args.eval_starts == "all" else
+                 "score it on all the protocol's games with `ditwm evaluate agent --starts all`")
         print(f"best evaluation: {top['eval_return_mean']:.2f} ± {top['eval_return_std']:.2f} after {top['updates']} "
-              f"updates, policy in {out / 'best'} (chosen on these episodes: score it again with another "
-              f"`ditwm evaluate agent --seed`)")
+              f"updates, policy in {out / 'best'} (chosen on these games; {again})")
     if code == 0:
         print(f"policy: {trainer.export()}")
     return code
