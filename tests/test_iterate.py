@@ -182,6 +182,8 @@ def test_iterate_rounds_chain_and_resume(store, start, tmp_path, capsys):
     no_eval = AGENT_ARGS.replace("--eval-episodes 2 ", "")  # a run that did not choose is not resumed choosing
     assert _iterate(store, start, out, 4, "--select-episodes", "2", agent_args=no_eval) == 2
     assert "--select-episodes" in capsys.readouterr().err and not (out / "round_004").exists()
+    assert _iterate(store, start, out, 4, "--select-starts", "0:2", agent_args=no_eval) == 2
+    assert "--select-starts" in capsys.readouterr().err and not (out / "round_004").exists()
 
 
 @pytest.mark.parametrize("extra, field", [

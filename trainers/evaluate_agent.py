@@ -122,7 +122,6 @@ def setup(args: Args, dev: torch.device):
     """Validate and load → ``(encoder, actor, K, game, policy_dir or None)``. Raises :class:`ArgError` (names it)."""
     from dit_envs.envs.real import action_meanings, rom_id
 
-    read_starts(args.starts)
     if args.episodes < 1:
         raise ArgError("episodes", f"expected an integer >= 1, got {args.episodes}")
     if args.max_steps < 1:
@@ -143,11 +142,11 @@ def main(args: Args) -> int:
     from trainers.policy import evaluate_policy
 
     dev = pick_device(args.device)
+    starts = read_starts(args.starts)
     encoder, actor, k, game, policy_dir = setup(args, dev)
     out = Path(args.json_out) if args.json_out else (None if policy_dir is None else policy_dir / "eval_real.json")
     if out is not None and not out.parent.is_dir():
         raise ArgError("json_out", f"expected a path in an existing directory, got {str(out)!r}")
-    starts = read_starts(args.starts)
     res = evaluate_policy(encoder, actor, k, game, args.episodes, args.seed, greedy=args.greedy, device=dev,
                           max_steps=args.max_steps, starts=starts)
     n = len(res["returns"])

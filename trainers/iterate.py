@@ -131,7 +131,8 @@ def validate(args: Args) -> tuple[list[str], list[str], int]:
     if "game" not in json.loads((Path(args.data) / "meta.json").read_text()):
         raise ArgError("data", f"expected a game in {args.data}/meta.json, got none")
     record = Path(args.out) / "iterate.json"  # a resumed run chooses as it started: same games, policy and rule
-    prev = json.loads(record.read_text()).get("select", {"select_episodes": 0}) if record.is_file() else {}
+    unchosen = {"select_episodes": 0, "select_starts": ""}  # a run that did not choose
+    prev = json.loads(record.read_text()).get("select", unchosen) if record.is_file() else {}
     for name, value in _selection(args).items():
         if name in prev and prev[name] != value:
             raise ArgError(name, f"expected {prev[name]!r} (the run being resumed), got {value!r}")

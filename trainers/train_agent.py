@@ -247,6 +247,7 @@ class AgentTrainer:
 
     def __init__(self, args: Args, setup: Setup) -> None:
         self.args, self.s, self.out = args, setup, Path(args.out)
+        self.eval_starts = read_starts(args.eval_starts, "eval_starts")  # None: random real games
         self.ac, self.envs, self.dev = setup.ac, setup.envs, setup.device
         params = [*self.ac.actor.parameters(), *self.ac.critic.parameters()]
         self.params = params
@@ -268,7 +269,7 @@ class AgentTrainer:
         res = evaluate_policy(self.encoder, self.ac.actor, self.s.k, self.s.game, a.eval_episodes,
                               a.seed if a.eval_seed < 0 else a.eval_seed,
                               greedy=True, device=self.dev, max_steps=a.eval_max_steps,
-                              starts=read_starts(a.eval_starts, "eval_starts"))
+                              starts=self.eval_starts)
         self.ac.train()
         rec = {"updates": self.updates, "env_steps": self.env_steps, "eval_return_mean": res["mean"],
                "eval_return_std": res["std"], "eval_length_mean": float(np.mean(res["lengths"])),
