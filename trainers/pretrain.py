@@ -77,6 +77,9 @@ class Args(LoopArgs):
                              "(0: one token per time step)")
     prev_source: float = arg(0.0, "flow source: 0 = N(0, I) (rectified flow); S > 0 = the previous latent + S x noise "
                                   "(standardised units: the flow moves the last frame to the next)")
+    conv_width: int = arg(0, "conv branches of width C beside the one-token embedding and output (local features of "
+                             "the latent grid, dit_envs.models.dit_conv; 0: off); may be added to an --init run "
+                             "without them (zero-initialised: it starts as that run)")
     batch: int = arg(32, "windows per step per process")
     lr: float = arg(6e-4, "peak learning rate (AdamW, linear warm-up then cosine decay to a tenth)")
     warmup: int = arg(500, "linear warm-up steps")
@@ -144,7 +147,7 @@ def validate(args: Args) -> Setup:
                      "priority_every", "latent_motion_threshold"))
     _positive(args, ("warmup", "lr_decay_steps", "weight_decay", "context_len", "seq_len", "eval_every", "threads",
                      "rollout_weight", "priority_alpha", "pixel_weight", "motion_boost", "event_horizon",
-                     "latent_motion_weight", "depth", "width", "patch_size", "prev_source"), strict=False)
+                     "latent_motion_weight", "depth", "width", "patch_size", "prev_source", "conv_width"), strict=False)
     check_choice("precision", args.precision, PRECISIONS)
     if args.preset not in DIT_PRESETS:
         raise ArgError("preset", f"expected one of {tuple(DIT_PRESETS)}, got {args.preset!r}")
@@ -286,6 +289,7 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     if state is None and s.init_state is not None:  # fine-tuning: the EMA weights become the starting point
         init_t = s.init_state[0]  # its network config was checked in validate()
         ema_w = init_weights(init_t, s.init_state[1], K)  # K may exceed its context: positions grown
+        ema_w = {**net.state_dict(), **ema_w}  # conv branches it lacks keep their zero-output initialisation
         net.load_state_dict(ema_w)
         ema.load_state_dict(ema_w)
         mean, std = init_t["latent_mean"], init_t["latent_std"]

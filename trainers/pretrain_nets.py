@@ -2,7 +2,7 @@
 ``--init`` run was trained with the same ones."""
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
@@ -14,7 +14,7 @@ from trainers.common import ArgError
 def net_configs(args, ae: torch.nn.Module, num_actions: int, context_len: int) -> tuple[DiTConfig, HeadsConfig]:
     """The DiT and reward/termination-head configs of a run (what ``--init`` and ``--resume`` must match): the
     preset's, with ``--depth``, ``--width``, ``--patch-size`` and ``--prev-source`` where given (the latent grid from
-    the autoencoder).
+    the autoencoder); ``--conv-width`` too.
 
     Args:
         args: the run's :class:`trainers.pretrain.Args` (``preset``, ``depth``, ``width``, ``patch_size``,
@@ -26,18 +26,19 @@ def net_configs(args, ae: torch.nn.Module, num_actions: int, context_len: int) -
         ArgError: sizes the DiT refuses (e.g. a width the heads do not divide, a patch that does not tile the grid).
     """
     sizes = {k: getattr(args, k) for k in FLAGS if getattr(args, k)}
-    if args.patch_size:
+    if args.patch_size or args.conv_width:
         sizes["latent_shape"] = (ae.config.latent_channels, ae.config.latent_size, ae.config.latent_size)
     try:
         dcfg = DiTConfig.from_preset(args.preset, latent_dim=ae.latent_dim, num_actions=num_actions,
                                      context_len=context_len, **sizes)
     except ValueError as e:  # DiTConfig's messages start with the field; name the flag that set it
         field = str(e).split(":", 1)[0]
-        raise ArgError({"heads": "width", "latent_shape": "patch_size"}.get(field, field), str(e)) from None
+        raise ArgError({"heads": "width", "latent_shape": "patch_size" if args.patch_size else "conv_width"}.get(
+            field, field), str(e)) from None
     return dcfg, HeadsConfig(latent_dim=ae.latent_dim, num_actions=num_actions, hidden=dcfg.width)
 
 
-FLAGS = ("depth", "width", "patch_size", "prev_source")
+FLAGS = ("depth", "width", "patch_size", "prev_source", "conv_width")
 """DiTConfig fields a ``ditwm pretrain`` flag of the same name sets."""
 
 
@@ -48,13 +49,16 @@ def saved_field(saved_dit: dict | None, name: str):
 
 
 def check_init(saved: dict | None, dit: DiTConfig, heads: HeadsConfig) -> None:
-    """Refuse an ``--init`` run whose saved ``{"dit": …, "heads": …}`` configs differ from this run's.
+    """Refuse an ``--init`` run whose saved ``{"dit": …, "heads": …}`` configs differ from this run's, except that
+    conv branches (``conv_width``) may be added to a run without them (they start with a zero output).
 
     Raises:
         ArgError: naming the first flag of :data:`FLAGS` whose value differs (expected the init run's value), else
             ``init`` with both configs.
     """
-    if configs_match(saved, dit, heads):
+    if configs_match(saved, dit, heads) or (dit.conv_width and not dit.patch_size and configs_match(
+            saved, replace(dit, conv_width=0, latent_shape=saved_field((saved or {}).get("dit"), "latent_shape")),
+            heads)):
         return
     for name in FLAGS:
         want = saved_field((saved or {}).get("dit"), name)

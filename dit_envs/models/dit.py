@@ -35,6 +35,10 @@ whole patches; the patch positions and attention keep tokens position-aware), wh
 learn position by position; it costs ``G`` times the tokens. The interface is unchanged:
 latents stay flat ``(…, d_z)`` vectors outside the model, and a cache holds ``G`` tokens per context step.
 
+Convolutional branches (``DiTConfig.conv_width = c > 0``, one token per time step): a small conv path on the latent
+grid is added to the token embedding and to the output velocity (:mod:`dit_envs.models.dit_conv`), local features
+at the cost of a few convolutions on a ``H × W`` grid per token instead of ``G`` times the tokens.
+
 Previous-latent source (``DiTConfig.prev_source = σ > 0``): the flow of latent ``i`` runs from ``x_{i−1} + σ·ε``
 (the latent before it plus noise; a stochastic-interpolant coupling, Albergo & Vanden-Eijnden 2023, as InDI or
 image-to-image flows start from the degraded image) instead of from ``ε``, so at high noise the token already holds
@@ -52,6 +56,7 @@ from torch import nn
 
 from dit_envs.models.dit_block import DiTBlock, modulate, timestep_features
 from dit_envs.models.dit_config import DIT_PRESETS, DiTConfig  # noqa: F401 (re-exported)
+from dit_envs.models.dit_conv import ConvEmbed, ConvHead
 from dit_envs.models.flow import sample, uniform_times
 
 _WARNED: set[tuple[int, int]] = set()  # (shortcut_steps, sampling steps) already warned about
@@ -87,6 +92,9 @@ class DiT(nn.Module):
         self.norm_final = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.final_linear = nn.Linear(D, config.token_dim)
+        cw, shape = config.conv_width, config.latent_shape
+        self.conv_embed = ConvEmbed(shape, cw, D) if cw else None
+        self.conv_head = ConvHead(shape, cw, D) if cw else None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -111,6 +119,9 @@ class DiT(nn.Module):
         for layer in zero:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        for branch in (self.conv_embed, self.conv_head):
+            if branch is not None:
+                branch.zero_output()
 
     def _embed(
         self, x: torch.Tensor, noise_level: torch.Tensor, prev_action: torch.Tensor, offset: int,
@@ -133,7 +144,10 @@ class DiT(nn.Module):
             pos = self.pos_embed[offset : offset + T]  # (T, D)
         G = self.config.frame_tokens
         a = self.a_embed(prev_action)[:, :, None].expand(-1, -1, G, -1)  # (B, T, G, D)
-        tok = self.in_proj(torch.cat([self.z_embed(self.patches(x.to(dtype))), a], dim=-1)) + pos[:, None]
+        emb = self.z_embed(self.patches(x.to(dtype)))  # (B, T, G, D)
+        if self.conv_embed is not None:
+            emb = emb + self.conv_embed(x.to(dtype))[:, :, None]
+        tok = self.in_proj(torch.cat([emb, a], dim=-1)) + pos[:, None]
         if self.patch_pos is not None:
             tok = tok + self.patch_pos  # (B, T, G, D)
         tok = tok.flatten(1, 2)  # (B, T·G, D)
@@ -150,7 +164,15 @@ class DiT(nn.Module):
 
     def _output(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.final_modulation(c).chunk(2, dim=-1)  # (B, T·G, D) each
-        return self._latents(self.final_linear(modulate(self.norm_final(h), shift, scale)))  # (B, T, d_z)
+        return self._head(h, shift, scale)  # (B, T, d_z)
+
+    def _head(self, h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Final adaLN, the linear output layer (plus the conv head) and the patch layout: ``(B, T, d_z)``."""
+        m = modulate(self.norm_final(h), shift, scale)  # (B, T·G, D)
+        y = self.final_linear(m)
+        if self.conv_head is not None:
+            y = y + self.conv_head(m)
+        return self._latents(y)
 
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """Flat latents ``(B, T, d_z)`` as the patches of spatial tokens ``(B, T, G, C·p²)`` (patch ``g`` = row
@@ -330,7 +352,7 @@ class DiT(nn.Module):
         for block, past in zip(self.blocks, cache):
             h, _ = block(h, None, past=past, mod=block.adaLN_modulation(table)[index][:, None])  # (N, G, D)
         shift, scale = self.final_modulation(table)[index][:, None].chunk(2, dim=-1)  # (N, 1, D) each
-        return self._latents(self.final_linear(modulate(self.norm_final(h), shift, scale)))[:, 0]  # (N, d_z)
+        return self._head(h, shift, scale)[:, 0]  # (N, d_z)
 
     def flow_source(self, noise: torch.Tensor, x_prev: torch.Tensor | None = None) -> torch.Tensor:
         """The flow's start ``x_1`` for a token: ``noise`` itself (rectified flow's ``N(0, I)`` source), or with

@@ -24,14 +24,17 @@ class DiTConfig:
             (see the module docstring): a rolling cache, one new context token per env step.
         patch_size: ``p`` of spatial tokens (see the module docstring); 0: one token per time step.
         latent_shape: ``(C, H, W)`` of the latent grid, flattened channel-major to ``d_z`` (the autoencoder's
-            layout); required with ``patch_size > 0``, else ignored.
+            layout); required with ``patch_size > 0`` or ``conv_width > 0``, else ignored.
+        conv_width: ``c`` of the convolutional branches beside a one-token step's linear input and output maps
+            (:mod:`dit_envs.models.dit_conv`); 0: none.
         prev_source: ``σ`` of the flow's source: 0 is rectified flow's ``N(0, I)``; ``σ > 0`` starts the flow
             of latent ``i`` at the one before it plus noise, ``x_{i−1} + σ·ε`` (standardised units; see the
             module docstring of :mod:`dit_envs.models.dit`).
     Raises:
         ValueError: a non-positive size, a negative or non-finite ``prev_source``, ``width`` not divisible by
             ``heads``, or with ``patch_size > 0`` a ``latent_shape`` that is missing, not ``d_z`` elements or not
-            divisible into ``p × p`` patches, or ``streaming`` (windows of single tokens).
+            divisible into ``p × p`` patches, or ``streaming`` (windows of single tokens); ``conv_width > 0``
+            with spatial tokens or without a ``latent_shape`` of ``d_z`` elements.
     """
 
     latent_dim: int
@@ -48,6 +51,7 @@ class DiTConfig:
     patch_size: int = 0
     latent_shape: tuple[int, int, int] | None = None
     prev_source: float = 0.0
+    conv_width: int = 0
 
     def __post_init__(self) -> None:
         for name in ("latent_dim", "num_actions", "context_len", "width", "depth", "heads", "freq_dim"):
@@ -62,13 +66,20 @@ class DiTConfig:
             raise ValueError(f"heads: expected a divisor of width={self.width}, got {self.heads}")
         if self.latent_shape is not None:
             self.latent_shape = tuple(int(s) for s in self.latent_shape)  # a JSON list reloads as a tuple
+        if self.conv_width < 0:
+            raise ValueError(f"conv_width: expected >= 0, got {self.conv_width}")
         if self.patch_size < 0:
             raise ValueError(f"patch_size: expected >= 0, got {self.patch_size}")
+        if self.conv_width and self.patch_size:
+            raise ValueError(f"conv_width: expected 0 with spatial tokens (patch_size {self.patch_size}), got "
+                             f"{self.conv_width}")
+        shape = self.latent_shape
+        if (self.patch_size or self.conv_width) and (
+                shape is None or len(shape) != 3 or shape[0] * shape[1] * shape[2] != self.latent_dim):
+            raise ValueError(f"latent_shape: expected (C, H, W) with C*H*W = latent_dim = {self.latent_dim}, "
+                             f"got {shape}")
         if self.patch_size:
-            shape, p = self.latent_shape, self.patch_size
-            if shape is None or len(shape) != 3 or shape[0] * shape[1] * shape[2] != self.latent_dim:
-                raise ValueError(f"latent_shape: expected (C, H, W) with C*H*W = latent_dim = {self.latent_dim}, "
-                                 f"got {shape}")
+            p = self.patch_size
             if shape[1] % p or shape[2] % p:
                 raise ValueError(f"patch_size: expected a divisor of the latent grid {shape[1]}x{shape[2]}, got {p}")
             if self.streaming:
