@@ -252,6 +252,9 @@ def validate(args: Args) -> Setup:
                  init_state=init_state, returns=returns, stores=stores)
 
 
+CONV_KEYS = ("dit.conv_embed.", "dit.conv_head.")  # the branches --conv-width may add to an --init run's weights
+
+
 def _start(step: int, init: str) -> str:
     return f"resuming at step {step}" if step else f"from {init}" if init else "from scratch"
 
@@ -289,7 +292,8 @@ def _run(args: Args, s: Setup, d: dist_.Dist) -> int:
     if state is None and s.init_state is not None:  # fine-tuning: the EMA weights become the starting point
         init_t = s.init_state[0]  # its network config was checked in validate()
         ema_w = init_weights(init_t, s.init_state[1], K)  # K may exceed its context: positions grown
-        ema_w = {**net.state_dict(), **ema_w}  # conv branches it lacks keep their zero-output initialisation
+        fresh = net.state_dict()  # conv branches the init run lacks keep their zero-output initialisation
+        ema_w = {**{k: v for k, v in fresh.items() if k.startswith(CONV_KEYS) and k not in ema_w}, **ema_w}
         net.load_state_dict(ema_w)
         ema.load_state_dict(ema_w)
         mean, std = init_t["latent_mean"], init_t["latent_std"]

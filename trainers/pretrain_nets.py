@@ -18,7 +18,7 @@ def net_configs(args, ae: torch.nn.Module, num_actions: int, context_len: int) -
 
     Args:
         args: the run's :class:`trainers.pretrain.Args` (``preset``, ``depth``, ``width``, ``patch_size``,
-            ``prev_source``).
+            ``prev_source``, ``conv_width``).
         ae: the frozen :class:`~dit_envs.models.autoencoder.FrameAutoencoder` (``latent_dim``, its latent grid).
         num_actions: size of the action set. context_len: ``K``.
 
@@ -56,13 +56,14 @@ def check_init(saved: dict | None, dit: DiTConfig, heads: HeadsConfig) -> None:
         ArgError: naming the first flag of :data:`FLAGS` whose value differs (expected the init run's value), else
             ``init`` with both configs.
     """
-    if configs_match(saved, dit, heads) or (dit.conv_width and not dit.patch_size and configs_match(
-            saved, replace(dit, conv_width=0, latent_shape=saved_field((saved or {}).get("dit"), "latent_shape")),
-            heads)):
+    saved_dit = (saved or {}).get("dit")
+    grows = bool(dit.conv_width) and not saved_field(saved_dit, "conv_width")
+    if configs_match(saved, dit, heads) or (grows and configs_match(
+            saved, replace(dit, conv_width=0, latent_shape=saved_field(saved_dit, "latent_shape")), heads)):
         return
     for name in FLAGS:
-        want = saved_field((saved or {}).get("dit"), name)
-        if want != getattr(dit, name):
+        want = saved_field(saved_dit, name)
+        if want != getattr(dit, name) and not (name == "conv_width" and grows):
             raise ArgError(name, f"expected {want!r} (the --init run's), got {getattr(dit, name)!r}")
     raise ArgError("init", f"expected a run with this network config (DiT {asdict(dit)}), got {saved}")
 

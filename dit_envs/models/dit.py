@@ -167,7 +167,8 @@ class DiT(nn.Module):
         return self._head(h, shift, scale)  # (B, T, d_z)
 
     def _head(self, h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """Final adaLN, the linear output layer (plus the conv head) and the patch layout: ``(B, T, d_z)``."""
+        """Final adaLN (``shift``, ``scale`` broadcastable to ``h`` ``(B, T·G, D)``), the linear output layer (plus
+        the conv head) and the patch layout: velocity ``(B, T, d_z)``."""
         m = modulate(self.norm_final(h), shift, scale)  # (B, T·G, D)
         y = self.final_linear(m)
         if self.conv_head is not None:

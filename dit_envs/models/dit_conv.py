@@ -27,7 +27,9 @@ class ConvEmbed(nn.Module):
     Args:
         shape: ``(C, H, W)`` of the latent grid (flattened channel-major, the autoencoder's layout).
         channels: ``c``, the conv width. width: ``D``, the token width.
-    Input ``(…, C·H·W)`` float; output ``(…, D)``, zero at initialisation.
+    Input ``(…, C·H·W)`` float (any number of leading dims, also empty batches); output ``(…, D)`` in the input's
+    dtype, zero at initialisation (:meth:`zero_output`).
+    Raises (call): RuntimeError from torch when the last dim is not ``C·H·W``.
     """
 
     def __init__(self, shape: tuple[int, int, int], channels: int, width: int) -> None:
@@ -37,6 +39,7 @@ class ConvEmbed(nn.Module):
         self.convs = nn.Sequential(nn.Conv2d(C, channels, 3, padding=1), nn.SiLU(),
                                    nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU())
         self.out = nn.Linear(channels * H * W, width)
+        self.width = width
 
     def zero_output(self) -> None:
         """Zero the last layer (the branch then adds nothing)."""
@@ -44,9 +47,10 @@ class ConvEmbed(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Flat latents ``(…, C·H·W)`` → token embeddings ``(…, D)``."""
         lead = z.shape[:-1]
         y = self.convs(z.reshape(-1, *self.shape))  # (N, c, H, W)
-        return self.out(y.flatten(1)).reshape(*lead, -1)  # (…, D)
+        return self.out(y.flatten(1)).reshape(*lead, self.width)  # (…, D)
 
 
 class ConvHead(nn.Module):
@@ -54,13 +58,15 @@ class ConvHead(nn.Module):
 
     Args:
         shape: ``(C, H, W)`` of the latent grid. channels: ``c``. width: ``D``.
-    Output zero at initialisation.
+    Input float ``(…, D)`` (any number of leading dims, also empty batches); output ``(…, C·H·W)`` channel-major in
+    the input's dtype, zero at initialisation (:meth:`zero_output`).
+    Raises (call): RuntimeError from torch when the last dim is not ``D``.
     """
 
     def __init__(self, shape: tuple[int, int, int], channels: int, width: int) -> None:
         super().__init__()
         C, H, W = shape
-        self.grid = (channels, H, W)
+        self.grid, self.out_dim = (channels, H, W), C * H * W
         self.inp = nn.Linear(width, channels * H * W)
         self.convs = nn.Sequential(nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU(),
                                    nn.Conv2d(channels, C, 3, padding=1))
@@ -71,6 +77,7 @@ class ConvHead(nn.Module):
         nn.init.zeros_(self.convs[-1].bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``(…, D)`` → flat velocity contributions ``(…, C·H·W)``."""
         lead = h.shape[:-1]
         y = self.convs(self.inp(h).reshape(-1, *self.grid))  # (N, C, H, W)
-        return y.flatten(1).reshape(*lead, -1)  # (…, C·H·W)
+        return y.flatten(1).reshape(*lead, self.out_dim)  # (…, C·H·W)

@@ -58,7 +58,7 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
         latent_mean, latent_std: float32 ``(d_z,)`` buffers; the DiT sees ``(z − mean) / std``.
     Raises:
         ValueError: the three networks disagree on ``latent_dim`` or ``num_actions``, or a DiT with spatial tokens
-            on another ``latent_shape`` than the autoencoder's grid.
+            or conv branches on another ``latent_shape`` than the autoencoder's grid.
     """
 
     model_type = "dit"
@@ -75,7 +75,7 @@ class DiTWorldModel(SamplingStepsMixin, nn.Module):
                 f"heads have {hc.latent_dim}; expected all equal"
             )
         grid = (autoencoder.config.latent_channels, autoencoder.config.latent_size, autoencoder.config.latent_size)
-        if dc.patch_size and dc.latent_shape != grid:
+        if (dc.patch_size or dc.conv_width) and dc.latent_shape != grid:
             raise ValueError(f"latent_shape: expected the autoencoder's latent grid {grid}, got {dc.latent_shape}")
         if dc.num_actions != hc.num_actions:
             raise ValueError(f"num_actions: dit has {dc.num_actions}, heads have {hc.num_actions}; expected equal")
