@@ -144,9 +144,10 @@ class DiT(nn.Module):
             pos = self.pos_embed[offset : offset + T]  # (T, D)
         G = self.config.frame_tokens
         a = self.a_embed(prev_action)[:, :, None].expand(-1, -1, G, -1)  # (B, T, G, D)
-        emb = self.z_embed(self.patches(x.to(dtype)))  # (B, T, G, D)
+        x = x.to(dtype)
+        emb = self.z_embed(self.patches(x))  # (B, T, G, D)
         if self.conv_embed is not None:
-            emb = emb + self.conv_embed(x.to(dtype))[:, :, None]
+            emb = emb + self.conv_embed(x)[:, :, None]
         tok = self.in_proj(torch.cat([emb, a], dim=-1)) + pos[:, None]
         if self.patch_pos is not None:
             tok = tok + self.patch_pos  # (B, T, G, D)
