@@ -58,27 +58,28 @@ PIXEL_POLICIES = ("track", "intercept")
 
 
 class LatentPolicy:
-    """A trained latent-stack policy (``ditwm train-agent`` output) for :func:`play`: sampled actions int64 ``(N,)``.
+    """A trained latent-stack policy (``ditwm train-agent`` output) for :func:`play`: actions int64 ``(N,)``, sampled
+    or (``greedy``) the argmax.
 
     Imagined envs give it their latent observations ``(N, K_env, d_z)`` (it reads the last ``K``); real envs give
     uint8 frames ``(N, 3, 64, 64)``, which its frozen encoder turns into a rolling stack
     (:class:`trainers.policy.StackedPolicy`, restarted at episode ends).
     """
 
-    def __init__(self, policy_dir: str, encoder: str = "", seed: int = 0) -> None:
+    def __init__(self, policy_dir: str, encoder: str = "", seed: int = 0, greedy: bool = False) -> None:
         self.encoder, self.actor, self.k, _, _ = load_latent_policy(policy_dir, encoder)
-        self.seed, self.gen, self.real = seed, torch.Generator().manual_seed(seed), None
+        self.seed, self.gen, self.real, self.greedy = seed, torch.Generator().manual_seed(seed), None, greedy
 
     @torch.no_grad()
     def __call__(self, obs: np.ndarray, done: np.ndarray | None) -> np.ndarray:
         if np.asarray(obs).dtype != np.uint8:  # imagined latents (N, K_env, d_z); ValueError if K_env < K
-            return self.actor.act(latent_obs(obs, self.k, "cpu"), self.gen, greedy=False).numpy()
+            return self.actor.act(latent_obs(obs, self.k, "cpu"), self.gen, greedy=self.greedy).numpy()
         if self.real is None or done is None:
             self.real = StackedPolicy(self.encoder, self.actor, len(obs), self.k, self.seed)
             self.real.reset(obs)
         else:
             self.real.observe(obs, done)
-        return self.real.act()
+        return self.real.act(self.greedy)
 
 
 def play(envs: gym.vector.VectorEnv, steps: int, seed: int, policy: str = "random",
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                         "the paddle's line (both pixel observations); or a policy "
                         "directory (a train-agent run; latent observations)")
     p.add_argument("--encoder", default="", help="policy DIR: its frozen encoder (default: its agent.json's)")
+    p.add_argument("--greedy", action="store_true", help="policy DIR: argmax actions instead of sampled ones")
     p.add_argument("--fates", action="store_true",
                    help="Pong: also count returns, phantom returns and vanished balls at the agent's paddle")
     p.add_argument("--keep-ball", type=int, default=0,
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     policy = a.policy
     if policy not in POLICIES:
         try:
-            policy = LatentPolicy(policy, a.encoder, a.seed)
+            policy = LatentPolicy(policy, a.encoder, a.seed, a.greedy)
         except ArgError as e:
             p.error(str(e))
     for name in ("num_envs", "steps"):

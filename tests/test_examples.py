@@ -97,6 +97,14 @@ def test_reward_rates_of_a_trained_policy(tiny_bundle, tmp_path, capsys):
     assert (pol(z, None) == ref.actor.act(torch.from_numpy(z).flatten(1), ref.gen, greedy=False).numpy()).all()
     frames = np.zeros((2, 3, 64, 64), np.uint8)
     assert pol(frames, None).shape == (2,) and pol.real.stack.stack.shape == (2, 4, 32)
+    greedy = mod.LatentPolicy(str(tmp_path / "p"), seed=3, greedy=True)  # --greedy: the argmax on both paths
+    logits = greedy.actor.act(torch.from_numpy(z).flatten(1), greedy.gen, greedy=True).numpy()
+    assert (greedy(z, None) == logits).all() and (greedy(z, None) == greedy(z, None)).all()
+    assert greedy(frames, None).shape == (2,)
+    rates = mod.main(["--policy", str(tmp_path / "p"), "--world-model", str(tiny_bundle), "--num-envs", "2",
+                      "--steps", "5", "--greedy"])
+    assert set(rates) == {"imagined", "real"}
+    assert (greedy(frames, np.zeros(2, bool)) == greedy.real.act(True)).all()
 
 
 def test_ball_returns_finds_real_returns_and_scores_a_model(tiny_stage1_store, tiny_bundle, capsys):
