@@ -9,7 +9,8 @@ steps: reward events won (+) and lost (−) and episode ends. ``--policy random`
 reproduce for an agent to learn them; ``--policy intercept`` aims where the ball will cross the paddle's line
 (:class:`trainers.pong_intercept.InterceptPlayer`) and wins points on the real game, so its ``wins`` row shows
 whether the model imagines points won at all. ``--policy DIR`` plays a trained latent-stack policy (a ``ditwm
-train-agent`` run; sampled actions, as it trains): on the imagined game it reads the env's latent observations, on
+train-agent`` run; sampled actions, as it trains, or with ``--greedy`` the argmax, as ``ditwm evaluate agent``
+scores it): on the imagined game it reads the env's latent observations, on
 the real game the latents of its frozen encoder, so the two rows show how far the model's imagination of *that*
 agent's play is from the real game (an agent that exploits its model imagines fewer losses than it suffers). A world
 model that an agent can learn from reproduces these rates; one that under-produces the agent's wins gives a policy
@@ -29,6 +30,7 @@ Run::
     python examples/reward_rates.py --policy track        # ball-tracking play (pixel observations)
     python examples/reward_rates.py --policy intercept    # a scripted player that wins points
     python examples/reward_rates.py --policy runs/agent --world-model runs/dit/bundle --sampling-steps 4 --fates
+    python examples/reward_rates.py --policy runs/agent --world-model runs/dit/bundle --sampling-steps 4 --greedy
 """
 from __future__ import annotations
 
@@ -179,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                    help="with --keep-ball: also draw again a return without the paddle")
     a = p.parse_args(argv)
     policy = a.policy
+    if a.greedy and policy in POLICIES:
+        p.error(f"--greedy: expected it only with --policy DIR (a trained policy), got --policy {policy}")
     if policy not in POLICIES:
         try:
             policy = LatentPolicy(policy, a.encoder, a.seed, a.greedy)

@@ -79,9 +79,10 @@ def test_reward_rates_bad_args():
         _load("reward_rates").play(None, 1, 0, "intercept")
 
 
-def test_reward_rates_of_a_trained_policy(tiny_bundle, tmp_path, capsys):
+def test_reward_rates_of_a_trained_policy(tiny_bundle, tmp_path, capsys, monkeypatch):
     """A train-agent policy plays the imagined game on latents and the real one through its encoder; its actions
-    are its own samples (the same generator draws the same actions on the same latents)."""
+    are its own samples (the same generator draws the same actions on the same latents), or with ``--greedy`` the
+    argmax on both paths."""
     import torch
 
     from trainers.train_agent import Args, main as train_agent
@@ -97,14 +98,32 @@ def test_reward_rates_of_a_trained_policy(tiny_bundle, tmp_path, capsys):
     assert (pol(z, None) == ref.actor.act(torch.from_numpy(z).flatten(1), ref.gen, greedy=False).numpy()).all()
     frames = np.zeros((2, 3, 64, 64), np.uint8)
     assert pol(frames, None).shape == (2,) and pol.real.stack.stack.shape == (2, 4, 32)
-    greedy = mod.LatentPolicy(str(tmp_path / "p"), seed=3, greedy=True)  # --greedy: the argmax on both paths
-    logits = greedy.actor.act(torch.from_numpy(z).flatten(1), greedy.gen, greedy=True).numpy()
-    assert (greedy(z, None) == logits).all() and (greedy(z, None) == greedy(z, None)).all()
-    assert greedy(frames, None).shape == (2,)
+
+    greedy = mod.LatentPolicy(str(tmp_path / "p"), seed=3, greedy=True)
+    argmax = greedy.actor.act(torch.from_numpy(z).flatten(1), greedy.gen, greedy=True).numpy()
+    assert (greedy(z, None) == argmax).all()
+    seen, act = [], greedy.actor.act  # every call, imagined or real, asks the actor for its argmax
+    greedy.actor.act = lambda o, gen=None, greedy=False: seen.append(greedy) or act(o, gen, greedy)
+    real = np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)
+    greedy(z, None), greedy(real, None), greedy(real, np.zeros(2, bool))
+    assert seen == [True, True, True]
+    assert (greedy(real, np.zeros(2, bool)) == act(greedy.real.stack.flat(), None, True).numpy()).all()
+
+    made = []
+
+    class Spy(mod.LatentPolicy):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.greedy)
+
+    monkeypatch.setattr(mod, "LatentPolicy", Spy)
     rates = mod.main(["--policy", str(tmp_path / "p"), "--world-model", str(tiny_bundle), "--num-envs", "2",
                       "--steps", "5", "--greedy"])
-    assert set(rates) == {"imagined", "real"}
-    assert (greedy(frames, np.zeros(2, bool)) == greedy.real.act(True)).all()
+    assert set(rates) == {"imagined", "real"} and made == [True]
+    with pytest.raises(SystemExit):
+        mod.main(["--num-envs", "2", "--steps", "3", "--greedy"])
+    assert "--greedy: expected it only with --policy DIR (a trained policy), got --policy random" in \
+        capsys.readouterr().err
 
 
 def test_ball_returns_finds_real_returns_and_scores_a_model(tiny_stage1_store, tiny_bundle, capsys):
